@@ -1,0 +1,159 @@
+// Python bindings: trtc._core. One crossing per scheduler call; batches come back as numpy arrays.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "block_manager.h"
+#include "scheduler.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using trtc::BlockManager;
+using trtc::Scheduler;
+
+namespace {
+
+// Moves `v` to the heap and returns a numpy array that owns it. shape: row-major, product == v.size().
+template <typename T, typename PyT = T>
+nb::object to_numpy(std::vector<T>&& v, std::initializer_list<size_t> shape) {
+  static T empty_storage{};  // numpy wants a non-null pointer even for zero elements
+  auto* heap = new std::vector<T>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  T* data = heap->empty() ? &empty_storage : heap->data();
+  return nb::cast(nb::ndarray<nb::numpy, PyT>(reinterpret_cast<PyT*>(data), shape, owner));
+}
+
+// The Python face of trtc::ScheduledBatch: numpy arrays built once per schedule(). Documented in
+// trtc/runtime/scheduler.py.
+struct PyScheduledBatch {
+  nb::object request_ids, query_lens, context_lens, input_ids, positions, slot_mapping, block_tables, sample;
+  int64_t num_prefill_tokens, num_decode_tokens;
+  std::vector<int64_t> preempted;
+
+  explicit PyScheduledBatch(trtc::ScheduledBatch&& b) {
+    const size_t B = b.request_ids.size(), T = b.input_ids.size();
+    request_ids = to_numpy(std::move(b.request_ids), {B});
+    query_lens = to_numpy(std::move(b.query_lens), {B});
+    context_lens = to_numpy(std::move(b.context_lens), {B});
+    input_ids = to_numpy(std::move(b.input_ids), {T});
+    positions = to_numpy(std::move(b.positions), {T});
+    slot_mapping = to_numpy(std::move(b.slot_mapping), {T});
+    block_tables = to_numpy(std::move(b.block_tables), {B, static_cast<size_t>(b.max_blocks)});
+    sample = to_numpy<uint8_t, bool>(std::move(b.sample), {B});
+    num_prefill_tokens = b.num_prefill_tokens;
+    num_decode_tokens = b.num_decode_tokens;
+    preempted = std::move(b.preempted);
+  }
+};
+
+template <typename T>
+std::vector<int64_t> to_vector(const nb::ndarray<const T, nb::ndim<1>, nb::device::cpu>& a) {
+  std::vector<int64_t> out(a.shape(0));
+  auto view = a.view();
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<int64_t>(view(i));
+  return out;
+}
+
+nb::list outputs_to_list(const std::vector<trtc::StepOutput>& outputs) {
+  static const nb::str names[] = {nb::str(""), nb::str("end_id"), nb::str("stop_words"), nb::str("length"),
+                                  nb::str("cancelled")};
+  nb::list out;
+  for (const trtc::StepOutput& o : outputs) {
+    nb::object reason = o.finish_reason == trtc::FinishReason::kNone
+                            ? nb::none()
+                            : nb::object(names[static_cast<int>(o.finish_reason)]);
+    out.append(nb::make_tuple(o.request_id, o.token, reason));
+  }
+  return out;
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "trtc runtime core: KV-cache block manager and in-flight-batching scheduler (pure C++).";
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const trtc::UnknownRequestError& e) {
+      PyErr_SetString(PyExc_KeyError, e.what());
+    }
+  });
+
+  nb::class_<BlockManager>(m, "BlockManager")
+      .def(nb::init<int, int, bool, int>(), "num_blocks"_a, "tokens_per_block"_a, "enable_prefix_reuse"_a = true,
+           "hash_bits"_a = 64)
+      .def("admit", &BlockManager::admit, "seq_id"_a, "tokens"_a)
+      .def("append_slots", &BlockManager::append_slots, "seq_id"_a, "num_tokens"_a)
+      .def("cache_full_blocks", &BlockManager::cache_full_blocks, "seq_id"_a, "tokens"_a, "num_computed"_a)
+      .def("release", &BlockManager::release, "seq_id"_a)
+      .def("has_sequence", &BlockManager::has_sequence, "seq_id"_a)
+      .def("block_table", [](const BlockManager& bm, int64_t id) { return bm.block_table(id); }, "seq_id"_a)
+      .def("ref_count", &BlockManager::ref_count, "block_id"_a)
+      .def("is_hashed", &BlockManager::is_hashed, "block_id"_a)
+      .def("hash_block",
+           [](const BlockManager& bm, uint64_t parent, const std::vector<trtc::Token>& tokens) {
+             if (static_cast<int>(tokens.size()) != bm.tokens_per_block())
+               throw std::invalid_argument("hash_block takes exactly tokens_per_block tokens");
+             return bm.hash_block(parent, tokens.data());
+           },
+           "parent_hash"_a, "tokens"_a)
+      .def_prop_ro("num_blocks", &BlockManager::num_blocks)
+      .def_prop_ro("tokens_per_block", &BlockManager::tokens_per_block)
+      .def_prop_ro("num_free_blocks", &BlockManager::num_free_blocks)
+      .def_prop_ro("num_cached_blocks", &BlockManager::num_cached_blocks)
+      .def_prop_ro("num_used_blocks", &BlockManager::num_used_blocks);
+
+  nb::class_<PyScheduledBatch>(m, "ScheduledBatch")
+      .def_ro("request_ids", &PyScheduledBatch::request_ids)
+      .def_ro("query_lens", &PyScheduledBatch::query_lens)
+      .def_ro("context_lens", &PyScheduledBatch::context_lens)
+      .def_ro("input_ids", &PyScheduledBatch::input_ids)
+      .def_ro("positions", &PyScheduledBatch::positions)
+      .def_ro("slot_mapping", &PyScheduledBatch::slot_mapping)
+      .def_ro("block_tables", &PyScheduledBatch::block_tables)
+      .def_ro("sample", &PyScheduledBatch::sample)
+      .def_ro("num_prefill_tokens", &PyScheduledBatch::num_prefill_tokens)
+      .def_ro("num_decode_tokens", &PyScheduledBatch::num_decode_tokens)
+      .def_ro("preempted", &PyScheduledBatch::preempted)
+      .def("__len__", [](const PyScheduledBatch& b) { return nb::len(b.request_ids); })
+      .def("__repr__", [](const PyScheduledBatch& b) {
+        return "ScheduledBatch(batch_size=" + std::to_string(nb::len(b.request_ids)) +
+               ", num_decode_tokens=" + std::to_string(b.num_decode_tokens) +
+               ", num_prefill_tokens=" + std::to_string(b.num_prefill_tokens) +
+               ", preempted=" + std::to_string(b.preempted.size()) + ")";
+      });
+
+  nb::class_<Scheduler>(m, "Scheduler")
+      .def(nb::init<int, int, int, int, int, bool, int>(), "num_blocks"_a, "tokens_per_block"_a, "max_batch_size"_a,
+           "max_num_tokens"_a, "max_seq_len"_a, "enable_prefix_reuse"_a = true, nb::kw_only(), "hash_bits"_a = 64)
+      .def("add_request", &Scheduler::add_request, "request_id"_a, "prompt"_a, "max_new_tokens"_a, "end_id"_a = -1,
+           "stop_words"_a = std::vector<std::vector<trtc::Token>>{})
+      .def("cancel", &Scheduler::cancel, "request_id"_a)
+      .def("schedule", [](Scheduler& s) { return PyScheduledBatch(s.schedule()); })
+      .def("update", [](Scheduler& s, nb::ndarray<const int64_t, nb::ndim<1>, nb::device::cpu> t) {
+             return outputs_to_list(s.update(to_vector(t)));
+           }, "tokens"_a)
+      .def("update", [](Scheduler& s, nb::ndarray<const int32_t, nb::ndim<1>, nb::device::cpu> t) {
+             return outputs_to_list(s.update(to_vector(t)));
+           }, "tokens"_a)
+      .def("update", [](Scheduler& s, const std::vector<int64_t>& t) { return outputs_to_list(s.update(t)); },
+           "tokens"_a)
+      .def("has_unfinished", &Scheduler::has_unfinished)
+      .def("num_waiting", &Scheduler::num_waiting)
+      .def("num_running", &Scheduler::num_running)
+      .def("output_tokens", &Scheduler::output_tokens, "request_id"_a)
+      .def("pop", &Scheduler::pop, "request_id"_a)
+      .def("block_table", &Scheduler::block_table, "request_id"_a)
+      .def("stats", [](const Scheduler& s) {
+        const BlockManager& bm = s.block_manager();
+        nb::dict d;
+        d["num_blocks"] = bm.num_blocks();
+        d["free_blocks"] = bm.num_free_blocks();
+        d["used_blocks"] = bm.num_used_blocks();
+        d["cached_blocks"] = bm.num_cached_blocks();
+        d["reused_tokens"] = s.reused_tokens();
+        d["num_preemptions"] = s.num_preemptions();
+        return d;
+      });
+}

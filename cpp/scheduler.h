@@ -1,0 +1,101 @@
+// In-flight-batching scheduler over the paged KV cache. Pure logic: no Python, no torch.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <stdexcept>
+#include <unordered_map>
+#include <vector>
+
+#include "block_manager.h"
+
+namespace trtc {
+
+enum class FinishReason : uint8_t { kNone, kEndId, kStopWords, kLength, kCancelled };
+const char* finish_reason_name(FinishReason r);  // nullptr for kNone
+
+struct UnknownRequestError : std::out_of_range {  // surfaces in Python as KeyError
+  using std::out_of_range::out_of_range;
+};
+
+struct Request {
+  enum class Status : uint8_t { kWaiting, kRunning, kFinished };
+  int64_t id;
+  std::vector<Token> tokens;  // prompt + generated: the tokens "known" for this request
+  int num_prompt_tokens;
+  int max_new_tokens;          // already clipped to max_seq_len and the pool
+  int64_t end_id;
+  std::vector<std::vector<Token>> stop_words;
+  int num_computed = 0;        // leading tokens whose K/V is in the cache
+  Status status = Status::kWaiting;
+  FinishReason finish_reason = FinishReason::kNone;
+  int num_generated() const { return static_cast<int>(tokens.size()) - num_prompt_tokens; }
+};
+
+// What one step runs. B = scheduled requests (decodes first, then prefill chunks), T = sum(query_lens).
+struct ScheduledBatch {
+  std::vector<int64_t> request_ids;  // [B]
+  std::vector<int32_t> query_lens;   // [B] tokens fed this step
+  std::vector<int32_t> context_lens; // [B] K/V length after this step
+  std::vector<int32_t> input_ids;    // [T]
+  std::vector<int32_t> positions;    // [T]
+  std::vector<int32_t> slot_mapping; // [T] block_id * tokens_per_block + offset
+  std::vector<int32_t> block_tables; // [B, max_blocks] row-major, padded with -1
+  int32_t max_blocks = 0;
+  std::vector<uint8_t> sample;       // [B] 1 when this chunk ends at the last known token
+  int64_t num_prefill_tokens = 0, num_decode_tokens = 0;
+  std::vector<int64_t> preempted;    // ids preempted by this schedule()
+};
+
+struct StepOutput {
+  int64_t request_id;
+  int64_t token;  // -1 for a cancelled request
+  FinishReason finish_reason;
+};
+
+class Scheduler {
+ public:
+  Scheduler(int num_blocks, int tokens_per_block, int max_batch_size, int max_num_tokens, int max_seq_len,
+            bool enable_prefix_reuse = true, int hash_bits = 64);
+  Scheduler(const Scheduler&) = delete;  // owns its requests
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  void add_request(int64_t request_id, std::vector<Token> prompt, int max_new_tokens, int64_t end_id = -1,
+                   std::vector<std::vector<Token>> stop_words = {});
+  bool cancel(int64_t request_id);
+  ScheduledBatch schedule();
+  // sampled: one token per request with sample=1 in the last batch, in batch order.
+  std::vector<StepOutput> update(const std::vector<int64_t>& sampled);
+
+  bool has_unfinished() const { return !waiting_.empty() || !running_.empty() || !cancelled_.empty(); }
+  int num_waiting() const { return static_cast<int>(waiting_.size()); }
+  int num_running() const { return static_cast<int>(running_.size()); }
+  std::vector<Token> output_tokens(int64_t request_id) const;
+  std::vector<Token> pop(int64_t request_id);
+  std::vector<int> block_table(int64_t request_id) const;  // empty unless running
+  const BlockManager& block_manager() const { return blocks_; }
+  int64_t reused_tokens() const { return reused_tokens_; }
+  int64_t num_preemptions() const { return num_preemptions_; }
+
+ private:
+  void preempt_last_running(ScheduledBatch& batch);
+  void add_chunk(ScheduledBatch& batch, Request* r, int num_tokens);
+  FinishReason check_finish(const Request& r, int64_t token) const;
+  const Request& find(int64_t request_id) const;
+
+  BlockManager blocks_;
+  int tokens_per_block_, max_batch_size_, max_num_tokens_, max_seq_len_;
+  std::unordered_map<int64_t, std::unique_ptr<Request>> requests_;  // waiting, running, finished-not-popped
+  std::deque<Request*> waiting_;
+  std::vector<Request*> running_;  // admission order
+  std::vector<int64_t> cancelled_; // cancelled since the last update()
+  // The batch between schedule() and update().
+  bool in_flight_ = false;
+  std::vector<int64_t> in_flight_ids_;  // ids, not pointers: a request may be cancelled and popped meanwhile
+  std::vector<int32_t> in_flight_query_lens_;
+  std::vector<uint8_t> in_flight_sample_;
+  int64_t reused_tokens_ = 0, num_preemptions_ = 0;
+};
+
+}  // namespace trtc

@@ -1,0 +1,94 @@
+"""Tiny random HF models built from inline configs (no downloads), one per case the tests cover."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=131,  # odd, so vocab-parallel shards are padded
+    max_position_embeddings=256,
+    initializer_range=0.1,  # larger than the default: sharper attention, a stricter comparison
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+CASES = {
+    # GQA, untied, Llama 3.1 RoPE scaling (transformers-5 `rope_parameters` style)
+    "llama3_gqa": (LlamaConfig, dict(
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    )),
+    # MHA, tied, attention and MLP bias, linear RoPE scaling
+    "llama2_tied_bias": (LlamaConfig, dict(
+        num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    )),
+    # sliding window shorter than the sequence
+    "mistral_window": (MistralConfig, dict(num_key_value_heads=2, sliding_window=7)),
+    # qkv bias, tied embeddings, sliding window on the upper layer only
+    "qwen2_tied": (Qwen2Config, dict(
+        num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True, sliding_window=9,
+        max_window_layers=1,
+    )),
+    # q/k RMSNorm, head_dim != hidden / heads, one KV head (replicated under tp 2 and 4)
+    "qwen3_qknorm": (Qwen3Config, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def make_hf_model(directory: Path, case: str, seed: int = 0, legacy_rope: bool = False, **overrides) -> Path:
+    """Save a random model of `case` to `directory` (safetensors) and return the path.
+
+    legacy_rope rewrites config.json in the transformers-4 style (`rope_theta` + `rope_scaling`),
+    as most published checkpoints are.
+    """
+    config_cls, kwargs = CASES[case]
+    config = config_cls(**{**COMMON, **kwargs, **overrides})
+    config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    if legacy_rope:
+        path = directory / "config.json"
+        d = json.loads(path.read_text())
+        params = d.pop("rope_parameters")
+        d["rope_theta"] = params.pop("rope_theta")
+        d["rope_scaling"] = (
+            None if params.get("rope_type") == "default" else {"type": params.pop("rope_type"), **params}
+        )
+        path.write_text(json.dumps(d))
+    return directory
+
+
+def load_hf(directory: Path):
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+WORDS = [f"w{i}" for i in range(COMMON["vocab_size"] - 3)]
+
+
+def add_word_tokenizer(directory: Path) -> Path:
+    """A word-level tokenizer over the model's vocabulary (<unk> 0, <s> 1, </s> 2, then w0, w1, ...),
+    built with `tokenizers` and saved as HF files, so text prompts work on the random models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(directory)
+    return directory
+
+
+def text_of(ids) -> str:
+    return " ".join(WORDS[i - 3] for i in ids)

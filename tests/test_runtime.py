@@ -1,0 +1,146 @@
+"""The runtime on CPU: in-flight batching, chunked prefill, preemption and prefix reuse change no
+token; the executor and LLM API keep their promises (queueing, cancel, stop, streaming, cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import make_hf_model
+from trtc.compiler.build import build_from_hf
+from trtc.compiler.build_config import BuildConfig
+from trtc.llm import LLM
+from trtc.runtime.executor import Executor
+from trtc.runtime.reference import ReferenceModel
+from trtc.runtime.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, end_id=-1)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    hf = make_hf_model(root / "hf", "llama3_gqa")
+    return build_from_hf(hf, root / "engine", build_config=BuildConfig(
+        max_batch_size=8, max_num_tokens=24, tokens_per_block=4, max_seq_len=96), progress=False)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 131, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def alone(engine, prompt, params=GREEDY) -> list[int]:
+    ex = Executor(engine, kv_cache_max_tokens=4096)
+    rid = ex.add_request(prompt, params)
+    out = []
+    ex.requests[rid].on_event = lambda e: out.append(e.token_id)
+    ex.run_until_complete()
+    return out
+
+
+def test_in_flight_batching_changes_no_token(engine):
+    """18 requests of 2-39 tokens arriving at different steps, a 24-token budget (chunked prefill)
+    and a 160-token pool (preemption) give exactly the tokens of each request run alone."""
+    ps = prompts(18)
+    assert max(len(p) for p in ps) > 24, "some prompt must be longer than the token budget"
+    ex = Executor(engine, kv_cache_max_tokens=160)
+    outputs: dict[int, list[int]] = {}
+    ids: dict[int, int] = {}
+    step = 0
+    while step < 6 or ex.has_unfinished():
+        for i in range(step, len(ps), 6) if step < 6 else ():  # 3 new requests at each of the first 6 steps
+            ids[i] = ex.add_request(ps[i], GREEDY)
+            outputs[ids[i]] = []
+        for event in ex.step():
+            outputs[event.request_id].append(event.token_id)
+        step += 1
+    stats = ex.scheduler.stats()
+    assert stats["num_preemptions"] > 0, "the pool was meant to force preemption"
+    assert stats["free_blocks"] + stats["cached_blocks"] == stats["num_blocks"]  # every block back
+    for i, p in enumerate(ps):
+        assert outputs[ids[i]] == alone(engine, p), f"request {i} differs"
+
+
+def test_prefix_reuse_counts_blocks_and_keeps_tokens(engine):
+    shared = prompts(1, seed=5)[0] + prompts(1, seed=6)[0] + prompts(1, seed=7)[0]
+    shared = shared[:36]
+    first, second = shared + [7, 8, 9], shared + [10, 11]
+    ex = Executor(engine, kv_cache_max_tokens=1024)
+    ex.add_request(first, GREEDY)
+    ex.run_until_complete()
+    before = ex.scheduler.stats()["reused_tokens"]
+    got = []
+    rid = ex.add_request(second, GREEDY)
+    ex.requests[rid].on_event = lambda e: got.append(e.token_id)
+    ex.run_until_complete()
+    reused = ex.scheduler.stats()["reused_tokens"] - before
+    assert reused == 36  # the 9 full blocks of 4 tokens of the shared prefix
+    no_reuse = Executor(engine, kv_cache_max_tokens=1024, enable_prefix_reuse=False)
+    rid = no_reuse.add_request(second, GREEDY)
+    expected = []
+    no_reuse.requests[rid].on_event = lambda e: expected.append(e.token_id)
+    no_reuse.run_until_complete()
+    assert no_reuse.scheduler.stats()["reused_tokens"] == 0
+    assert got == expected
+
+
+def test_more_requests_than_max_batch_size_are_queued(engine):
+    llm = LLM(engine, kv_cache_max_tokens=2048)
+    ps = prompts(20, seed=2)  # max_batch_size is 8
+    outs = llm.generate(ps, SamplingParams(max_tokens=5, end_id=-1))
+    assert [len(o.token_ids) for o in outs] == [5] * 20
+    assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_end_id_stop_words_and_logprobs(engine):
+    llm = LLM(engine, kv_cache_max_tokens=2048)
+    p = prompts(1, seed=3)[0]
+    free = llm.generate(p, SamplingParams(max_tokens=12, end_id=-1, logprobs=True))
+    tokens = free.token_ids
+    assert len(free.outputs[0].logprobs) == 12 and all(lp <= 0 for lp in free.outputs[0].logprobs)
+    # the model's logprob of the greedy token is the maximum of its log-softmax
+    with_end = llm.generate(p, SamplingParams(max_tokens=12, end_id=tokens[4]))
+    first = tokens.index(tokens[4])
+    assert with_end.token_ids == tokens[: first + 1] and with_end.finish_reason == "end_id"
+    stop = llm.generate(p, SamplingParams(max_tokens=12, end_id=-1, stop_token_ids=[tokens[6:8]]))
+    assert stop.token_ids[-2:] == tokens[6:8] and stop.finish_reason == "stop_words"
+
+
+def test_cancel_frees_blocks(engine):
+    ex = Executor(engine, kv_cache_max_tokens=512)
+    a = ex.add_request(prompts(1)[0], SamplingParams(max_tokens=50, end_id=-1))
+    b = ex.add_request(prompts(1, seed=9)[0], SamplingParams(max_tokens=5, end_id=-1))
+    events = []
+    for _ in range(3):
+        events += ex.step()
+    assert ex.cancel(a)
+    while ex.has_unfinished():
+        events += ex.step()
+    reasons = {e.request_id: e.finish_reason for e in events if e.finish_reason}
+    assert reasons == {a: "cancelled", b: "length"}
+    s = ex.scheduler.stats()
+    assert s["used_blocks"] == 0
+
+
+def test_streaming_yields_growing_text_and_same_tokens(engine):
+    llm = LLM(engine, kv_cache_max_tokens=2048)
+    p = prompts(1, seed=4)[0]
+    steps = list(llm.generate_stream(p, SamplingParams(max_tokens=10, end_id=-1)))
+    assert len(steps) == 10 and steps[-1].finished and not steps[0].finished
+    assert steps[-1].token_ids == llm.generate(p, SamplingParams(max_tokens=10, end_id=-1)).token_ids
+
+
+def test_llm_from_hf_dir_builds_once_into_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTC_CACHE_DIR", str(tmp_path / "cache"))
+    hf = make_hf_model(tmp_path / "hf", "qwen3_qknorm")
+    first = LLM(hf)
+    engine_dir = first.engine_dir
+    assert engine_dir.is_relative_to(tmp_path / "cache")
+    stamp = (engine_dir / "rank0.engine").stat().st_mtime_ns
+    second = LLM(hf)
+    assert second.engine_dir == engine_dir and (engine_dir / "rank0.engine").stat().st_mtime_ns == stamp
+    other = LLM(hf, build_config=BuildConfig(tokens_per_block=8))
+    assert other.engine_dir != engine_dir
+    ids = [5, 6, 7]
+    assert first.generate(ids, GREEDY).token_ids == other.generate(ids, GREEDY).token_ids

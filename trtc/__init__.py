@@ -1,0 +1,20 @@
+"""trtc: an ahead-of-time compiler and runtime for large language models."""
+
+__version__ = "0.1.0"
+
+from trtc.errors import TrtcError  # noqa: E402
+
+__all__ = ["LLM", "SamplingParams", "TrtcError", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `trtc --help` does not pay for torch and transformers.
+    if name == "LLM":
+        from trtc.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from trtc.runtime.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'trtc' has no attribute {name!r}")

@@ -1,0 +1,95 @@
+"""The layer-graph checkpoint: config.json (graph + mapping + dtype + quantization) and
+rank{N}.safetensors with that tensor-parallel rank's shard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from trtc import __version__
+from trtc.errors import TrtcError
+from trtc.graph import ModelGraph
+from trtc.mapping import Mapping
+
+CHECKPOINT_FORMAT = "trtc-checkpoint"
+CHECKPOINT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise TrtcError(f"dtype {name!r} is not supported; use one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def rank_file(directory: Path, rank: int, suffix: str = "safetensors") -> Path:
+    return Path(directory) / f"rank{rank}.{suffix}"
+
+
+@dataclass
+class CheckpointConfig:
+    graph: ModelGraph
+    mapping: Mapping
+    dtype: str
+    quantization: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "trtc_version": __version__,
+            "architecture": self.graph.architecture,
+            "dtype": self.dtype,
+            "mapping": self.mapping.to_dict(),
+            "quantization": self.quantization,
+            "graph": self.graph.to_dict(),
+        }
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "CheckpointConfig":
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise TrtcError(f"{path} is missing; pass a directory written by `trtc convert`")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise TrtcError(f"{path} is not valid JSON ({e}); convert the model again") from None
+        if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
+            raise TrtcError(f"{directory} is not a trtc checkpoint (format {d.get('format')!r}); run `trtc convert` first")
+        if d.get("format_version") != CHECKPOINT_VERSION:
+            raise TrtcError(
+                f"{directory} has checkpoint format version {d.get('format_version')}, this trtc "
+                f"({__version__}) reads version {CHECKPOINT_VERSION}; convert the model again"
+            )
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckpointConfig":
+        return cls(
+            graph=ModelGraph.from_dict(d["graph"]),
+            mapping=Mapping(**d["mapping"]),
+            dtype=d["dtype"],
+            quantization=d.get("quantization"),
+        )
+
+
+def load_rank_weights(directory: Path, rank: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = rank_file(directory, rank)
+    if not path.is_file():
+        raise TrtcError(f"{path} is missing; the checkpoint is incomplete, convert the model again")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:
+        raise TrtcError(f"{path} is not a valid safetensors file ({e}); convert the model again") from None

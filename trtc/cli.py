@@ -1,0 +1,131 @@
+"""The `trtc` command line (click). Flag names follow TensorRT-LLM's workflow."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from trtc import __version__
+from trtc.errors import TrtcError
+
+DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]
+
+
+def user_errors(fn):
+    """Turn a TrtcError into one line on stderr and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TrtcError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trtc")
+def main() -> None:
+    """trtc: compile a Hugging Face LLM ahead of time and run it fast."""
+
+
+@main.command()
+@click.option("--model_dir", required=True, type=click.Path(), help="Local HF model directory.")
+@click.option("--output_dir", required=True, type=click.Path(), help="Where to write the trtc checkpoint.")
+@click.option("--tp", "--tp_size", "tp_size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tensor-parallel size: one rank{N}.safetensors per rank.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
+              help="Weight dtype; auto keeps the model's.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@user_errors
+def convert(model_dir: str, output_dir: str, tp_size: int, dtype: str, overwrite: bool) -> None:
+    """Convert an HF checkpoint into a layer-graph checkpoint (per tensor-parallel rank)."""
+    from trtc.converters.convert import convert as run_convert
+
+    out = run_convert(model_dir, output_dir, tp_size=tp_size, dtype=dtype, overwrite=overwrite)
+    click.echo(f"wrote {out} (tp {tp_size})")
+
+
+BUILD_OPTIONS = [
+    click.option("--max_batch_size", default=256, show_default=True, type=int, help="Most requests in one step."),
+    click.option("--max_seq_len", default=None, type=int,
+                 help="Longest prompt + output. [default: the model's max_position_embeddings]"),
+    click.option("--max_num_tokens", default=8192, show_default=True, type=int,
+                 help="Token budget of one step (longer prompts are prefilled in chunks)."),
+    click.option("--tokens_per_block", default=32, show_default=True, type=int, help="Tokens per KV-cache block."),
+    click.option("--kv_cache_dtype", default="auto", show_default=True, help="auto (the weights' dtype), float32, float16, bfloat16."),
+    click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "tensorrt"])),
+]
+
+
+def build_options(fn):
+    for option in reversed(BUILD_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.option("--checkpoint_dir", type=click.Path(), help="A checkpoint written by `trtc convert`.")
+@click.option("--model_dir", type=click.Path(), help="An HF model directory: convert and build in one go.")
+@click.option("--output_dir", required=True, type=click.Path(), help="Where to write the engine.")
+@click.option("--tp", "--tp_size", "tp_size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tensor-parallel size (with --model_dir).")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES), help="With --model_dir.")
+@build_options
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@user_errors
+def build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, overwrite, backend, **limits) -> None:
+    """Build an engine directory from a checkpoint (or straight from an HF directory)."""
+    from trtc.compiler.build import build as run_build, build_from_hf
+    from trtc.compiler.build_config import BuildConfig
+
+    if (checkpoint_dir is None) == (model_dir is None):
+        raise TrtcError("pass exactly one of --checkpoint_dir (from `trtc convert`) or --model_dir (an HF directory)")
+    config = BuildConfig(**limits)
+    if model_dir is not None:
+        out = build_from_hf(model_dir, output_dir, tp_size, dtype, config, backend, overwrite)
+    else:
+        if tp_size != 1 or dtype != "auto":
+            raise TrtcError("--tp and --dtype are decided at convert time; pass them to `trtc convert` or use --model_dir")
+        out = run_build(checkpoint_dir, output_dir, config, backend, overwrite)
+    click.echo(f"wrote engine {out}")
+
+
+@main.command()
+@click.option("--engine_dir", required=True, type=click.Path(), help="An engine directory from `trtc build`.")
+@click.option("--input_text", multiple=True, help='Prompts: --input_text "a" "b" ...')
+@click.argument("more_input_text", nargs=-1)
+@click.option("--input_file", type=click.Path(), help="Prompts from a .txt file (one per line) or a .json list.")
+@click.option("--max_output_len", default=64, show_default=True, type=int, help="New tokens at most.")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (greedy when unset).")
+@click.option("--top_k", type=int, default=None)
+@click.option("--top_p", type=float, default=None)
+@click.option("--min_p", type=float, default=None)
+@click.option("--repetition_penalty", type=float, default=1.0, show_default=True)
+@click.option("--presence_penalty", type=float, default=0.0, show_default=True)
+@click.option("--frequency_penalty", type=float, default=0.0, show_default=True)
+@click.option("--random_seed", type=int, default=None, help="Seed of every request's sampling.")
+@click.option("--stop_words", multiple=True, help="A string that ends generation (repeat the flag for more).")
+@click.option("--end_id", type=int, default=None, help="End token id [default: the model's EOS; -1: none].")
+@click.option("--streaming", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--output_json", type=click.Path(), help="Write the results as JSON for machines.")
+@click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True)
+@user_errors
+def run(engine_dir, input_text, more_input_text, input_file, max_output_len, random_seed, stop_words, streaming,
+        output_json, kv_cache_free_gpu_memory_fraction, **sampling) -> None:
+    """Generate text with an engine (greedy unless sampling flags are given)."""
+    from trtc.cli_run import run_engine
+
+    if more_input_text and not input_text:
+        raise TrtcError(f"unexpected argument {more_input_text[0]!r}; prompts go after --input_text")
+    ok = run_engine(engine_dir, [*input_text, *more_input_text], input_file, max_output_len, random_seed,
+                    list(stop_words), streaming, output_json, kv_cache_free_gpu_memory_fraction, sampling)
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

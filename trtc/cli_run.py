@@ -1,0 +1,85 @@
+"""`trtc run`: prompts in, text out (TensorRT-LLM run.py's output format), JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from trtc.errors import TrtcError
+
+
+def read_prompts(input_text: list[str], input_file: str | None) -> list[str]:
+    prompts = list(input_text)
+    if input_file is not None:
+        path = Path(input_file)
+        if not path.is_file():
+            raise TrtcError(f"--input_file {path} does not exist")
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise TrtcError(f"--input_file {path} is not valid JSON ({e})") from None
+            if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+                raise TrtcError(f"--input_file {path} must hold a JSON list of strings")
+            prompts += data
+        else:
+            prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise TrtcError("no prompt given; pass --input_text \"...\" or --input_file FILE")
+    return prompts
+
+
+def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, stop_words, streaming, output_json,
+               free_gpu_memory_fraction, sampling: dict) -> bool:
+    """Run every prompt in flight together; returns False if any prompt was rejected."""
+    from trtc.llm import LLM
+    from trtc.runtime.sampling_params import SamplingParams
+
+    prompts = read_prompts(prompts, input_file)
+    try:
+        params = SamplingParams(max_tokens=max_output_len, seed=random_seed, stop=stop_words, **sampling)
+    except ValueError as e:
+        raise TrtcError(f"invalid sampling value: {e}") from None
+    llm = LLM(engine_dir, kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction)
+    if streaming:
+        outputs = [_stream(llm, i, p, params, len(prompts)) for i, p in enumerate(prompts)]
+    else:
+        outputs = llm.generate(prompts, params)
+    ok = True
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        if out.error is not None:
+            click.echo(f"Error: input {i} rejected: {out.error}", err=True)
+            ok = False
+        elif not streaming:
+            click.echo(f'Input [Text {i}]: "{prompt}"')
+            click.echo(f'Output [Text {i} Beam 0]: "{out.text}"')
+    if output_json is not None:
+        records = [
+            {"input_text": p, "input_ids": o.prompt_token_ids, "output_text": o.text, "output_ids": o.token_ids,
+             "finish_reason": o.finish_reason, **({"error": o.error} if o.error else {})}
+            for p, o in zip(prompts, outputs)
+        ]
+        Path(output_json).write_text(json.dumps(records, indent=2) + "\n")
+    return ok
+
+
+def _stream(llm, i: int, prompt: str, params, n: int):
+    """Stream one prompt's text to stdout as it grows."""
+    click.echo(f'Input [Text {i}]: "{prompt}"')
+    click.echo(f"Output [Text {i} Beam 0]: ", nl=False)
+    shown, out = 0, None
+    try:
+        for out in llm.generate_stream(prompt, params):
+            sys.stdout.write(out.text[shown:])
+            sys.stdout.flush()
+            shown = len(out.text)
+    except TrtcError as e:
+        from trtc.runtime.outputs import CompletionOutput, RequestOutput
+
+        click.echo("")
+        return RequestOutput(-1, prompt, [], [CompletionOutput("", [], "error")], finished=True, error=str(e))
+    click.echo("")
+    return out

@@ -1,0 +1,1 @@
+"""The build stage: checkpoint -> engine directory (kernel-ready weights, build config, tactics)."""

@@ -1,0 +1,47 @@
+"""The limits an engine is built for (TensorRT-LLM's trtllm-build flag names)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from trtc.errors import TrtcError
+from trtc.graph import ModelGraph
+
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class BuildConfig:
+    max_batch_size: int = 256
+    max_seq_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_tokens: int = 8192
+    tokens_per_block: int = 32
+    kv_cache_dtype: str = "auto"  # auto: the weights' dtype
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_num_tokens", "tokens_per_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TrtcError(f"--{name} must be a positive integer, got {value!r}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise TrtcError(f"--max_seq_len must be at least 2, got {self.max_seq_len}")
+        tpb = self.tokens_per_block
+        if tpb & (tpb - 1):
+            raise TrtcError(f"--tokens_per_block must be a power of two, got {tpb}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise TrtcError(
+                f"--kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use one of: {', '.join(KV_CACHE_DTYPES)}"
+            )
+
+    def resolved(self, graph: ModelGraph, dtype: str) -> "BuildConfig":
+        """The config with defaults decided for this model (what the engine records)."""
+        return BuildConfig(
+            max_batch_size=self.max_batch_size,
+            max_seq_len=self.max_seq_len or graph.max_position_embeddings,
+            max_num_tokens=self.max_num_tokens,
+            tokens_per_block=self.tokens_per_block,
+            kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,180 @@
+"""The layer graph: every architecture normalised into one small vocabulary of layers.
+
+Plain data (dataclasses <-> JSON). Converters produce it from an HF config; the reference forward,
+the build stage and the runtime consume it. Tensor names and shapes of a checkpoint follow from it
+(`weight_shapes`), so a converter only maps names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from trtc.errors import TrtcError
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+NORM_KINDS = ("rms", "layer")
+
+
+@dataclass
+class RopeConfig:
+    """Rotary position embedding of one attention layer (HF `rope_parameters` semantics)."""
+
+    type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0  # linear / dynamic / llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int | None = None  # llama3
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_TYPES:
+            raise TrtcError(
+                f"RoPE type {self.type!r} is not supported; supported types: {', '.join(ROPE_TYPES)}"
+            )
+        if self.type == "llama3" and self.original_max_position_embeddings is None:
+            raise TrtcError("llama3 RoPE scaling needs original_max_position_embeddings in rope_scaling")
+
+
+@dataclass
+class NormConfig:
+    kind: str = "rms"  # rms | layer
+    eps: float = 1e-6
+    offset: float = 0.0  # weight is applied as (offset + w); 1.0 for Gemma-style norms
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORM_KINDS:
+            raise TrtcError(f"norm kind {self.kind!r} is not supported; supported: {', '.join(NORM_KINDS)}")
+
+
+@dataclass
+class AttentionConfig:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    qk_norm_eps: float = 1e-6
+    sliding_window: int | None = None  # a query attends to the last `sliding_window` positions, itself included
+    soft_cap: float | None = None  # logits -> cap * tanh(logits / cap)
+    scale: float | None = None  # None means 1 / sqrt(head_dim)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise TrtcError(
+                f"num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads}); fix config.json"
+            )
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_dim**-0.5
+
+
+@dataclass
+class MLPConfig:
+    intermediate_size: int
+    activation: str = "silu"
+    gated: bool = True  # down(act(gate(x)) * up(x))
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise TrtcError(
+                f"activation {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+            )
+
+
+@dataclass
+class DecoderLayerConfig:
+    input_norm: NormConfig
+    attention: AttentionConfig
+    post_attention_norm: NormConfig
+    mlp: MLPConfig
+
+
+@dataclass
+class ModelGraph:
+    """A decoder-only transformer: embedding -> layers -> final norm -> LM head."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    max_position_embeddings: int
+    layers: list[DecoderLayerConfig]
+    final_norm: NormConfig
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelGraph":
+        d = dict(d)
+        d["layers"] = [
+            DecoderLayerConfig(
+                input_norm=NormConfig(**layer["input_norm"]),
+                attention=AttentionConfig(
+                    **{**layer["attention"], "rope": RopeConfig(**layer["attention"]["rope"])}
+                ),
+                post_attention_norm=NormConfig(**layer["post_attention_norm"]),
+                mlp=MLPConfig(**layer["mlp"]),
+            )
+            for layer in d["layers"]
+        ]
+        d["final_norm"] = NormConfig(**d["final_norm"])
+        return cls(**d)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of an unsharded checkpoint with its shape, in a fixed order."""
+        h, v = self.hidden_size, self.vocab_size
+        shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (v, h)}
+        for i, layer in enumerate(self.layers):
+            a, m, p = layer.attention, layer.mlp, f"layers.{i}."
+            q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+            shapes.update(_norm_shapes(p + "input_norm", layer.input_norm, h))
+            shapes[p + "attention.q.weight"] = (q, h)
+            shapes[p + "attention.k.weight"] = (kv, h)
+            shapes[p + "attention.v.weight"] = (kv, h)
+            if a.qkv_bias:
+                shapes[p + "attention.q.bias"] = (q,)
+                shapes[p + "attention.k.bias"] = (kv,)
+                shapes[p + "attention.v.bias"] = (kv,)
+            if a.qk_norm:
+                shapes[p + "attention.q_norm.weight"] = (a.head_dim,)
+                shapes[p + "attention.k_norm.weight"] = (a.head_dim,)
+            shapes[p + "attention.o.weight"] = (h, q)
+            if a.o_bias:
+                shapes[p + "attention.o.bias"] = (h,)
+            shapes.update(_norm_shapes(p + "post_attention_norm", layer.post_attention_norm, h))
+            names = ("gate", "up") if m.gated else ("up",)
+            for name in names:
+                shapes[p + f"mlp.{name}.weight"] = (m.intermediate_size, h)
+                if m.bias:
+                    shapes[p + f"mlp.{name}.bias"] = (m.intermediate_size,)
+            shapes[p + "mlp.down.weight"] = (h, m.intermediate_size)
+            if m.bias:
+                shapes[p + "mlp.down.bias"] = (h,)
+        shapes.update(_norm_shapes("final_norm", self.final_norm, h))
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (v, h)
+        return shapes
+
+
+def _norm_shapes(prefix: str, norm: NormConfig, hidden: int) -> dict[str, tuple[int, ...]]:
+    shapes = {prefix + ".weight": (hidden,)}
+    if norm.bias:
+        shapes[prefix + ".bias"] = (hidden,)
+    return shapes

@@ -1,0 +1,18 @@
+"""Activations of the MLP, and the gated form down(act(gate) * up)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATION_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    # gate, up: [..., intermediate]
+    return ACTIVATION_FNS[activation](gate) * up

@@ -1,0 +1,14 @@
+"""Sampling op: per-row penalties, temperature, top-k, top-p, min-p, then a seeded draw.
+
+`reference` is the plain PyTorch implementation (any device); fast kernels are checked against it.
+"""
+
+from trtc.plugins.sampling.reference import (
+    SamplingBatch,
+    draw_noise,
+    make_generator,
+    process_logits,
+    sample,
+)
+
+__all__ = ["SamplingBatch", "draw_noise", "make_generator", "process_logits", "sample"]

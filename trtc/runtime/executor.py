@@ -1,0 +1,148 @@
+"""The executor loop: schedule -> run -> postprocess, one step at a time.
+
+The C++ scheduler decides each step's batch (in-flight batching, chunked prefill, preemption,
+prefix reuse); the model runner computes the logits; sampling happens on the device; the
+scheduler's update finishes requests. Streaming callbacks fire from postprocess.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trtc.errors import TrtcError
+from trtc.plugins.sampling.reference import SamplingBatch, make_generator, sample
+from trtc.runtime.attention_metadata import AttentionMetadata
+from trtc.runtime.engine import Engine
+from trtc.runtime.kv_cache import num_kv_blocks
+from trtc.runtime.model_runner import ModelRunner
+from trtc.runtime.outputs import TokenEvent
+from trtc.runtime.sampling_params import SamplingParams
+from trtc.runtime.scheduler import Scheduler
+
+
+@dataclass
+class RequestState:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    on_event: Callable[[TokenEvent], None] | None = None
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Executor:
+    def __init__(
+        self,
+        engine: Engine | str | Path,
+        device: torch.device | str | None = None,
+        kv_cache_max_tokens: int | None = None,
+        free_gpu_memory_fraction: float = 0.9,
+        enable_prefix_reuse: bool = True,
+    ) -> None:
+        self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.engine.check_runtime(world_size=1, device=self.device)
+        bc = self.engine.build_config
+        self.runner = ModelRunner(self.engine, self.device)  # weights first: the pool takes what is left
+        self.num_blocks = num_kv_blocks(self.engine, self.device, kv_cache_max_tokens, free_gpu_memory_fraction)
+        self.runner.allocate_kv_cache(self.num_blocks)
+        self.scheduler = Scheduler(
+            self.num_blocks, bc.tokens_per_block, bc.max_batch_size, bc.max_num_tokens, bc.max_seq_len,
+            enable_prefix_reuse,
+        )
+        self.requests: dict[int, RequestState] = {}
+        self._ids = itertools.count()
+        graph = self.engine.graph
+        self.eos_ids = list(graph.eos_token_id)
+
+    # Requests -------------------------------------------------------------------------------------
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams | None = None,
+        on_event: Callable[[TokenEvent], None] | None = None,
+    ) -> int:
+        """Queue a request; raises TrtcError (and queues nothing) if it can never run."""
+        params = params or SamplingParams()
+        vocab = self.engine.graph.vocab_size
+        if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
+            raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab}); got {len(prompt_ids)} ids")
+        end_id = params.end_id if params.end_id is not None else (self.eos_ids[0] if self.eos_ids else -1)
+        stop_words = [list(s) for s in params.stop_token_ids]
+        if params.end_id is None:  # a model with several EOS ids stops on any of them
+            stop_words += [[e] for e in self.eos_ids[1:]]
+        rid = next(self._ids)
+        try:
+            self.scheduler.add_request(rid, list(prompt_ids), params.max_tokens, end_id, stop_words)
+        except ValueError as e:
+            raise TrtcError(str(e)) from None
+        self.requests[rid] = RequestState(rid, list(prompt_ids), params, make_generator(params.seed, self.device), on_event)
+        return rid
+
+    def cancel(self, request_id: int) -> bool:
+        return self.scheduler.cancel(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # The step -------------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        batch = self.scheduler.schedule()
+        tokens, logprobs = self._run(batch)
+        return self._postprocess(self.scheduler.update(tokens), logprobs)
+
+    def _run(self, batch) -> tuple[list[int], list[float]]:
+        """Forward the batch and sample a token for every request whose chunk reached its end."""
+        sample_rows = np.flatnonzero(np.asarray(batch.sample))
+        if len(sample_rows) == 0 and len(batch.request_ids) == 0:
+            return [], []
+        ends = np.cumsum(np.asarray(batch.query_lens)) - 1
+        input_ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(self.device)
+        meta = AttentionMetadata.from_batch(batch, self.device)
+        logits_indices = torch.from_numpy(ends[sample_rows]).to(self.device)
+        logits = self.runner.forward(input_ids, meta, logits_indices)  # [S, vocab]
+        if len(sample_rows) == 0:
+            return [], []
+        reqs = [self.requests[int(rid)] for rid in np.asarray(batch.request_ids)[sample_rows]]
+        sampling = SamplingBatch.from_requests(
+            [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
+            [r.generator for r in reqs], self.engine.graph.vocab_size, self.device,
+        )
+        tokens, logprobs = sample(logits, sampling)
+        return tokens.tolist(), logprobs.tolist()
+
+    def _postprocess(self, updates: list[tuple[int, int, str | None]], logprobs: list[float]) -> list[TokenEvent]:
+        events = []
+        for i, (rid, token, reason) in enumerate(updates):
+            r = self.requests.get(rid)
+            if r is None:
+                continue
+            if token >= 0:
+                r.output_ids.append(token)
+                r.logprobs.append(logprobs[i])
+                event = TokenEvent(rid, token, logprobs[i], reason)
+            else:
+                event = TokenEvent(rid, None, None, reason)
+            r.finish_reason = reason
+            events.append(event)
+            if r.on_event is not None:
+                r.on_event(event)
+            if reason is not None:  # ended: the caller has had its last event
+                self.scheduler.pop(rid)
+                del self.requests[rid]
+        return events
+
+    def run_until_complete(self) -> None:
+        while self.has_unfinished():
+            if not self.step() and self.scheduler.num_running() == 0 and self.has_unfinished():
+                raise TrtcError("no waiting request fits the KV-cache pool; give the runtime more KV-cache memory")

@@ -1,0 +1,52 @@
+"""Sizing the paged KV-cache pool."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trtc.checkpoint import torch_dtype
+from trtc.errors import TrtcError
+from trtc.runtime.engine import Engine
+
+CPU_KV_CACHE_FRACTION = 0.25  # of the memory available when no GPU: leave room for everything else
+
+
+def kv_bytes_per_token(engine: Engine) -> int:
+    """K and V bytes of one token over all layers, on one rank."""
+    itemsize = torch_dtype(engine.build_config.kv_cache_dtype).itemsize
+    return sum(2 * engine.mapping.local_kv_heads(l.attention) * l.attention.head_dim * itemsize for l in engine.graph.layers)
+
+
+def num_kv_blocks(
+    engine: Engine,
+    device: torch.device,
+    max_tokens: int | None = None,
+    free_gpu_memory_fraction: float = 0.9,
+    weight_bytes: int = 0,
+) -> int:
+    """Blocks in the pool: `max_tokens` if given, else what fits in the free memory (GPU: that
+    fraction of what is free after the weights; CPU: a quarter of the available RAM), never more
+    than max_batch_size full-length sequences need."""
+    bc = engine.build_config
+    tpb, per_block = bc.tokens_per_block, kv_bytes_per_token(engine) * bc.tokens_per_block
+    ceiling = -(-bc.max_batch_size * bc.max_seq_len // tpb)
+    if max_tokens is not None:
+        if max_tokens < tpb:
+            raise TrtcError(f"kv cache max_tokens {max_tokens} is smaller than one block of {tpb} tokens")
+        return -(-max_tokens // tpb)
+    if not 0 < free_gpu_memory_fraction <= 1:
+        raise TrtcError(f"--kv_cache_free_gpu_memory_fraction must be in (0, 1], got {free_gpu_memory_fraction}")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * free_gpu_memory_fraction)
+    else:
+        budget = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * CPU_KV_CACHE_FRACTION)
+    blocks = min(budget // per_block, ceiling)
+    if blocks * tpb < bc.max_seq_len:
+        raise TrtcError(
+            f"only {blocks * tpb} KV-cache tokens fit in memory, fewer than one sequence of max_seq_len "
+            f"{bc.max_seq_len}; rebuild with a smaller --max_seq_len or free memory"
+        )
+    return blocks

@@ -1,0 +1,45 @@
+"""What generation returns (the field names of TensorRT-LLM's and vLLM's LLM API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list[int]  # generated tokens only
+    finish_reason: str | None = None  # end_id | stop_words | stop | length | cancelled | error
+    logprobs: list[float] | None = None  # of each generated token, when SamplingParams.logprobs
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None  # why the request was rejected (it then has finish_reason "error")
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+@dataclass
+class TokenEvent:
+    """One step's news for one request: a new token, and the finish reason if it ended."""
+
+    request_id: int
+    token_id: int | None  # None when the request ended without a token (cancelled)
+    logprob: float | None
+    finish_reason: str | None

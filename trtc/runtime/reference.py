@@ -1,0 +1,136 @@
+"""The reference forward: the layer graph executed in plain PyTorch with a contiguous KV cache.
+
+It is the oracle every kernel and the runtime are checked against. It runs the shards of one or
+more tensor-parallel ranks in one process: each rank computes its partial result from its own
+shard, and the partials are summed where the runtime does an all-reduce (after o and down) and
+concatenated where it gathers (the vocab-parallel LM head). With one rank it is the plain model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trtc.checkpoint import CheckpointConfig, load_rank_weights, torch_dtype
+from trtc.graph import ModelGraph
+from trtc.mapping import Mapping
+from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
+from trtc.plugins.attention.reference import attention
+from trtc.plugins.attention.rope import apply_rope, inv_freq, rope_cos_sin
+from trtc.plugins.norm.reference import norm, rms_norm
+
+
+@dataclass
+class KVCache:
+    """Per rank, per layer: k and v of shape [batch, seq, local_kv_heads, head_dim]."""
+
+    k: list[list[torch.Tensor | None]] = field(default_factory=list)
+    v: list[list[torch.Tensor | None]] = field(default_factory=list)
+    length: int = 0
+
+
+class ReferenceModel:
+    def __init__(self, graph: ModelGraph, mapping: Mapping, rank_weights: list[dict[str, torch.Tensor]]) -> None:
+        assert len(rank_weights) == mapping.tp_size
+        self.graph, self.mapping, self.ranks = graph, mapping, rank_weights
+        self.dtype = rank_weights[0]["embedding.weight"].dtype
+        self.device = rank_weights[0]["embedding.weight"].device
+
+    @classmethod
+    def from_checkpoint(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: str | None = None
+    ) -> "ReferenceModel":
+        config = CheckpointConfig.load(Path(directory))
+        ranks = [load_rank_weights(Path(directory), r, device) for r in range(config.mapping.tp_size)]
+        if dtype is not None:
+            ranks = [{k: t.to(torch_dtype(dtype)) for k, t in w.items()} for w in ranks]
+        return cls(config.graph, config.mapping, ranks)
+
+    def new_cache(self) -> KVCache:
+        n = self.graph.num_layers
+        return KVCache(k=[[None] * n for _ in self.ranks], v=[[None] * n for _ in self.ranks])
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """input_ids: [B, T] appended after the cache's `length` tokens -> logits [B, T, vocab] float32."""
+        b, t = input_ids.shape
+        positions = torch.arange(cache.length, cache.length + t, device=self.device)
+        h = self._all_reduce([self._embed(r, input_ids) for r in range(len(self.ranks))])  # [B, T, hidden]
+        w0 = self.ranks[0]  # replicated tensors (norms, row-parallel biases) are read from rank 0
+        for i, layer in enumerate(self.graph.layers):
+            p = f"layers.{i}."
+            x = norm(h, layer.input_norm, w0[p + "input_norm.weight"], w0.get(p + "input_norm.bias"))
+            h = h + self._all_reduce([self._attention(r, i, x, positions, cache) for r in range(len(self.ranks))])
+            if layer.attention.o_bias:
+                h = h + w0[p + "attention.o.bias"]
+            x = norm(h, layer.post_attention_norm, w0[p + "post_attention_norm.weight"], w0.get(p + "post_attention_norm.bias"))
+            h = h + self._all_reduce([self._mlp(w, i, x) for w in self.ranks])
+            if layer.mlp.bias:
+                h = h + w0[p + "mlp.down.bias"]
+        cache.length += t
+        h = norm(h, self.graph.final_norm, w0["final_norm.weight"], w0.get("final_norm.bias"))
+        head = "embedding.weight" if self.graph.tie_word_embeddings else "lm_head.weight"
+        logits = torch.cat([F.linear(h, w[head]) for w in self.ranks], dim=-1)  # the vocab-parallel gather
+        return logits[..., : self.graph.vocab_size].float()
+
+    @staticmethod
+    def _all_reduce(partials: list[torch.Tensor]) -> torch.Tensor:
+        out = partials[0]
+        for p in partials[1:]:
+            out = out + p
+        return out
+
+    def _embed(self, rank: int, ids: torch.Tensor) -> torch.Tensor:
+        table = self.ranks[rank]["embedding.weight"]  # [local_vocab, hidden], rows [rank * local_vocab, ...)
+        start = rank * table.shape[0]
+        local = ids - start
+        inside = (local >= 0) & (local < table.shape[0])
+        return F.embedding(local.clamp(0, table.shape[0] - 1), table) * inside[..., None].to(table.dtype)
+
+    def _attention(self, rank: int, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        w, a, p = self.ranks[rank], self.graph.layers[i].attention, f"layers.{i}.attention."
+        b, t, _ = x.shape
+        hq, hkv, d = self.mapping.local_heads(a), self.mapping.local_kv_heads(a), a.head_dim
+        q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias")).view(b, t, hq, d)
+        k = F.linear(x, w[p + "k.weight"], w.get(p + "k.bias")).view(b, t, hkv, d)
+        v = F.linear(x, w[p + "v.weight"], w.get(p + "v.bias")).view(b, t, hkv, d)
+        if a.qk_norm:
+            q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps)
+            k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps)
+        freq = inv_freq(a.rope, d, int(positions[-1]) + 1, self.graph.max_position_embeddings)
+        cos, sin = rope_cos_sin(freq, positions, x.dtype)
+        q = torch.stack([apply_rope(q[s], cos, sin) for s in range(b)])
+        k = torch.stack([apply_rope(k[s], cos, sin) for s in range(b)])
+        if cache.k[rank][i] is not None:
+            k, v = torch.cat([cache.k[rank][i], k], 1), torch.cat([cache.v[rank][i], v], 1)
+        cache.k[rank][i], cache.v[rank][i] = k, v
+        out = torch.stack(
+            [attention(q[s], k[s], v[s], positions, a.softmax_scale, a.sliding_window, a.soft_cap) for s in range(b)]
+        )
+        return F.linear(out.reshape(b, t, hq * d), w[p + "o.weight"])
+
+    def _mlp(self, w: dict[str, torch.Tensor], i: int, x: torch.Tensor) -> torch.Tensor:
+        m, p = self.graph.layers[i].mlp, f"layers.{i}.mlp."
+        up = F.linear(x, w[p + "up.weight"], w.get(p + "up.bias"))
+        if m.gated:
+            y = gated_activation(F.linear(x, w[p + "gate.weight"], w.get(p + "gate.bias")), up, m.activation)
+        else:
+            y = ACTIVATION_FNS[m.activation](up)
+        return F.linear(y, w[p + "down.weight"])
+
+    @torch.no_grad()
+    def generate_greedy(self, input_ids: list[int], max_new_tokens: int, end_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy decoding of one prompt; returns the generated tokens (an end id included)."""
+        cache = self.new_cache()
+        logits = self.forward(torch.tensor([input_ids], device=self.device), cache)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if token in end_ids:
+                break
+            logits = self.forward(torch.tensor([[token]], device=self.device), cache)
+        return out

@@ -1,0 +1,98 @@
+"""`SamplingParams`: how one request is decoded. Field names follow the TensorRT-LLM / vLLM LLM API.
+
+The default is greedy decoding (TensorRT-LLM's default): a request samples only when it sets one of
+`temperature`, `top_k`, `top_p`, `min_p` to something other than greedy (temperature 0 or top_k 1).
+An unset `temperature` means 1.0 when the request samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise `ValueError('<name> must be in <range>, got <value>')` unless lo <(=) value <(=) hi."""
+    if hi == math.inf:
+        allowed = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        allowed = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    ok = isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value, lo: int) -> None:
+    if not _is_int(value) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+def _normalize_stop_token_ids(value) -> list[list[int]]:
+    """[1, 2] → [[1], [2]] (one-token sequences); [[1, 2], 3] → [[1, 2], [3]]."""
+    if value is None:
+        return []
+    if _is_int(value):
+        value = [value]
+    sequences = []
+    for entry in value:
+        seq = [entry] if _is_int(entry) else list(entry)
+        if not seq or not all(_is_int(t) and t >= 0 for t in seq):
+            raise ValueError(
+                f"stop_token_ids entries must be non-empty sequences of token ids >= 0, got {entry!r}"
+            )
+        sequences.append([int(t) for t in seq])
+    return sequences
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 32  # tokens to generate, >= 1
+    temperature: float | None = None  # >= 0; 0 = greedy; None = 1.0 when sampling
+    top_k: int | None = None  # >= 0; 0 = off; 1 = greedy
+    top_p: float | None = None  # (0, 1]; 1 = off
+    min_p: float | None = None  # [0, 1]; 0 = off
+    repetition_penalty: float = 1.0  # > 0; HF semantics over prompt + output tokens
+    presence_penalty: float = 0.0  # [-2, 2]; OpenAI semantics over output tokens
+    frequency_penalty: float = 0.0  # [-2, 2]; OpenAI semantics over output tokens
+    seed: int | None = None  # per-request generator; None = the device's default generator
+    end_id: int | None = None  # None = the model's EOS (resolved by the runtime); -1 = never stop on a token
+    stop_token_ids: list[list[int]] = field(default_factory=list)  # token sequences that stop
+    stop: list[str] = field(default_factory=list)  # strings that stop (matched in the decoded text, cut before them)
+    logprobs: bool = False  # return the log-probability of each generated token
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1)
+        if self.temperature is not None:
+            _check_range("temperature", self.temperature, 0.0, math.inf)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, 0)
+        if self.top_p is not None:
+            _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        if self.min_p is not None:
+            _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, math.inf, lo_open=True)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.end_id is not None:
+            _check_int("end_id", self.end_id, -1)
+        self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        self.stop = stop
+
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or top_k 1, or no sampling knob set at all."""
+        if self.temperature == 0 or self.top_k == 1:
+            return True
+        return all(v is None for v in (self.temperature, self.top_k, self.top_p, self.min_p))
