@@ -80,7 +80,7 @@ NB_MODULE(_core, m) {
     }
   });
 
-  nb::class_<BlockManager>(m, "BlockManager")
+  nb::class_<BlockManager>(m, "BlockManager", "Paged KV-cache block pool with prefix reuse (see cpp/block_manager.h).")
       .def(nb::init<int, int, bool, int>(), "num_blocks"_a, "tokens_per_block"_a, "enable_prefix_reuse"_a = true,
            "hash_bits"_a = 64)
       .def("admit", &BlockManager::admit, "seq_id"_a, "tokens"_a)
@@ -104,7 +104,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("num_cached_blocks", &BlockManager::num_cached_blocks)
       .def_prop_ro("num_used_blocks", &BlockManager::num_used_blocks);
 
-  nb::class_<PyScheduledBatch>(m, "ScheduledBatch")
+  nb::class_<PyScheduledBatch>(m, "ScheduledBatch", "One step's batch; fields in trtc/runtime/scheduler.py.")
       .def_ro("request_ids", &PyScheduledBatch::request_ids)
       .def_ro("query_lens", &PyScheduledBatch::query_lens)
       .def_ro("context_lens", &PyScheduledBatch::context_lens)
@@ -124,7 +124,7 @@ NB_MODULE(_core, m) {
                ", preempted=" + std::to_string(b.preempted.size()) + ")";
       });
 
-  nb::class_<Scheduler>(m, "Scheduler")
+  nb::class_<Scheduler>(m, "Scheduler", "In-flight-batching scheduler; API in trtc/runtime/scheduler.py.")
       .def(nb::init<int, int, int, int, int, bool, int>(), "num_blocks"_a, "tokens_per_block"_a, "max_batch_size"_a,
            "max_num_tokens"_a, "max_seq_len"_a, "enable_prefix_reuse"_a = true, nb::kw_only(), "hash_bits"_a = 64)
       .def("add_request", &Scheduler::add_request, "request_id"_a, "prompt"_a, "max_new_tokens"_a, "end_id"_a = -1,

@@ -18,6 +18,9 @@ BlockManager::BlockManager(int num_blocks, int tokens_per_block, bool enable_pre
   has_hash_.assign(num_blocks, 0);
   hash_.assign(num_blocks, 0);
   block_tokens_.resize(size_t(num_blocks) * tokens_per_block);
+  stamp_.assign(num_blocks, 0);
+  parent_.assign(num_blocks, -1);
+  parent_stamp_.assign(num_blocks, 0);
   hash_to_block_.reserve(num_blocks);
   for (int b = 0; b < num_blocks; ++b) free_.push_back(b);
   lru_prev_.assign(num_blocks + 1, num_blocks);
@@ -36,7 +39,9 @@ uint64_t BlockManager::hash_block(uint64_t parent_hash, const Token* tokens) con
   return h & hash_mask_;
 }
 
-bool BlockManager::same_tokens(int b, const Token* tokens) const {
+// True when cached block b holds the K/V of `tokens` following `parent` (-1: b is a sequence's first block).
+bool BlockManager::holds(int b, int parent, const Token* tokens) const {
+  if (parent_[b] != parent || parent_stamp_[b] != (parent < 0 ? 0 : stamp_[parent])) return false;
   return std::equal(tokens, tokens + tokens_per_block_, block_tokens_.begin() + size_t(b) * tokens_per_block_);
 }
 
@@ -81,7 +86,7 @@ int BlockManager::admit(int64_t seq_id, const std::vector<Token>& tokens) {
     for (int i = 0; i < (n - 1) / tpb; ++i) {  // only full blocks strictly before the last token
       uint64_t h = hash_block(parent, &tokens[i * tpb]);
       auto it = hash_to_block_.find(h);
-      if (it == hash_to_block_.end() || !same_tokens(it->second, &tokens[i * tpb])) break;
+      if (it == hash_to_block_.end() || !holds(it->second, i ? matched.back() : -1, &tokens[i * tpb])) break;
       matched.push_back(it->second);
       hashes.push_back(h);
       num_reclaimed += ref_count_[it->second] == 0;
@@ -116,12 +121,16 @@ void BlockManager::cache_full_blocks(int64_t seq_id, const std::vector<Token>& t
   for (int i = static_cast<int>(seq.hashes.size()); i < num_computed / tpb; ++i) {
     uint64_t h = hash_block(i == 0 ? 0 : seq.hashes.back(), &tokens[i * tpb]);
     seq.hashes.push_back(h);
-    // Another block already holds this hash (same tokens computed twice, or a collision): keep that one.
-    if (hash_to_block_.count(h)) continue;
-    int b = seq.table[i];
+    // Skip when another block already holds this hash (same tokens computed twice, or a collision), or when
+    // the parent block is not registered (then this block could never be matched).
+    const int b = seq.table[i], parent = i ? seq.table[i - 1] : -1;
+    if (hash_to_block_.count(h) || (parent >= 0 && !has_hash_[parent])) continue;
     hash_to_block_.emplace(h, b);
     has_hash_[b] = 1;
     hash_[b] = h;
+    stamp_[b] = next_stamp_++;
+    parent_[b] = parent;
+    parent_stamp_[b] = parent < 0 ? 0 : stamp_[parent];
     std::copy_n(tokens.begin() + i * tpb, tpb, block_tokens_.begin() + size_t(b) * tpb);
   }
 }

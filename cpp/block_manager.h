@@ -16,8 +16,10 @@ using Token = int32_t;  // token ids (the model's vocabulary fits int32)
 //   used    ref_count  > 0                        in one or more block tables
 //   cached  ref_count == 0, hashed full block     LRU list, least recently freed evicted first
 // Prefix reuse: a FULL, computed block is registered under hash(parent_hash, its tokens). A new sequence
-// that starts with the same tokens shares it (ref_count + 1) instead of recomputing it. The block's tokens
-// are kept and compared on every hash hit, so a hash collision never hands out wrong K/V.
+// that starts with the same tokens shares it (ref_count + 1) instead of recomputing it. The hash only finds
+// candidates: a hit is taken only if the block's stored tokens match AND its stored parent is the block just
+// matched, in the same registration (stamp). So a hash collision never hands out wrong K/V, even one between
+// identical blocks that follow different prefixes.
 class BlockManager {
  public:
   // hash_bits < 64 truncates block hashes; it exists so tests can force collisions.
@@ -56,7 +58,7 @@ class BlockManager {
   int allocate_block();  // caller checks availability: takes a free block, else evicts the LRU cached one
   void lru_push_back(int b);
   void lru_remove(int b);
-  bool same_tokens(int b, const Token* tokens) const;
+  bool holds(int b, int parent, const Token* tokens) const;
 
   int num_blocks_, tokens_per_block_;
   bool enable_prefix_reuse_;
@@ -64,7 +66,12 @@ class BlockManager {
   std::vector<int> ref_count_;                    // [num_blocks]
   std::vector<uint8_t> has_hash_;                 // [num_blocks]
   std::vector<uint64_t> hash_;                    // [num_blocks]
-  std::vector<Token> block_tokens_;               // [num_blocks * tokens_per_block], valid for hashed blocks
+  // Per block, valid while it is hashed:
+  std::vector<Token> block_tokens_;               // [num_blocks * tokens_per_block]
+  std::vector<uint64_t> stamp_;                   // [num_blocks] unique per registration
+  std::vector<int> parent_;                       // [num_blocks] previous block of the registering sequence, or -1
+  std::vector<uint64_t> parent_stamp_;            // [num_blocks] stamp_ of parent_ at registration
+  uint64_t next_stamp_ = 1;
   std::deque<int> free_;
   std::vector<int> lru_prev_, lru_next_;          // [num_blocks + 1]; index num_blocks is the list head
   int num_cached_ = 0;

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import make_hf_model
+from models import load_hf, make_hf_model
 from trtc.compiler.build import build_from_hf
 from trtc.compiler.build_config import BuildConfig
 from trtc.llm import LLM
 from trtc.runtime.executor import Executor
-from trtc.runtime.reference import ReferenceModel
 from trtc.runtime.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, end_id=-1)
@@ -23,6 +22,11 @@ def engine(tmp_path_factory):
     hf = make_hf_model(root / "hf", "llama3_gqa")
     return build_from_hf(hf, root / "engine", build_config=BuildConfig(
         max_batch_size=8, max_num_tokens=24, tokens_per_block=4, max_seq_len=96), progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_model(engine):
+    return load_hf(engine.parent / "hf")
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -93,13 +97,16 @@ def test_more_requests_than_max_batch_size_are_queued(engine):
     assert all(o.finish_reason == "length" for o in outs)
 
 
-def test_end_id_stop_words_and_logprobs(engine):
+def test_end_id_stop_words_and_logprobs(engine, hf_model):
     llm = LLM(engine, kv_cache_max_tokens=2048)
     p = prompts(1, seed=3)[0]
     free = llm.generate(p, SamplingParams(max_tokens=12, end_id=-1, logprobs=True))
     tokens = free.token_ids
-    assert len(free.outputs[0].logprobs) == 12 and all(lp <= 0 for lp in free.outputs[0].logprobs)
-    # the model's logprob of the greedy token is the maximum of its log-softmax
+    # each logprob is HF's log-softmax of the chosen (greedy: the most likely) token
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([p + tokens])).logits[0, len(p) - 1 : -1]
+    expected = logits.log_softmax(-1).max(-1).values
+    assert torch.allclose(torch.tensor(free.outputs[0].logprobs), expected, atol=1e-4)
     with_end = llm.generate(p, SamplingParams(max_tokens=12, end_id=tokens[4]))
     first = tokens.index(tokens[4])
     assert with_end.token_ids == tokens[: first + 1] and with_end.finish_reason == "end_id"

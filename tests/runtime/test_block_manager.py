@@ -214,3 +214,18 @@ def test_hash_is_identical_in_cpp_and_python():
 def test_bad_arguments(BM, args):
     with pytest.raises(ValueError, match="must be"):
         BM(*args)
+
+
+def test_collision_across_chains_never_reuses_wrong_blocks(BM):
+    """Same block tokens under another prefix hold other K/V: a chain-hash collision must not match them."""
+    bm = BM(16, 2, hash_bits=2)
+    x = next([a, b] for a in range(100) for b in range(100)
+             if bm.hash_block(bm.hash_block(0, [a, b]), [a, b]) == bm.hash_block(0, [a, b]))
+    bm.admit(1, x + [1])
+    bm.cache_full_blocks(1, x + [1], 2)
+    # Block 1 of x + x has block 0's tokens and (2-bit) hash, but its K/V sits at other positions.
+    assert bm.admit(2, x + x + [2]) == 2
+    assert len(set(bm.block_table(2))) == 3
+    bm.cache_full_blocks(2, x + x + [2], 4)
+    assert bm.admit(3, x + x + [3]) == 2  # 2's block 1 could not be registered (its hash is taken)
+    assert len(set(bm.block_table(3))) == 3

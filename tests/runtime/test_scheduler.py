@@ -306,6 +306,10 @@ def test_bad_constructor_arguments(S, i):
 # ---------------------------------------------------------------- property test: C++ core == Python twin
 
 
+# Shared prefixes make prefix hits; repeated blocks (same tokens at other positions) meet 2-bit hash collisions.
+BASE_PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [3, 3, 3, 3, 3, 3, 3, 3], [1, 2, 1, 2, 1, 2, 1, 2]]
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random arrivals, steps with random sampled tokens, cancels and pops, on small pools and budgets, with
     prefix sharing and (sometimes) 2-bit block hashes that collide all the time."""
@@ -318,6 +322,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.cpp = _core.Scheduler(*args, hash_bits=hash_bits)
         self.py = py_scheduler.Scheduler(*args, hash_bits=hash_bits)
         self.num_blocks, self.tpb, self.max_seq_len = num_blocks, tpb, max_seq_len
+        self.kv = {}  # shadow KV cache: slot -> the token prefix whose last token's K/V the slot holds
         self.next_id = 0
         self.requests = {}  # alive (waiting or running) id -> (prompt, max_new_tokens, end_id, stop_words)
         self.finished = set()
@@ -325,7 +330,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def known(self, rid):
         return self.requests[rid][0] + self.cpp.output_tokens(rid)
 
-    @rule(base=st.sampled_from([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5, 4, 3, 2, 1, 0, 1, 2]]),
+    @rule(base=st.sampled_from(BASE_PROMPTS),
           prefix=st.integers(0, 8), suffix=st.lists(st.integers(0, 9), max_size=12),
           max_new=st.integers(0, 24), end_id=st.sampled_from([-1, 0]),
           stop_words=st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=2), max_size=2))
@@ -345,7 +350,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.requests)
     @rule(data=st.data())
     def cancel(self, data):
-        rid = data.draw(st.sampled_from(sorted(self.requests) + [self.next_id]))
+        rid = data.draw(st.sampled_from(sorted(self.requests) + sorted(self.finished) + [self.next_id]))
+        self.cancel_both(rid)
+
+    def cancel_both(self, rid):
         assert self.cpp.cancel(rid) == self.py.cancel(rid) == (rid in self.requests)
         if rid in self.requests:
             del self.requests[rid]
@@ -358,9 +366,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.cpp.pop(rid) == self.py.pop(rid)
         self.finished.remove(rid)
 
-    @rule(data=st.data())
-    def step(self, data):
-        self.do_step(data.draw(st.lists(st.integers(0, 9), min_size=64, max_size=64)))
+    @rule(data=st.data(), cancel_in_flight=st.booleans())
+    def step(self, data, cancel_in_flight):
+        tokens = data.draw(st.lists(st.integers(0, 9), min_size=64, max_size=64))
+        in_flight = sorted(self.requests) if cancel_in_flight else []
+        self.do_step(tokens, data.draw(st.sampled_from(in_flight)) if in_flight else None)
 
     @rule(data=st.data())
     def drain(self, data):
@@ -376,7 +386,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         stats = self.cpp.stats()
         assert stats["used_blocks"] == 0 and stats["free_blocks"] + stats["cached_blocks"] == self.num_blocks
 
-    def do_step(self, tokens):
+    def do_step(self, tokens, cancel_in_flight=None):
+        """schedule() + update() on both; optionally cancels a request in between."""
         known = {rid: self.known(rid) for rid in self.requests}
         b, pb = self.cpp.schedule(), self.py.schedule()
         for name, want in arrays(pb).items():
@@ -385,6 +396,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert (b.num_prefill_tokens, b.num_decode_tokens, b.preempted) == \
                (pb.num_prefill_tokens, pb.num_decode_tokens, pb.preempted)
         self.check_batch(b, known)
+        if cancel_in_flight is not None:
+            self.cancel_both(cancel_in_flight)
         sampled = tokens[: int(b.sample.sum())]
         out = self.cpp.update(sampled)
         assert out == self.py.update(sampled)
@@ -412,16 +425,32 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert slot == block * tpb + p % tpb  # the slot belongs to this request's block table ...
                 assert all(block not in t for r, t in tables.items() if r != rid)  # ... and is never shared
             offset += q
+        self.check_kv(b, known)
         holders = {}
         for rid, table in tables.items():
             assert len(set(table)) == len(table)
             for i, block in enumerate(table):
                 holders.setdefault(block, []).append((rid, i))
         for block, hs in holders.items():
-            if len(hs) > 1:  # only full prefix blocks with identical tokens are shared
-                spans = {tuple(known[rid][i * tpb:(i + 1) * tpb]) for rid, i in hs}
-                assert len(spans) == 1 and len(next(iter(spans))) == tpb
+            if len(hs) > 1:  # only full blocks of identical prefixes are shared, at the same index
+                prefixes = {tuple(known[rid][:(i + 1) * tpb]) for rid, i in hs}
+                assert len(prefixes) == 1 and len(next(iter(prefixes))) % tpb == 0 and len({i for _, i in hs}) == 1
         assert self.cpp.stats()["used_blocks"] == len(holders)  # exact accounting: no leak, no double free
+
+    def check_kv(self, b, known):
+        """Simulates the KV cache: every slot attention reads this step holds the K/V of the right prefix."""
+        slots = b.slot_mapping.tolist()
+        assert len(set(slots)) == len(slots)  # no two tokens write one slot
+        rows = list(zip(b.request_ids.tolist(), b.query_lens.tolist(), b.context_lens.tolist()))
+        offset = 0
+        for rid, q, ctx in rows:  # writes
+            for p, slot in zip(range(ctx - q, ctx), slots[offset: offset + q]):
+                self.kv[slot] = tuple(known[rid][: p + 1])
+            offset += q
+        for row, (rid, q, ctx) in enumerate(rows):  # reads: positions 0 .. ctx-1 through the block table
+            table = b.block_tables[row].tolist()
+            for p in range(ctx):
+                assert self.kv.get(table[p // self.tpb] * self.tpb + p % self.tpb) == tuple(known[rid][: p + 1])
 
     def check_outputs(self, out, known):
         for rid, token, reason in out:
@@ -461,13 +490,12 @@ def test_twins_agree_under_pressure():
         m.setup(num_blocks=rng.randint(3, 10), tpb=rng.randint(1, 4), max_batch_size=rng.randint(2, 6),
                 max_num_tokens=rng.randint(2, 24), max_seq_len=rng.randint(8, 48), reuse=seed % 4 != 3,
                 hash_bits=[64, 2][seed % 2])
-        bases = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9]]
         for _ in range(300):
             if rng.random() < 0.3:
                 suffix = [rng.randint(1, 9) for _ in range(rng.randint(0, 6))]
                 stop_words = [[rng.randint(1, 9)] * 2] * rng.randint(0, 1)
-                m.add_request(rng.choice(bases), rng.randint(0, 8), suffix, rng.randint(1, 30), rng.choice([-1, 0]),
-                              stop_words)
+                m.add_request(rng.choice(BASE_PROMPTS), rng.randint(0, 8), suffix, rng.randint(1, 30),
+                              rng.choice([-1, 0]), stop_words)
             if m.requests and rng.random() < 0.03:
                 rid = rng.choice(sorted(m.requests))
                 assert m.cpp.cancel(rid) and m.py.cancel(rid)

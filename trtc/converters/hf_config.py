@@ -17,16 +17,12 @@ from trtc.graph import (
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
-def require(config: dict[str, Any], key: str) -> Any:
+def positive_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
+    """config[key] as a positive integer; `default` when absent (an error if there is none)."""
     value = config.get(key)
     if value is None:
-        raise TrtcError(f"config.json has no {key!r}; fix config.json (it is required for {config.get('architectures')})")
-    return value
-
-
-def positive_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = config.get(key, default) if default is not None else require(config, key)
-    if value is None:
+        if default is None:
+            raise TrtcError(f"config.json has no {key!r}; add it (the model's {key})")
         value = default
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise TrtcError(f"config.json {key!r} must be a positive integer, got {value!r}; fix config.json")

@@ -101,36 +101,37 @@ class Executor:
         tokens, logprobs = self._run(batch)
         return self._postprocess(self.scheduler.update(tokens), logprobs)
 
-    def _run(self, batch) -> tuple[list[int], list[float]]:
-        """Forward the batch and sample a token for every request whose chunk reached its end."""
+    def _run(self, batch) -> tuple[list[int], dict[int, float]]:
+        """Forward the batch and sample a token for every request whose chunk reached its end.
+        Returns the tokens in batch order and each sampled request's logprob by request id."""
         sample_rows = np.flatnonzero(np.asarray(batch.sample))
-        if len(sample_rows) == 0 and len(batch.request_ids) == 0:
-            return [], []
+        if len(batch.request_ids) == 0:
+            return [], {}
         ends = np.cumsum(np.asarray(batch.query_lens)) - 1
         input_ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(self.device)
         meta = AttentionMetadata.from_batch(batch, self.device)
         logits_indices = torch.from_numpy(ends[sample_rows]).to(self.device)
         logits = self.runner.forward(input_ids, meta, logits_indices)  # [S, vocab]
         if len(sample_rows) == 0:
-            return [], []
+            return [], {}
         reqs = [self.requests[int(rid)] for rid in np.asarray(batch.request_ids)[sample_rows]]
         sampling = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
             [r.generator for r in reqs], self.engine.graph.vocab_size, self.device,
         )
         tokens, logprobs = sample(logits, sampling)
-        return tokens.tolist(), logprobs.tolist()
+        return tokens.tolist(), {r.request_id: lp for r, lp in zip(reqs, logprobs.tolist())}
 
-    def _postprocess(self, updates: list[tuple[int, int, str | None]], logprobs: list[float]) -> list[TokenEvent]:
+    def _postprocess(self, updates: list[tuple[int, int, str | None]], logprobs: dict[int, float]) -> list[TokenEvent]:
         events = []
-        for i, (rid, token, reason) in enumerate(updates):
+        for rid, token, reason in updates:
             r = self.requests.get(rid)
             if r is None:
                 continue
             if token >= 0:
                 r.output_ids.append(token)
-                r.logprobs.append(logprobs[i])
-                event = TokenEvent(rid, token, logprobs[i], reason)
+                r.logprobs.append(logprobs[rid])
+                event = TokenEvent(rid, token, logprobs[rid], reason)
             else:
                 event = TokenEvent(rid, None, None, reason)
             r.finish_reason = reason

@@ -32,7 +32,11 @@ class BlockManager:
         self._reuse, self._mask = enable_prefix_reuse, (1 << hash_bits) - 1
         self._ref = [0] * num_blocks
         self._hash: list[int | None] = [None] * num_blocks  # set while the block is registered
+        # Per block, valid while it is hashed: its tokens, a unique registration stamp, and the previous block
+        # of the registering sequence (-1 for a first block) with that block's stamp at the time.
         self._block_tokens: list[list[int] | None] = [None] * num_blocks
+        self._stamp, self._parent, self._parent_stamp = [0] * num_blocks, [-1] * num_blocks, [0] * num_blocks
+        self._next_stamp = 1
         self._free: deque[int] = deque(range(num_blocks))
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached blocks, least recently freed first
         self._hash_to_block: dict[int, int] = {}
@@ -46,6 +50,11 @@ class BlockManager:
         h = (h * 0xFF51AFD7ED558CCD) & _M64
         h ^= h >> 33
         return h & self._mask
+
+    def _holds(self, b: int, parent: int, tokens: list[int]) -> bool:
+        """True when cached block b holds the K/V of `tokens` following block `parent` (-1: first block)."""
+        parent_stamp = 0 if parent < 0 else self._stamp[parent]
+        return self._parent[b] == parent and self._parent_stamp[b] == parent_stamp and self._block_tokens[b] == tokens
 
     def _allocate_block(self) -> int:
         if self._free:
@@ -67,7 +76,7 @@ class BlockManager:
                 chunk = tokens[i * tpb : (i + 1) * tpb]
                 h = self.hash_block(parent, chunk)
                 b = self._hash_to_block.get(h)
-                if b is None or self._block_tokens[b] != chunk:
+                if b is None or not self._holds(b, matched[-1] if i else -1, chunk):
                     break
                 matched.append(b)
                 hashes.append(h)
@@ -101,10 +110,15 @@ class BlockManager:
             chunk = tokens[i * tpb : (i + 1) * tpb]
             h = self.hash_block(hashes[-1] if i else 0, chunk)
             hashes.append(h)
-            if h in self._hash_to_block:  # same tokens computed twice, or a collision: keep the first
+            b, parent = table[i], table[i - 1] if i else -1
+            # Skip when the hash is taken (same tokens computed twice, or a collision: keep the first), or when
+            # the parent block is not registered (then this block could never be matched).
+            if h in self._hash_to_block or (parent >= 0 and self._hash[parent] is None):
                 continue
-            b = table[i]
             self._hash_to_block[h], self._hash[b], self._block_tokens[b] = b, h, chunk
+            self._stamp[b], self._parent[b] = self._next_stamp, parent
+            self._parent_stamp[b] = 0 if parent < 0 else self._stamp[parent]
+            self._next_stamp += 1
 
     def release(self, seq_id: int) -> None:
         entry = self._seqs.pop(seq_id, None)
@@ -215,7 +229,8 @@ class Scheduler:
         if n == 0:
             raise ValueError(rid + "prompt is empty; pass at least one token id")
         if request_id in self._requests:
-            raise ValueError(rid + f"request_id {request_id} is already in use (not yet popped); pop() it or use a new id")
+            raise ValueError(rid + f"request_id {request_id} is already in use (not yet popped); "
+                             "pop() it or use a new id")
         if max_new_tokens < 1:
             raise ValueError(rid + f"max_new_tokens is {max_new_tokens}; it must be >= 1")
         if n >= self._max_seq_len:
