@@ -204,3 +204,18 @@ def test_build_bad_input(engines, tmp_path):
     assert_one_line_error(cli("build", "--model_dir", hf_dir, "--output_dir", tmp_path / "o", "--max_batch_size", 0),
                           "max_batch_size")
     assert not (tmp_path / "o").exists()
+
+
+def test_stop_words_and_input_file(engines, tmp_path):
+    _, engine = engines["llama3_gqa"]
+    base = ["run", "--engine_dir", engine, "--max_output_len", 16, "--end_id", -1, "--output_json", tmp_path / "o.json"]
+    (tmp_path / "prompts.txt").write_text("w1 w2 w3\n\nw4 w5\n")
+    assert cli(*base, "--input_file", tmp_path / "prompts.txt").exit_code == 0
+    records = json.loads((tmp_path / "o.json").read_text())
+    assert [r["input_text"] for r in records] == ["w1 w2 w3", "w4 w5"]
+    words = records[0]["output_text"].split()
+    stop = words[5]
+    assert cli(*base, "--input_text", "w1 w2 w3", "--stop_words", stop).exit_code == 0
+    stopped = json.loads((tmp_path / "o.json").read_text())[0]
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["output_text"] == records[0]["output_text"][: records[0]["output_text"].find(stop)]

@@ -15,6 +15,7 @@ from trtc import __version__
 from trtc.errors import TrtcError
 from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
+from trtc.utils.config_json import check_format, read_config_json
 
 CHECKPOINT_FORMAT = "trtc-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -59,20 +60,9 @@ class CheckpointConfig:
 
     @classmethod
     def load(cls, directory: Path) -> "CheckpointConfig":
-        path = Path(directory) / "config.json"
-        if not path.is_file():
-            raise TrtcError(f"{path} is missing; pass a directory written by `trtc convert`")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise TrtcError(f"{path} is not valid JSON ({e}); convert the model again") from None
-        if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
-            raise TrtcError(f"{directory} is not a trtc checkpoint (format {d.get('format')!r}); run `trtc convert` first")
-        if d.get("format_version") != CHECKPOINT_VERSION:
-            raise TrtcError(
-                f"{directory} has checkpoint format version {d.get('format_version')}, this trtc "
-                f"({__version__}) reads version {CHECKPOINT_VERSION}; convert the model again"
-            )
+        fix = "convert the model again with `trtc convert`"
+        d = read_config_json(Path(directory), "checkpoint directory", fix)
+        check_format(d, directory, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, fix)
         return cls.from_dict(d)
 
     @classmethod
@@ -85,11 +75,15 @@ class CheckpointConfig:
         )
 
 
-def load_rank_weights(directory: Path, rank: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    path = rank_file(directory, rank)
+def load_weights_file(path: Path, device: str | torch.device, fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file straight onto `device`; a TrtcError ending in `fix` if it is missing or bad."""
     if not path.is_file():
-        raise TrtcError(f"{path} is missing; the checkpoint is incomplete, convert the model again")
+        raise TrtcError(f"{path} is missing; {fix}")
     try:
         return load_file(str(path), device=str(device))
-    except Exception as e:
-        raise TrtcError(f"{path} is not a valid safetensors file ({e}); convert the model again") from None
+    except Exception as e:  # safetensors raises its own error types
+        raise TrtcError(f"{path} is not a valid safetensors file ({e}); {fix}") from None
+
+
+def load_rank_weights(directory: Path, rank: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_weights_file(rank_file(directory, rank), device, "the checkpoint is incomplete, convert the model again")

@@ -118,6 +118,8 @@ class LLM:
 
     def _on_event(self, out: RequestOutput, event: TokenEvent) -> None:
         c, stop = out.outputs[0], self._stop_strings.get(out.request_id)
+        if out.finished:  # ended by a stop string; the scheduler's late "cancelled" changes nothing
+            return
         if event.token_id is not None:
             c.token_ids.append(event.token_id)
             if c.logprobs is not None:

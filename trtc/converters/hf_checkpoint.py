@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from trtc.errors import TrtcError
+from trtc.utils.config_json import read_config_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = (
@@ -26,18 +27,7 @@ TOKENIZER_FILES = (
 
 
 def read_config(model_dir: Path) -> dict:
-    if not model_dir.is_dir():
-        raise TrtcError(f"model directory {model_dir} does not exist; pass the local path of an HF model")
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise TrtcError(f"{path} is missing; --model_dir must be an HF model directory with config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrtcError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
-    if not isinstance(config, dict):
-        raise TrtcError(f"{path} is not a JSON object; fix or re-download it")
-    return config
+    return read_config_json(model_dir, "model directory", "pass a local HF model directory (config.json + *.safetensors)")
 
 
 class HFCheckpoint:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from trtc import __version__
-from trtc.checkpoint import CheckpointConfig, rank_file
+from trtc.checkpoint import CheckpointConfig, load_weights_file, rank_file
 from trtc.compiler.build import ENGINE_FORMAT, ENGINE_VERSION, detect_target
 from trtc.compiler.build_config import BuildConfig
 from trtc.errors import TrtcError
+from trtc.utils.config_json import check_format, read_config_json
 
 
 @dataclass
@@ -35,28 +33,14 @@ class Engine:
     @classmethod
     def load(cls, directory: str | Path) -> "Engine":
         directory = Path(directory)
-        if not directory.is_dir():
-            raise TrtcError(f"engine directory {directory} does not exist; build one with `trtc build`")
-        path = directory / "config.json"
-        if not path.is_file():
-            raise TrtcError(f"{path} is missing; --engine_dir must be a directory written by `trtc build`")
+        fix = "rebuild the engine with `trtc build`"
+        d = read_config_json(directory, "engine directory", fix)
+        check_format(d, directory, ENGINE_FORMAT, ENGINE_VERSION, fix)
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TrtcError(f"{path} is not valid JSON ({e}); rebuild the engine") from None
-        if not isinstance(d, dict) or d.get("format") != ENGINE_FORMAT:
-            raise TrtcError(f"{directory} is not a trtc engine; build one with `trtc build`")
-        if d.get("format_version") != ENGINE_VERSION:
-            raise TrtcError(
-                f"engine {directory} has format version {d.get('format_version')} (trtc {d.get('trtc_version')}), "
-                f"this trtc {__version__} runs version {ENGINE_VERSION}; rebuild the engine with this trtc"
-            )
-        try:
-            p = d["pretrained_config"]
-            pretrained = CheckpointConfig.from_dict(p)
+            pretrained = CheckpointConfig.from_dict(d["pretrained_config"])
             return cls(directory, pretrained, BuildConfig(**d["build_config"]), d["target"], d["backend"])
         except (KeyError, TypeError) as e:
-            raise TrtcError(f"{path} is incomplete ({e}); rebuild the engine") from None
+            raise TrtcError(f"{directory / 'config.json'} is incomplete ({e}); {fix}") from None
 
     def check_runtime(self, world_size: int, device: torch.device) -> None:
         """Refuse to run on another world size or another GPU architecture than built for."""
@@ -81,10 +65,4 @@ class Engine:
                 )
 
     def load_weights(self, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
-        path = rank_file(self.directory, rank, "engine")
-        if not path.is_file():
-            raise TrtcError(f"{path} is missing; the engine is incomplete, rebuild it")
-        try:
-            return load_file(str(path), device=str(device))
-        except Exception as e:
-            raise TrtcError(f"{path} is not a valid engine file ({e}); rebuild the engine") from None
+        return load_weights_file(rank_file(self.directory, rank, "engine"), device, "the engine is damaged, rebuild it")
