@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from trtc.checkpoint import torch_dtype
 from trtc.compiler.layout import local_qkv_sizes
+from trtc.plugins.gemm import linear
 from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
 from trtc.plugins.attention.paged import paged_attention, write_kv
 from trtc.plugins.attention.rope import apply_rope, inv_freq, rope_cos_sin
@@ -89,7 +90,7 @@ class ModelRunner:
         w, a, p = self.w, self.graph.layers[i].attention, f"layers.{i}.attention."
         t = x.shape[0]
         nq, nk, nv = local_qkv_sizes(self.graph, self.mapping, i)
-        qkv = F.linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"))  # [T, nq + nk + nv]
+        qkv = linear(x, w, p + "qkv")  # [T, nq + nk + nv]
         q, k, v = qkv.split([nq, nk, nv], dim=-1)
         q = q.reshape(t, -1, a.head_dim)  # [T, Hq, D]
         k = k.reshape(t, -1, a.head_dim)  # [T, Hkv, D]
@@ -104,13 +105,13 @@ class ModelRunner:
             q, self.k_cache[i], self.v_cache[i], meta.block_tables, meta.query_lens, meta.context_lens,
             meta.positions, a.softmax_scale, a.sliding_window, a.soft_cap,
         )
-        return F.linear(out.reshape(t, -1), w[p + "o.weight"])
+        return linear(out.reshape(t, -1), w, p + "o", bias=False)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         m, w, p = self.graph.layers[i].mlp, self.w, f"layers.{i}.mlp."
         if m.gated:
-            gate, up = F.linear(x, w[p + "gate_up.weight"], w.get(p + "gate_up.bias")).chunk(2, dim=-1)
+            gate, up = linear(x, w, p + "gate_up").chunk(2, dim=-1)
             y = gated_activation(gate, up, m.activation)
         else:
-            y = ACTIVATION_FNS[m.activation](F.linear(x, w[p + "up.weight"], w.get(p + "up.bias")))
-        return F.linear(y, w[p + "down.weight"])
+            y = ACTIVATION_FNS[m.activation](linear(x, w, p + "up"))
+        return linear(y, w, p + "down", bias=False)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from trtc.checkpoint import CheckpointConfig, load_rank_weights, torch_dtype
 from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
+from trtc.plugins.gemm import linear
 from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
 from trtc.plugins.attention.reference import attention
 from trtc.plugins.attention.rope import apply_rope, inv_freq, rope_cos_sin
@@ -94,9 +95,9 @@ class ReferenceModel:
         w, a, p = self.ranks[rank], self.graph.layers[i].attention, f"layers.{i}.attention."
         b, t, _ = x.shape
         hq, hkv, d = self.mapping.local_heads(a), self.mapping.local_kv_heads(a), a.head_dim
-        q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias")).view(b, t, hq, d)
-        k = F.linear(x, w[p + "k.weight"], w.get(p + "k.bias")).view(b, t, hkv, d)
-        v = F.linear(x, w[p + "v.weight"], w.get(p + "v.bias")).view(b, t, hkv, d)
+        q = linear(x, w, p + "q").view(b, t, hq, d)
+        k = linear(x, w, p + "k").view(b, t, hkv, d)
+        v = linear(x, w, p + "v").view(b, t, hkv, d)
         if a.qk_norm:
             q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps)
             k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps)
@@ -110,16 +111,16 @@ class ReferenceModel:
         out = torch.stack(
             [attention(q[s], k[s], v[s], positions, a.softmax_scale, a.sliding_window, a.soft_cap) for s in range(b)]
         )
-        return F.linear(out.reshape(b, t, hq * d), w[p + "o.weight"])
+        return linear(out.reshape(b, t, hq * d), w, p + "o", bias=False)
 
     def _mlp(self, w: dict[str, torch.Tensor], i: int, x: torch.Tensor) -> torch.Tensor:
         m, p = self.graph.layers[i].mlp, f"layers.{i}.mlp."
-        up = F.linear(x, w[p + "up.weight"], w.get(p + "up.bias"))
+        up = linear(x, w, p + "up")
         if m.gated:
-            y = gated_activation(F.linear(x, w[p + "gate.weight"], w.get(p + "gate.bias")), up, m.activation)
+            y = gated_activation(linear(x, w, p + "gate"), up, m.activation)
         else:
             y = ACTIVATION_FNS[m.activation](up)
-        return F.linear(y, w[p + "down.weight"])
+        return linear(y, w, p + "down", bias=False)
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: list[int], max_new_tokens: int, end_ids: tuple[int, ...] = ()) -> list[int]:
