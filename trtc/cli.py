@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -30,6 +31,9 @@ def user_errors(fn):
 @click.version_option(__version__, prog_name="trtc")
 def main() -> None:
     """trtc: compile a Hugging Face LLM ahead of time and run it fast."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="[trtc] %(message)s", stream=sys.stderr)
 
 
 @main.command()
@@ -125,6 +129,38 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
                     list(stop_words), streaming, output_json, kv_cache_free_gpu_memory_fraction, sampling)
     if not ok:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--engine_dir", required=True, type=click.Path(), help="An engine directory from `trtc build`.")
+@click.option("--isl", default=128, show_default=True, type=click.IntRange(min=1), help="Input tokens per request.")
+@click.option("--osl", default=128, show_default=True, type=click.IntRange(min=1), help="Output tokens per request.")
+@click.option("--num_requests", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--concurrency", default=None, type=click.IntRange(min=1),
+              help="Requests in flight at most. [default: the engine's max_batch_size]")
+@click.option("--latency", is_flag=True, help="Latency mode: --batch_size requests together; reports MBU.")
+@click.option("--batch_size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True)
+@click.option("--output_json", type=click.Path(), help="Write the figures as JSON.")
+@user_errors
+def bench(engine_dir, isl, osl, num_requests, concurrency, latency, batch_size, kv_cache_free_gpu_memory_fraction,
+          output_json) -> None:
+    """Measure throughput (default) or batch latency of an engine on synthetic prompts."""
+    import json
+
+    from trtc.runtime.bench import bench as run_bench, format_result
+    from trtc.runtime.executor import Executor
+
+    ex = Executor(engine_dir, free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+    bc = ex.engine.build_config
+    if isl + osl > bc.max_seq_len:
+        raise TrtcError(f"--isl {isl} + --osl {osl} exceeds the engine's max_seq_len {bc.max_seq_len}; "
+                        "use shorter requests or rebuild with a larger --max_seq_len")
+    result = run_bench(ex, isl, osl, num_requests, concurrency, latency, batch_size)
+    result.load_seconds = ex.load_seconds
+    click.echo(format_result(result))
+    if output_json:
+        Path(output_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
 if __name__ == "__main__":

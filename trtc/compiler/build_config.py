@@ -17,6 +17,7 @@ class BuildConfig:
     max_num_tokens: int = 8192
     tokens_per_block: int = 32
     kv_cache_dtype: str = "auto"  # auto: the weights' dtype
+    cuda_graph_batch_sizes: list[int] | None = None  # decode batch sizes captured as CUDA graphs; None: decided at build
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "tokens_per_block"):
@@ -41,7 +42,15 @@ class BuildConfig:
             max_num_tokens=self.max_num_tokens,
             tokens_per_block=self.tokens_per_block,
             kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
+            cuda_graph_batch_sizes=self.cuda_graph_batch_sizes or default_graph_batch_sizes(self.max_batch_size),
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def default_graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_batch_size: a decode batch is padded up to
+    the nearest, so no more than 15 rows are wasted once batches are large."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size] + list(range(16, max_batch_size, 16))
+    return sizes + [max_batch_size]

@@ -8,6 +8,8 @@ scheduler's update finishes requests. Streaming callbacks fire from postprocess.
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ from trtc.runtime.model_runner import ModelRunner
 from trtc.runtime.outputs import TokenEvent
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.scheduler import Scheduler
+
+log = logging.getLogger("trtc")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Executor:
         free_gpu_memory_fraction: float = 0.9,
         enable_prefix_reuse: bool = True,
     ) -> None:
+        start = time.perf_counter()
         self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
         self.device = torch.device(device) if device is not None else default_device()
         self.engine.check_runtime(world_size=1, device=self.device)
@@ -58,6 +63,12 @@ class Executor:
         self.runner = ModelRunner(self.engine, self.device)  # weights first: the pool takes what is left
         self.num_blocks = num_kv_blocks(self.engine, self.device, kv_cache_max_tokens, free_gpu_memory_fraction)
         self.runner.allocate_kv_cache(self.num_blocks)
+        self.load_seconds = time.perf_counter() - start
+        log.info(
+            "loaded %s on %s in %.1f s: weights %.2f GiB; KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)",
+            self.engine.directory, self.device, self.load_seconds, self.runner.weight_bytes() / 2**30, self.num_blocks,
+            bc.tokens_per_block, self.num_blocks * bc.tokens_per_block, self.runner.kv_cache_bytes() / 2**30,
+        )
         self.scheduler = Scheduler(
             self.num_blocks, bc.tokens_per_block, bc.max_batch_size, bc.max_num_tokens, bc.max_seq_len,
             enable_prefix_reuse,

@@ -42,6 +42,12 @@ class ModelRunner:
             self.k_cache.append(torch.zeros(shape, dtype=kv_dtype, device=self.device))
             self.v_cache.append(torch.zeros(shape, dtype=kv_dtype, device=self.device))
 
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.w.values())
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
     def _rope(self, i: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, head_dim] of layer i at `positions`, from a table built once per RoPE kind."""
         a = self.graph.layers[i].attention

@@ -1,0 +1,157 @@
+"""The bf16 GPU engine against HF transformers on the same GPU, in one run.
+
+    python benchmarks/gpu_engine.py [--work_dir DIR] [--quick] [--skip_compile]
+
+Creates a random-weight HF checkpoint of Llama-3.1-8B shape from a config (no download), builds a
+bf16 engine (timed), loads it (timed), runs `trtc bench` in throughput mode (ISL/OSL 128/128,
+128/2048, 2048/128) and latency mode (batch 1), runs HF transformers on the same GPU and prompts
+with its fastest settings (static cache + torch.compile at batch 1; static batches for
+throughput), and prints one table: trtc, HF, ratio, and trtc against the hardware limit.
+--quick uses a ~1B model and fewer requests (a smoke test of the whole path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+)
+QUICK = {**LLAMA_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+         "num_attention_heads": 16, "num_key_value_heads": 4}
+
+
+def make_checkpoint(path: Path, shape: dict) -> int:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (path / "config.json").is_file():
+        return 0
+    config = LlamaConfig(**shape)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02, generator=g)
+    model.save_pretrained(path, max_shard_size="5GB")
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return n
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def hf_batch1(hf_dir: Path, isl: int, osl: int, compile_: bool) -> float:
+    """HF tokens/s at batch 1 with a static cache (and torch.compile when asked)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+    if compile_:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(100, model.config.vocab_size, (1, isl), device="cuda")
+    kw = dict(max_new_tokens=osl, min_new_tokens=osl, do_sample=False, cache_implementation="static", pad_token_id=0)
+    for _ in range(2):  # compile / warm up
+        model.generate(ids, **{**kw, "max_new_tokens": 16, "min_new_tokens": 16})
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del model
+    torch.cuda.empty_cache()
+    return osl / seconds
+
+
+def hf_static_batch(hf_dir: Path, batch: int, isl: int, osl: int) -> float:
+    """HF output tokens/s generating one static batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+    ids = torch.randint(100, model.config.vocab_size, (batch, isl), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    model.generate(ids[:, :16], max_new_tokens=4, **{**kw, "attention_mask": torch.ones_like(ids[:, :16])})
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=osl, min_new_tokens=osl, **kw)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del model
+    torch.cuda.empty_cache()
+    return batch * osl / seconds
+
+
+def trtc_bench(engine: Path, out: Path, *args: str) -> dict:
+    subprocess.run([sys.executable, "-m", "trtc.cli", "bench", "--engine_dir", str(engine), "--output_json", str(out),
+                    *args], check=True)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work_dir", default="/tmp/trtc-gpu-bench")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip_compile", action="store_true", help="HF batch 1 without torch.compile")
+    ap.add_argument("--skip_long", action="store_true", help="only ISL/OSL 128/128 in throughput mode")
+    args = ap.parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    hf_dir, engine = work / "hf", work / "engine"
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    start = time.perf_counter()
+    n = make_checkpoint(hf_dir, QUICK if args.quick else LLAMA_8B)
+    weight_gb = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")) / 1e9
+    print(f"checkpoint: {n / 1e9:.2f}B parameters, {weight_gb:.2f} GB, made in {time.perf_counter() - start:.0f} s", flush=True)
+
+    build_s = timed([sys.executable, "-m", "trtc.cli", "build", "--model_dir", str(hf_dir), "--output_dir", str(engine),
+                     "--max_seq_len", "4096", "--max_batch_size", "256", "--max_num_tokens", "8192", "--overwrite"])
+    rows.append(("build (s)", f"{build_s:.1f}", "", "", "target < 120"))
+
+    requests = 128 if args.quick else 512
+    shapes = [(128, 128)] if args.skip_long else [(128, 128), (128, 2048), (2048, 128)]
+    trtc_tput = {}
+    for isl, osl in shapes:
+        num = requests if osl <= 128 else requests // 2
+        r = trtc_bench(engine, work / f"tput_{isl}_{osl}.json", "--isl", str(isl), "--osl", str(osl),
+                       "--num_requests", str(num), "--concurrency", "256")
+        trtc_tput[(isl, osl)] = r["output_tokens_per_s"]
+    lat = trtc_bench(engine, work / "latency.json", "--isl", "128", "--osl", "256", "--latency", "--batch_size", "1")
+    load = json.loads((work / "latency.json").read_text()).get("load_seconds")
+
+    hf_b1 = hf_batch1(hf_dir, 128, 256, compile_=not args.skip_compile)
+    hf_tput = max(hf_static_batch(hf_dir, b, 128, 128) for b in (64, 256))
+    trtc_b1 = 1e3 / lat["tpot_ms"]["mean"]
+    rows += [
+        ("batch-1 decode tok/s", f"{trtc_b1:.1f}", f"{hf_b1:.1f}", f"{trtc_b1 / hf_b1:.2f}x",
+         f"MBU {100 * lat['mbu']:.1f}% (TPOT {lat['tpot_ms']['mean']:.2f} ms)"),
+        ("tput 128/128 tok/s", f"{trtc_tput[(128, 128)]:,.0f}", f"{hf_tput:,.0f}", f"{trtc_tput[(128, 128)] / hf_tput:.2f}x",
+         "HF: best static batch of 64/256"),
+    ]
+    for (isl, osl), v in trtc_tput.items():
+        if (isl, osl) != (128, 128):
+            rows.append((f"tput {isl}/{osl} tok/s", f"{v:,.0f}", "", "", ""))
+    if load is not None:
+        rows.append(("engine load (s)", f"{load:.1f}", "", "", "target < 20"))
+    print()
+    print(f"{'metric':<24}{'trtc':>12}{'HF':>12}{'ratio':>8}  vs hardware / note")
+    for r in rows:
+        print(f"{r[0]:<24}{r[1]:>12}{r[2]:>12}{r[3]:>8}  {r[4]}")
+
+
+if __name__ == "__main__":
+    main()

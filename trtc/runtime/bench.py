@@ -1,0 +1,145 @@
+"""`trtc bench`: throughput and latency of an engine on synthetic prompts (no dataset).
+
+Throughput mode keeps up to `concurrency` requests in flight and reports output tokens/s,
+requests/s, TTFT and TPOT percentiles. Latency mode runs `batch_size` requests together and
+also reports the memory-bandwidth utilisation (MBU) of a decode step: bytes of weights and KV
+cache read per step / step time / the copy bandwidth measured on the same device in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from trtc.runtime.executor import Executor
+from trtc.runtime.kv_cache import kv_bytes_per_token
+from trtc.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class BenchResult:
+    mode: str
+    isl: int
+    osl: int
+    num_requests: int
+    concurrency: int
+    seconds: float
+    output_tokens_per_s: float
+    requests_per_s: float
+    ttft_ms: dict[str, float] = field(default_factory=dict)
+    tpot_ms: dict[str, float] = field(default_factory=dict)
+    mbu: float | None = None  # latency mode: fraction of the measured bandwidth
+    bandwidth_gbps: float | None = None
+    bytes_per_step: float | None = None
+    load_seconds: float | None = None  # engine load (weights to the device, KV pool) before the run
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Bytes/s of a large device copy (read + write counted)."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 256 << 20)
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    n, start = 10, time.perf_counter()
+    for _ in range(n):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * n / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    a = np.asarray(values) * 1e3
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99))}
+
+
+def synthetic_prompts(n: int, isl: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids away from the special tokens at the start of most vocabularies."""
+    g = torch.Generator().manual_seed(seed)
+    low = min(100, vocab_size // 2)
+    return torch.randint(low, vocab_size, (n, isl), generator=g).tolist()
+
+
+def run_requests(ex: Executor, prompts: list[list[int]], osl: int, concurrency: int) -> tuple[float, list[float], list[float]]:
+    """Keep up to `concurrency` requests in flight; returns wall seconds, TTFTs and TPOTs."""
+    params = SamplingParams(max_tokens=osl, end_id=-1)
+    submitted, first, last, count = {}, {}, {}, {}
+    pending = list(range(len(prompts)))[::-1]
+    start = time.perf_counter()
+    in_flight = 0
+    while pending or ex.has_unfinished():
+        while pending and in_flight < concurrency:
+            rid = ex.add_request(prompts[pending.pop()], params)
+            submitted[rid], count[rid] = time.perf_counter(), 0
+            in_flight += 1
+        events = ex.step()
+        now = time.perf_counter()
+        for e in events:
+            if e.token_id is not None:
+                first.setdefault(e.request_id, now)
+                last[e.request_id] = now
+                count[e.request_id] += 1
+            if e.finish_reason is not None:
+                in_flight -= 1
+    seconds = time.perf_counter() - start
+    ttft = [first[r] - submitted[r] for r in first]
+    tpot = [(last[r] - first[r]) / (count[r] - 1) for r in first if count[r] > 1]
+    return seconds, ttft, tpot
+
+
+def bench(
+    ex: Executor, isl: int = 128, osl: int = 128, num_requests: int = 1000, concurrency: int | None = None,
+    latency: bool = False, batch_size: int = 1, warmup: int = 2,
+) -> BenchResult:
+    vocab = ex.engine.graph.vocab_size
+    if latency:
+        num_requests, concurrency = batch_size, batch_size
+    concurrency = concurrency or ex.engine.build_config.max_batch_size
+    run_requests(ex, synthetic_prompts(min(warmup, num_requests), isl, vocab, seed=1), min(osl, 8), concurrency)
+    seconds, ttft, tpot = run_requests(ex, synthetic_prompts(num_requests, isl, vocab), osl, concurrency)
+    result = BenchResult(
+        mode="latency" if latency else "throughput", isl=isl, osl=osl, num_requests=num_requests,
+        concurrency=concurrency, seconds=seconds, output_tokens_per_s=num_requests * osl / seconds,
+        requests_per_s=num_requests / seconds, ttft_ms=percentiles(ttft), tpot_ms=percentiles(tpot),
+    )
+    if latency and tpot:
+        weights = sum(t.numel() * t.element_size() for name, t in ex.runner.w.items() if name != "embedding.weight")
+        if ex.engine.graph.tie_word_embeddings:  # the LM head reads the whole table
+            weights += ex.runner.w["embedding.weight"].numel() * ex.runner.w["embedding.weight"].element_size()
+        mean_context = isl + osl / 2
+        result.bytes_per_step = weights + batch_size * mean_context * kv_bytes_per_token(ex.engine)
+        bandwidth = measure_bandwidth(ex.device)
+        result.bandwidth_gbps = bandwidth / 1e9
+        result.mbu = result.bytes_per_step / (result.tpot_ms["mean"] / 1e3) / bandwidth
+    return result
+
+
+def format_result(r: BenchResult) -> str:
+    lines = [
+        f"mode {r.mode}: ISL {r.isl} / OSL {r.osl}, {r.num_requests} requests, concurrency {r.concurrency}",
+        f"  output tokens/s  {r.output_tokens_per_s:,.1f}",
+        f"  requests/s       {r.requests_per_s:,.2f}",
+    ]
+    for name, p in (("TTFT", r.ttft_ms), ("TPOT", r.tpot_ms)):
+        if p:
+            lines.append(f"  {name} ms         mean {p['mean']:.2f}  p50 {p['p50']:.2f}  p90 {p['p90']:.2f}  p99 {p['p99']:.2f}")
+    if r.mbu is not None:
+        lines.append(f"  MBU              {100 * r.mbu:.1f}% ({r.bytes_per_step / 1e9:.3f} GB per step, "
+                     f"bandwidth {r.bandwidth_gbps:,.0f} GB/s measured)")
+    return "\n".join(lines)
