@@ -151,3 +151,15 @@ def test_llm_from_hf_dir_builds_once_into_cache(tmp_path, monkeypatch):
     assert other.engine_dir != engine_dir
     ids = [5, 6, 7]
     assert first.generate(ids, GREEDY).token_ids == other.generate(ids, GREEDY).token_ids
+
+
+def test_prompt_logits_are_teacher_forced_hf_logits(engine, hf_model):
+    """Prompt logits through chunked prefill (24-token budget, 40-token prompt) equal HF's."""
+    ex = Executor(engine, kv_cache_max_tokens=512)
+    p = prompts(1, seed=11)[0] + prompts(1, seed=12)[0]
+    p = (p * 3)[:40]
+    logits = ex.prompt_logits(p)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([p])).logits[0]
+    assert logits.shape == expected.shape
+    assert float((logits - expected).abs().max() / expected.abs().max()) < 1e-4

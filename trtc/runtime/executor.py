@@ -40,6 +40,7 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logits: torch.Tensor | None = None  # [prompt_len, vocab] f32 when asked for (teacher forcing)
 
 
 def default_device() -> torch.device:
@@ -118,11 +119,21 @@ class Executor:
         sample_rows = np.flatnonzero(np.asarray(batch.sample))
         if len(batch.request_ids) == 0:
             return [], {}
-        ends = np.cumsum(np.asarray(batch.query_lens)) - 1
+        query_lens = np.asarray(batch.query_lens)
+        ends = np.cumsum(query_lens) - 1
+        rids = np.asarray(batch.request_ids)
+        keep = [i for i, rid in enumerate(rids) if self.requests[int(rid)].prompt_logits is not None]
+        index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
         input_ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(self.device)
         meta = AttentionMetadata.from_batch(batch, self.device)
-        logits_indices = torch.from_numpy(ends[sample_rows]).to(self.device)
-        logits = self.runner.forward(input_ids, meta, logits_indices)  # [S, vocab]
+        logits = self.runner.forward(input_ids, meta, torch.from_numpy(index).to(self.device))  # [len(index), vocab]
+        offset = len(sample_rows)
+        for i in keep:  # rows written by position: a recompute after preemption writes the same rows again
+            n = int(query_lens[i])
+            positions = meta.positions[ends[i] - n + 1 : ends[i] + 1]
+            self.requests[int(rids[i])].prompt_logits[positions] = logits[offset : offset + n]
+            offset += n
+        logits = logits[: len(sample_rows)]
         if len(sample_rows) == 0:
             return [], {}
         reqs = [self.requests[int(rid)] for rid in np.asarray(batch.request_ids)[sample_rows]]
@@ -153,6 +164,16 @@ class Executor:
                 self.scheduler.pop(rid)
                 del self.requests[rid]
         return events
+
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [len(prompt_ids), vocab] f32 of one prompt (row i predicts token i+1),
+        computed by the runtime like any request (chunked prefill, paged KV cache)."""
+        rid = self.add_request(prompt_ids, SamplingParams(max_tokens=1, end_id=-1))
+        state = self.requests[rid]
+        state.prompt_logits = torch.empty(len(prompt_ids), self.engine.graph.vocab_size, device=self.device)
+        while rid in self.requests:
+            self.step()
+        return state.prompt_logits
 
     def run_until_complete(self) -> None:
         while self.has_unfinished():
