@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,7 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+# ../shared/fixtures beside the checkout, or where TRTC_FIXTURES points (a copy carried to a GPU machine)
+FIXTURES = Path(os.environ.get("TRTC_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ class LLM:
         kv_cache_max_tokens: int | None = None,
         kv_cache_free_gpu_memory_fraction: float = 0.9,
         enable_prefix_reuse: bool = True,
+        enable_cuda_graphs: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
         path = Path(model)
@@ -55,7 +56,8 @@ class LLM:
             raise TrtcError(f"{path} does not exist; pass an engine directory or a local HF model directory")
         self.engine_dir = path if is_engine_dir(path) else cached_engine(path, tp_size, dtype, build_config, backend)
         self.executor = Executor(
-            self.engine_dir, device, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, enable_prefix_reuse
+            self.engine_dir, device, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, enable_prefix_reuse,
+            enable_cuda_graphs,
         )
         self._tokenizer = None
         self._stop_strings: dict[int, list[str]] = {}  # request id -> stop strings, while it runs

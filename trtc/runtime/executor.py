@@ -20,6 +20,7 @@ import torch
 from trtc.errors import TrtcError
 from trtc.plugins.sampling.reference import SamplingBatch, make_generator, sample
 from trtc.runtime.attention_metadata import AttentionMetadata
+from trtc.runtime.cuda_graphs import DecodeCudaGraphs
 from trtc.runtime.engine import Engine
 from trtc.runtime.kv_cache import num_kv_blocks
 from trtc.runtime.model_runner import ModelRunner
@@ -55,6 +56,7 @@ class Executor:
         kv_cache_max_tokens: int | None = None,
         free_gpu_memory_fraction: float = 0.9,
         enable_prefix_reuse: bool = True,
+        enable_cuda_graphs: bool = True,
     ) -> None:
         start = time.perf_counter()
         self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
@@ -63,7 +65,13 @@ class Executor:
         bc = self.engine.build_config
         self.runner = ModelRunner(self.engine, self.device)  # weights first: the pool takes what is left
         self.num_blocks = num_kv_blocks(self.engine, self.device, kv_cache_max_tokens, free_gpu_memory_fraction)
-        self.runner.allocate_kv_cache(self.num_blocks)
+        self.cuda_graphs = None
+        use_graphs = enable_cuda_graphs and self.device.type == "cuda" and self.runner.graph_capturable()
+        self.runner.allocate_kv_cache(self.num_blocks + (1 if use_graphs else 0))  # + a scratch block for padding
+        if use_graphs:
+            self.cuda_graphs = DecodeCudaGraphs(
+                self.runner, bc.cuda_graph_batch_sizes, -(-bc.max_seq_len // bc.tokens_per_block), self.num_blocks
+            )
         self.load_seconds = time.perf_counter() - start
         log.info(
             "loaded %s on %s in %.1f s: weights %.2f GiB; KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)",
@@ -124,6 +132,9 @@ class Executor:
         rids = np.asarray(batch.request_ids)
         keep = [i for i, rid in enumerate(rids) if self.requests[int(rid)].prompt_logits is not None]
         index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
+        if self.cuda_graphs is not None and not keep and len(sample_rows) == len(rids) and self.cuda_graphs.can_run(batch):
+            logits = self.cuda_graphs.run(batch)  # [B, vocab]: a decode-only batch samples every row
+            return self._sample(rids, logits)
         input_ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(self.device)
         meta = AttentionMetadata.from_batch(batch, self.device)
         logits = self.runner.forward(input_ids, meta, torch.from_numpy(index).to(self.device))  # [len(index), vocab]
@@ -133,10 +144,13 @@ class Executor:
             positions = meta.positions[ends[i] - n + 1 : ends[i] + 1]
             self.requests[int(rids[i])].prompt_logits[positions] = logits[offset : offset + n]
             offset += n
-        logits = logits[: len(sample_rows)]
         if len(sample_rows) == 0:
             return [], {}
-        reqs = [self.requests[int(rid)] for rid in np.asarray(batch.request_ids)[sample_rows]]
+        return self._sample(rids[sample_rows], logits[: len(sample_rows)])
+
+    def _sample(self, request_ids: np.ndarray, logits: torch.Tensor) -> tuple[list[int], dict[int, float]]:
+        """One token per request from its logits [S, vocab], on the device."""
+        reqs = [self.requests[int(rid)] for rid in request_ids]
         sampling = SamplingBatch.from_requests(
             [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
             [r.generator for r in reqs], self.engine.graph.vocab_size, self.device,

@@ -1,7 +1,9 @@
 """The model runner: the layer graph executed over the paged KV cache, for one rank.
 
-On a machine without a GPU it runs the plugins' reference implementations; the GPU kernels
-plug in at the same calls. Tokens of all scheduled sequences travel flattened: [T, ...].
+Every op goes through its plugin's dispatch (`trtc.plugins.*`): Triton kernels for CUDA tensors,
+the PyTorch references on a machine without a GPU. Tokens of all scheduled sequences travel
+flattened: [T, ...]. The residual stream is carried beside the hidden state so that each norm
+is fused with the residual add before it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import torch.nn.functional as F
 
 from trtc.checkpoint import torch_dtype
 from trtc.compiler.layout import local_qkv_sizes
+from trtc.graph import NormConfig
+from trtc.plugins.activation import ACTIVATION_FNS, gated_activation, silu_and_mul
+from trtc.plugins.attention import paged_attention, rope_and_write_kv
+from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
-from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
-from trtc.plugins.attention.paged import paged_attention, write_kv
-from trtc.plugins.attention.rope import apply_rope, inv_freq, rope_cos_sin
-from trtc.plugins.norm.reference import norm, rms_norm
+from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
 from trtc.runtime.attention_metadata import AttentionMetadata
 from trtc.runtime.engine import Engine
 
@@ -49,17 +52,25 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
     def _rope(self, i: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, head_dim] of layer i at `positions`, from a table built once per RoPE kind."""
+        """cos, sin tables [n, head_dim] of layer i, read at `positions` by the kernels; built once
+        per RoPE kind for every position up to max_seq_len."""
         a = self.graph.layers[i].attention
-        if a.rope.type == "dynamic":  # frequencies depend on the sequence length
-            freq = inv_freq(a.rope, a.head_dim, int(positions.max()) + 1, self.graph.max_position_embeddings)
-            return rope_cos_sin(freq, positions, self.dtype)
+        if a.rope.type == "dynamic":  # frequencies depend on the sequence length: a table for this step
+            n = int(positions.max()) + 1
+            freq = inv_freq(a.rope, a.head_dim, n, self.graph.max_position_embeddings)
+            return rope_cos_sin(freq, torch.arange(n, device=self.device), self.dtype)
         key = (*astuple(a.rope), a.head_dim)
         if key not in self._rope_tables:
             all_pos = torch.arange(self.build_config.max_seq_len, device=self.device)
             self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.head_dim), all_pos, self.dtype)
-        cos, sin = self._rope_tables[key]
-        return cos[positions], sin[positions]
+        return self._rope_tables[key]
+
+    def graph_capturable(self) -> bool:
+        """Decode can be captured as a CUDA graph: kernels without host syncs (the Triton ones, which
+        run for bf16/fp16 on a GPU) and RoPE tables that do not change with the sequence length."""
+        dynamic = any(layer.attention.rope.type == "dynamic" for layer in self.graph.layers)
+        kv_dtype = torch_dtype(self.build_config.kv_cache_dtype)
+        return self.dtype in (torch.bfloat16, torch.float16) and kv_dtype == self.dtype and not dynamic
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x  # one rank: the partial result is the result
@@ -69,24 +80,35 @@ class ModelRunner:
         """input_ids: [T]; logits_indices: [S] token indices whose next-token logits are wanted.
         Returns logits [S, vocab] float32."""
         w = self.w
-        h = self._embed(input_ids)  # [T, hidden]
+        h, residual = self._embed(input_ids), None  # h: [T, hidden]
         for i, layer in enumerate(self.graph.layers):
             p = f"layers.{i}."
-            x = norm(h, layer.input_norm, w[p + "input_norm.weight"], w.get(p + "input_norm.bias"))
-            h = h + self.all_reduce(self._attention(i, x, meta))
+            x, residual = self._add_norm(h, residual, layer.input_norm, p + "input_norm")
+            h = self.all_reduce(self._attention(i, x, meta))
             if layer.attention.o_bias:
                 h = h + w[p + "attention.o.bias"]
-            x = norm(h, layer.post_attention_norm, w[p + "post_attention_norm.weight"], w.get(p + "post_attention_norm.bias"))
-            h = h + self.all_reduce(self._mlp(i, x))
+            x, residual = self._add_norm(h, residual, layer.post_attention_norm, p + "post_attention_norm")
+            h = self.all_reduce(self._mlp(i, x))
             if layer.mlp.bias:
                 h = h + w[p + "mlp.down.bias"]
-        h = h[logits_indices]
-        h = norm(h, self.graph.final_norm, w["final_norm.weight"], w.get("final_norm.bias"))
+        h, _ = self._add_norm(h[logits_indices], residual[logits_indices], self.graph.final_norm, "final_norm")
         head = w["embedding.weight"] if self.graph.tie_word_embeddings else w["lm_head.weight"]
         return F.linear(h, head)[:, : self.graph.vocab_size].float()
 
+    def _add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cfg: NormConfig, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); residual None means x is the first input."""
+        weight = self.w[name + ".weight"]
+        if cfg.kind == "rms" and not cfg.bias:
+            return fused_add_rms_norm(x, residual, weight, cfg.eps, cfg.offset)
+        h = x if residual is None else x + residual
+        return norm(h, cfg, weight, self.w.get(name + ".bias")), h
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.w["embedding.weight"]  # [local_vocab, hidden]
+        if self.mapping.tp_size == 1:
+            return F.embedding(ids, table)
         local = ids.long() - self.rank * table.shape[0]
         inside = (local >= 0) & (local < table.shape[0])
         h = F.embedding(local.clamp(0, table.shape[0] - 1), table) * inside[:, None].to(table.dtype)
@@ -105,19 +127,18 @@ class ModelRunner:
             q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps)
             k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps)
         cos, sin = self._rope(i, meta.positions)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(self.k_cache[i], self.v_cache[i], k, v, meta.slot_mapping)
-        out = paged_attention(
-            q, self.k_cache[i], self.v_cache[i], meta.block_tables, meta.query_lens, meta.context_lens,
-            meta.positions, a.softmax_scale, a.sliding_window, a.soft_cap,
-        )
+        q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i], meta.slot_mapping)
+        out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap)
         return linear(out.reshape(t, -1), w, p + "o", bias=False)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         m, w, p = self.graph.layers[i].mlp, self.w, f"layers.{i}.mlp."
         if m.gated:
-            gate, up = linear(x, w, p + "gate_up").chunk(2, dim=-1)
-            y = gated_activation(gate, up, m.activation)
+            gate_up = linear(x, w, p + "gate_up")  # [T, 2 * intermediate]
+            if m.activation == "silu":
+                y = silu_and_mul(gate_up)
+            else:
+                y = gated_activation(*gate_up.chunk(2, dim=-1), m.activation)
         else:
             y = ACTIVATION_FNS[m.activation](linear(x, w, p + "up"))
         return linear(y, w, p + "down", bias=False)

@@ -1,0 +1,85 @@
+"""Decode steps replayed as CUDA graphs, one captured per batch size chosen at build time.
+
+A decode-only batch of B requests is padded up to the nearest captured size: padding rows feed
+token 0 at position 0, write their K/V into a scratch block outside the scheduler's pool, and
+their logits are dropped. Applied from outside the model: the runner's forward is captured as is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trtc.runtime.attention_metadata import AttentionMetadata
+
+
+class DecodeCudaGraphs:
+    def __init__(self, runner, batch_sizes: list[int], max_blocks_per_seq: int, scratch_block: int) -> None:
+        self.runner, self.sizes = runner, sorted(batch_sizes)
+        bmax, dev = self.sizes[-1], runner.device
+        self.width = max_blocks_per_seq
+        self.scratch_slot = scratch_block * runner.build_config.tokens_per_block
+        self.input_ids = torch.zeros(bmax, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(bmax, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((bmax,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self.block_tables = torch.full((bmax, self.width), scratch_block, dtype=torch.int32, device=dev)
+        self.context_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(bmax, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._capture()
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
+            query_lens=[1] * bs, context_lens=[1] * bs, query_start_loc=self.query_start_loc[: bs + 1],
+            context_lens_tensor=self.context_lens[:bs], num_decodes=bs, max_query_len=1,
+        )
+
+    def _capture(self) -> None:
+        pool = None
+        for bs in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            args = (self.input_ids[:bs], self._meta(bs), self.logits_indices[:bs])
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS picks) outside the capture
+                self.runner.forward(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self.runner.forward(*args)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, batch) -> bool:
+        b = len(batch.request_ids)
+        return (b > 0 and int(batch.num_prefill_tokens) == 0 and b <= self.sizes[-1]
+                and np.asarray(batch.block_tables).shape[1] <= self.width)
+
+    def run(self, batch) -> torch.Tensor:
+        """Logits [B, vocab] f32 of a decode-only batch."""
+        b = len(batch.request_ids)
+        bs = next(s for s in self.sizes if s >= b)
+        tables = np.asarray(batch.block_tables, dtype=np.int32)
+        # one host->device copy of everything the step reads
+        packed = np.concatenate([
+            np.asarray(batch.input_ids, dtype=np.int32), np.asarray(batch.positions, dtype=np.int32),
+            np.asarray(batch.slot_mapping, dtype=np.int32), np.asarray(batch.context_lens, dtype=np.int32),
+            tables.reshape(-1),
+        ])
+        dev = torch.from_numpy(packed).to(self.runner.device, non_blocking=True)
+        ids, pos, slots, ctx, bt = dev.split([b, b, b, b, tables.size])
+        self.input_ids[:b].copy_(ids)
+        self.positions[:b].copy_(pos)
+        self.slot_mapping[:b].copy_(slots)
+        self.context_lens[:b].copy_(ctx)
+        self.block_tables[:b, : tables.shape[1]].copy_(bt.view(b, tables.shape[1]))
+        if bs > b:  # padding rows: scratch slot, one token of context
+            self.slot_mapping[b:bs].fill_(self.scratch_slot)
+            self.context_lens[b:bs].fill_(1)
+            self.input_ids[b:bs].zero_()
+            self.positions[b:bs].zero_()
+        self.graphs[bs].replay()
+        return self.outputs[bs][:b]
