@@ -10,19 +10,41 @@ import torch
 
 @dataclass
 class AttentionMetadata:
+    """Sequences in batch order: the first `num_decodes` are decodes (query_len 1), then prefill chunks."""
+
     positions: torch.Tensor  # [T] absolute position of each new token
     slot_mapping: torch.Tensor  # [T] KV-cache slot each new token's K/V is written to
-    block_tables: torch.Tensor  # [B, max_blocks] block ids per sequence, -1 padded
+    block_tables: torch.Tensor  # [B, max_blocks] int32 block ids per sequence, -1 padded
     query_lens: list[int]  # [B] new tokens per sequence (1 for decode, a chunk for prefill)
     context_lens: list[int]  # [B] cached + new tokens per sequence
+    # For the kernels (device tensors and host ints, so they launch without reading the device):
+    query_start_loc: torch.Tensor | None = None  # [B + 1] int32, cumulative query_lens from 0
+    context_lens_tensor: torch.Tensor | None = None  # [B] int32, context_lens on the device
+    num_decodes: int = 0  # leading sequences with query_len 1 that are decodes
+    max_query_len: int = 0  # longest chunk of the batch
+
+    def __post_init__(self) -> None:
+        device = self.positions.device
+        if self.query_start_loc is None:
+            self.query_start_loc = torch.tensor(np.concatenate([[0], np.cumsum(self.query_lens)]), dtype=torch.int32, device=device)
+        if self.context_lens_tensor is None:
+            self.context_lens_tensor = torch.tensor(self.context_lens, dtype=torch.int32, device=device)
+        if not self.max_query_len and self.query_lens:
+            self.max_query_len = max(self.query_lens)
 
     @classmethod
     def from_batch(cls, batch, device: torch.device) -> "AttentionMetadata":
         """From a ScheduledBatch of the C++ scheduler (numpy arrays)."""
+        query_lens = np.asarray(batch.query_lens, dtype=np.int32)
+        context_lens = np.asarray(batch.context_lens, dtype=np.int32)
         return cls(
             positions=torch.from_numpy(np.asarray(batch.positions, dtype=np.int64)).to(device),
             slot_mapping=torch.from_numpy(np.asarray(batch.slot_mapping, dtype=np.int64)).to(device),
-            block_tables=torch.from_numpy(np.asarray(batch.block_tables, dtype=np.int64)).to(device),
-            query_lens=np.asarray(batch.query_lens).tolist(),
-            context_lens=np.asarray(batch.context_lens).tolist(),
+            block_tables=torch.from_numpy(np.asarray(batch.block_tables, dtype=np.int32)).to(device),
+            query_lens=query_lens.tolist(),
+            context_lens=context_lens.tolist(),
+            query_start_loc=torch.from_numpy(np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)).to(device),
+            context_lens_tensor=torch.from_numpy(context_lens).to(device),
+            num_decodes=int(batch.num_decode_tokens),
+            max_query_len=int(query_lens.max(initial=0)),
         )

@@ -1,0 +1,22 @@
+"""MLP activations. `silu_and_mul` (SwiGLU over the fused gate_up output) runs the Triton kernel
+(`triton.py`) on CUDA bf16/fp16 tensors and the reference (`reference.py`) otherwise."""
+
+from __future__ import annotations
+
+import torch
+
+from trtc.plugins.activation import reference
+from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
+from trtc.plugins.dispatch import use_triton
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I], gate first then up -> silu(gate) * up: [T, I]."""
+    if use_triton(gate_up):
+        from trtc.plugins.activation import triton as kernels
+
+        return kernels.silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)
+
+
+__all__ = ["ACTIVATION_FNS", "gated_activation", "silu_and_mul"]

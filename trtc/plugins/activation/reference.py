@@ -16,3 +16,9 @@ ACTIVATION_FNS = {
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     # gate, up: [..., intermediate]
     return ACTIVATION_FNS[activation](gate) * up
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    # gate_up: [..., 2 * intermediate], gate first -> [..., intermediate]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

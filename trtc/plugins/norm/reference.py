@@ -21,3 +21,11 @@ def norm(x: torch.Tensor, cfg: NormConfig, weight: torch.Tensor, bias: torch.Ten
         return rms_norm(x, weight, cfg.eps, cfg.offset)
     w = weight + cfg.offset if cfg.offset else weight
     return F.layer_norm(x.float(), (x.shape[-1],), w.float(), None if bias is None else bias.float(), cfg.eps).to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), the add in x's dtype as HF does; residual None: (rms_norm(x), x)."""
+    h = x if residual is None else x + residual
+    return rms_norm(h, weight, eps, offset), h

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One GPU session: install trtc on the GPU machine (no downloads there), run the GPU tests, then the
+# bf16 engine benchmark against HF transformers. Fixtures are read from $TRTC_FIXTURES.
+#   bash benchmarks/h200_session.sh [quick]
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TRTC_FIXTURES=${TRTC_FIXTURES:-$PWD/.carry/fixtures}
+OUT=${OUT:-/tmp/trtc-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning | tail -3
+python3 -c "import torch, triton, trtc._core; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+if [ "${1:-}" = quick ]; then
+  python3 benchmarks/gpu_engine.py --quick --skip_compile --skip_long 2>&1 | tee "$OUT/bench.log" | grep -v -E "Loading weights|Writing model" | tail -40
+else
+  python3 benchmarks/gpu_engine.py 2>&1 | tee "$OUT/bench.log" | grep -v -E "Loading weights|Writing model" | tail -60
+fi
