@@ -13,6 +13,7 @@ throughput), and prints one table: trtc, HF, ratio, and trtc against the hardwar
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -107,65 +108,78 @@ def hf_batch1_guarded(hf_dir: Path, isl: int, osl: int, timeout: int) -> tuple[f
         return hf_batch1(hf_dir, isl, osl, compile_=False), "static cache, eager"
 
 
+def trtc_part(args, hf_dir: Path, engine: Path) -> dict:
+    """Build, load and bench the engine; the figures go to results.json for the HF part."""
+    from trtc.runtime.bench import bench, format_result
+    from trtc.runtime.executor import Executor
+
+    build_s = timed([sys.executable, "-m", "trtc.cli", "build", "--model_dir", str(hf_dir), "--output_dir", str(engine),
+                     "--max_seq_len", "4096", "--max_batch_size", "256", "--max_num_tokens", "8192", "--overwrite"])
+    ex = Executor(engine)
+    res = {"build_s": build_s, "load_s": ex.load_seconds, "tput": {}}
+    requests = 128 if args.quick else 512
+    shapes = [(128, 128)] if args.skip_long else [(128, 128), (128, 2048), (2048, 128)]
+    for isl, osl in shapes:
+        r = bench(ex, isl, osl, requests if osl <= 128 else requests // 4, concurrency=256)
+        print(format_result(r), flush=True)
+        res["tput"][f"{isl}/{osl}"] = r.output_tokens_per_s
+    lat = bench(ex, 128, 256, latency=True, batch_size=1)
+    print(format_result(lat), flush=True)
+    res["latency"] = lat.to_dict()
+    ex.close()
+    return res
+
+
+def hf_part(args, hf_dir: Path) -> dict:
+    if args.skip_compile:
+        b1, how = hf_batch1(hf_dir, 128, 256, compile_=False), "static cache, eager"
+    else:
+        b1, how = hf_batch1_guarded(hf_dir, 128, 256, timeout=200)
+    static = {b: hf_static_batch(hf_dir, b, 128, 128) for b in (64, 256)}
+    return {"batch1": b1, "batch1_how": how, "static": static}
+
+
+def table(t: dict, hf: dict) -> None:
+    lat = t["latency"]
+    trtc_b1 = 1e3 / lat["tpot_ms"]["mean"]
+    limit_b1 = lat["bandwidth_gbps"] * 1e9 / lat["bytes_per_step"]
+    hf_tput = max(hf["static"].values())
+    rows = [
+        ("build (s)", f"{t['build_s']:.1f}", "", "", "target < 120"),
+        ("engine load (s)", f"{t['load_s']:.1f}", "", "", "target < 20"),
+        ("batch-1 decode tok/s", f"{trtc_b1:.1f}", f"{hf['batch1']:.1f}", f"{trtc_b1 / hf['batch1']:.2f}x",
+         f"MBU {100 * lat['mbu']:.1f}% of {lat['bandwidth_gbps']:,.0f} GB/s (limit {limit_b1:.0f} tok/s); HF: {hf['batch1_how']}"),
+        ("tput 128/128 tok/s", f"{t['tput']['128/128']:,.0f}", f"{hf_tput:,.0f}", f"{t['tput']['128/128'] / hf_tput:.2f}x",
+         "HF static batch " + ", ".join(f"{b}: {v:,.0f}" for b, v in hf["static"].items())),
+    ]
+    rows += [(f"tput {k} tok/s", f"{v:,.0f}", "", "", "concurrency 256") for k, v in t["tput"].items() if k != "128/128"]
+    print()
+    print(f"{'metric':<24}{'trtc':>12}{'HF':>12}{'ratio':>8}  vs hardware / note")
+    for r in rows:
+        print(f"{r[0]:<24}{r[1]:>12}{r[2]:>12}{r[3]:>8}  {r[4]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work_dir", default="/tmp/trtc-gpu-bench")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip_compile", action="store_true", help="HF batch 1 without torch.compile")
     ap.add_argument("--skip_long", action="store_true", help="only ISL/OSL 128/128 in throughput mode")
+    ap.add_argument("--part", choices=["all", "trtc", "hf"], default="all",
+                    help="run trtc and HF in separate calls (trtc writes results.json in work_dir)")
     args = ap.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    hf_dir, engine = work / "hf", work / "engine"
-    rows: list[tuple[str, str, str, str, str]] = []
+    hf_dir, engine, results = work / "hf", work / "engine", work / "results.json"
 
     start = time.perf_counter()
     n = make_checkpoint(hf_dir, QUICK if args.quick else LLAMA_8B)
     weight_gb = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")) / 1e9
-    print(f"checkpoint: {n / 1e9:.2f}B parameters, {weight_gb:.2f} GB, made in {time.perf_counter() - start:.0f} s", flush=True)
-
-    build_s = timed([sys.executable, "-m", "trtc.cli", "build", "--model_dir", str(hf_dir), "--output_dir", str(engine),
-                     "--max_seq_len", "4096", "--max_batch_size", "256", "--max_num_tokens", "8192", "--overwrite"])
-    rows.append(("build (s)", f"{build_s:.1f}", "", "", "target < 120"))
-
-    from trtc.runtime.bench import bench, format_result
-    from trtc.runtime.executor import Executor
-
-    ex = Executor(engine)
-    rows.append(("engine load (s)", f"{ex.load_seconds:.1f}", "", "", "target < 20"))
-    requests = 128 if args.quick else 512
-    shapes = [(128, 128)] if args.skip_long else [(128, 128), (128, 2048), (2048, 128)]
-    trtc_tput = {}
-    for isl, osl in shapes:
-        r = bench(ex, isl, osl, requests if osl <= 128 else requests // 2, concurrency=256)
-        print(format_result(r), flush=True)
-        trtc_tput[(isl, osl)] = r.output_tokens_per_s
-    lat = bench(ex, 128, 256, latency=True, batch_size=1)
-    print(format_result(lat), flush=True)
-    del ex
-    torch.cuda.empty_cache()
-
-    if args.skip_compile:
-        hf_b1, hf_b1_how = hf_batch1(hf_dir, 128, 256, compile_=False), "static cache, eager"
-    else:
-        hf_b1, hf_b1_how = hf_batch1_guarded(hf_dir, 128, 256, timeout=240)
-    hf_static = {b: hf_static_batch(hf_dir, b, 128, 128) for b in (64, 256)}
-    hf_tput = max(hf_static.values())
-    trtc_b1 = 1e3 / lat.tpot_ms["mean"]
-    limit_b1 = lat.bandwidth_gbps * 1e9 / lat.bytes_per_step
-    rows += [
-        ("batch-1 decode tok/s", f"{trtc_b1:.1f}", f"{hf_b1:.1f}", f"{trtc_b1 / hf_b1:.2f}x",
-         f"MBU {100 * lat.mbu:.1f}% of {lat.bandwidth_gbps:,.0f} GB/s (limit {limit_b1:.0f} tok/s); HF: {hf_b1_how}"),
-        ("tput 128/128 tok/s", f"{trtc_tput[(128, 128)]:,.0f}", f"{hf_tput:,.0f}", f"{trtc_tput[(128, 128)] / hf_tput:.2f}x",
-         "HF static batch " + ", ".join(f"{b}: {v:,.0f}" for b, v in hf_static.items())),
-    ]
-    for (isl, osl), v in trtc_tput.items():
-        if (isl, osl) != (128, 128):
-            rows.append((f"tput {isl}/{osl} tok/s", f"{v:,.0f}", "", "", "concurrency 256"))
-    print()
-    print(f"{'metric':<24}{'trtc':>12}{'HF':>12}{'ratio':>8}  vs hardware / note")
-    for r in rows:
-        print(f"{r[0]:<24}{r[1]:>12}{r[2]:>12}{r[3]:>8}  {r[4]}")
+    print(f"checkpoint: {n / 1e9:.2f}B parameters, {weight_gb:.2f} GB, ready in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.part in ("all", "trtc"):
+        results.write_text(json.dumps(trtc_part(args, hf_dir, engine)))
+    if args.part in ("all", "hf"):
+        table(json.loads(results.read_text()), hf_part(args, hf_dir))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,24 @@ their logits are dropped. Applied from outside the model: the runner's forward i
 
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import numpy as np
 import torch
 
 from trtc.runtime.attention_metadata import AttentionMetadata
+
+
+_LIVE: "weakref.WeakSet[DecodeCudaGraphs]" = weakref.WeakSet()
+
+
+@atexit.register
+def _release_all() -> None:
+    # Graphs destroyed during interpreter teardown, after CUDA's own shutdown began, can crash the
+    # process on exit: release them while everything is still alive.
+    for graphs in list(_LIVE):
+        graphs.release()
 
 
 class DecodeCudaGraphs:
@@ -29,6 +43,12 @@ class DecodeCudaGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self._capture()
+        _LIVE.add(self)
+
+    def release(self) -> None:
+        torch.cuda.synchronize()
+        self.graphs.clear()
+        self.outputs.clear()
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(

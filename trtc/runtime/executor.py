@@ -109,6 +109,15 @@ class Executor:
         self.requests[rid] = RequestState(rid, list(prompt_ids), params, make_generator(params.seed, self.device), on_event)
         return rid
 
+    def close(self) -> None:
+        """Give the device memory back now (CUDA graphs, KV cache, weights); the executor is unusable after."""
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.release()
+            self.cuda_graphs = None
+        self.runner.k_cache, self.runner.v_cache, self.runner.w = [], [], {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def cancel(self, request_id: int) -> bool:
         return self.scheduler.cancel(request_id)
 
