@@ -26,6 +26,10 @@ def graph_ms(fn, reps: int = 50) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    return replay_ms(g, reps)
+
+
+def replay_ms(g: torch.cuda.CUDAGraph, reps: int = 50) -> float:
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
@@ -50,7 +54,7 @@ def main() -> None:
         mats.append(w["embedding.weight"])
     xs = [torch.randn(1, m.shape[1], dtype=m.dtype, device="cuda") for m in mats]
     gemm_ms = graph_ms(lambda: [F.linear(x, m) for x, m in zip(xs, mats)])
-    step_ms = graph_ms(lambda: ex.cuda_graphs.graphs[1].replay())
+    step_ms = replay_ms(ex.cuda_graphs.graphs[1])
     bw = measure_bandwidth(torch.device("cuda"))
     weight_bytes = sum(m.numel() * m.element_size() for m in mats)
     print(f"{'batch-1 decode step':<40}{'ms':>8}{'% of floor':>12}")
