@@ -44,6 +44,10 @@ class RequestState:
     prompt_logits: torch.Tensor | None = None  # [prompt_len, vocab] f32 when asked for (teacher forcing)
 
 
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -160,11 +164,17 @@ class Executor:
     def _sample(self, request_ids: np.ndarray, logits: torch.Tensor) -> tuple[list[int], dict[int, float]]:
         """One token per request from its logits [S, vocab], on the device."""
         reqs = [self.requests[int(rid)] for rid in request_ids]
-        sampling = SamplingBatch.from_requests(
-            [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
-            [r.generator for r in reqs], self.engine.graph.vocab_size, self.device,
-        )
-        tokens, logprobs = sample(logits, sampling)
+        if all(r.params.is_greedy and not _has_penalty(r.params) for r in reqs):  # the common case: argmax only
+            tokens = logits.argmax(dim=-1)
+            if not any(r.params.logprobs for r in reqs):
+                return tokens.tolist(), {r.request_id: float("nan") for r in reqs}
+            logprobs = logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        else:
+            sampling = SamplingBatch.from_requests(
+                [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
+                [r.generator for r in reqs], self.engine.graph.vocab_size, self.device,
+            )
+            tokens, logprobs = sample(logits, sampling)
         return tokens.tolist(), {r.request_id: lp for r, lp in zip(reqs, logprobs.tolist())}
 
     def _postprocess(self, updates: list[tuple[int, int, str | None]], logprobs: dict[int, float]) -> list[TokenEvent]:
