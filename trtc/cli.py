@@ -60,7 +60,8 @@ BUILD_OPTIONS = [
     click.option("--max_num_tokens", default=8192, show_default=True, type=int,
                  help="Token budget of one step (longer prompts are prefilled in chunks)."),
     click.option("--tokens_per_block", default=32, show_default=True, type=int, help="Tokens per KV-cache block."),
-    click.option("--kv_cache_dtype", default="auto", show_default=True, help="auto (the weights' dtype), float32, float16, bfloat16."),
+    click.option("--kv_cache_dtype", default="auto", show_default=True,
+                 help="auto (fp8 for a checkpoint with FP8 KV scales, else the weights' dtype), float32, float16, bfloat16, fp8."),
     click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "tensorrt"])),
 ]
 
@@ -71,31 +72,108 @@ def build_options(fn):
     return fn
 
 
+CALIB_OPTIONS = [
+    click.option("--calib_dataset", multiple=True, type=click.Path(),
+                 help="Calibration text: a plain-text file (repeat the flag for more)."),
+    click.option("--calib_size", default=64, show_default=True, type=int, help="Calibration windows."),
+    click.option("--calib_max_seq_length", default=512, show_default=True, type=int,
+                 help="Tokens per calibration window (BOS first)."),
+    click.option("--awq_block_size", default=128, show_default=True, type=int,
+                 help="INT4 group size (input columns per scale): 32, 64 or 128."),
+    click.option("--awq_algorithm", default="lite", show_default=True, type=click.Choice(["lite", "clip", "full"]),
+                 help="int4_awq: ModelOpt's AWQ search: lite (activation-aware scales), clip (group ranges), full (both)."),
+]
+
+
+def calib_options(fn):
+    for option in reversed(CALIB_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
-@click.option("--checkpoint_dir", type=click.Path(), help="A checkpoint written by `trtc convert`.")
-@click.option("--model_dir", type=click.Path(), help="An HF model directory: convert and build in one go.")
+@click.option("--model_dir", required=True, type=click.Path(), help="Local HF model directory (bf16/fp16/fp32).")
+@click.option("--output_dir", required=True, type=click.Path(), help="Where to write the quantized trtc checkpoint.")
+@click.option("--qformat", required=True, type=click.Choice(["fp8", "int4_awq", "int4_gptq"]),
+              help="fp8: FP8 weights and activations; int4_awq / int4_gptq: INT4 weights in groups (W4A16).")
+@click.option("--kv_cache_dtype", default=None, type=click.Choice(["fp8"]), help="Also calibrate an FP8 KV cache.")
+@calib_options
+@click.option("--batch_size", default=8, show_default=True, type=int, help="Calibration windows per forward.")
+@click.option("--tp", "--tp_size", "tp_size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tensor-parallel size: one rank{N}.safetensors per rank.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
+              help="Dtype of the unquantized tensors; auto keeps the model's.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="Where ModelOpt calibrates (cpu: float32; cuda: the model's dtype).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@user_errors
+def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, calib_size, calib_max_seq_length,
+             awq_block_size, awq_algorithm, batch_size, tp_size, dtype, device, overwrite) -> None:
+    """Quantize an HF model with NVIDIA ModelOpt into a trtc checkpoint (FP8, INT4 AWQ, INT4 GPTQ)."""
+    from trtc.quantization.quantize import quantize as run_quantize
+
+    out = run_quantize(model_dir, output_dir, qformat, list(calib_dataset), kv_cache_dtype, calib_size,
+                       calib_max_seq_length, batch_size, awq_block_size, awq_algorithm, tp_size, dtype, device, overwrite)
+    click.echo(f"wrote {out} ({qformat}{' + fp8 KV cache' if kv_cache_dtype else ''}, tp {tp_size})")
+
+
+@main.command()
+@click.option("--checkpoint_dir", type=click.Path(), help="A checkpoint written by `trtc convert` or `trtc quantize`.")
+@click.option("--model_dir", type=click.Path(), help="An HF model directory: convert (or quantize) and build in one go.")
 @click.option("--output_dir", required=True, type=click.Path(), help="Where to write the engine.")
 @click.option("--tp", "--tp_size", "tp_size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size (with --model_dir).")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES), help="With --model_dir.")
+@click.option("--fp8", "qformats", flag_value="fp8", multiple=True, help="With --model_dir: quantize to FP8 first.")
+@click.option("--int4_awq", "qformats", flag_value="int4_awq", multiple=True, help="With --model_dir: INT4 AWQ first.")
+@click.option("--int4_gptq", "qformats", flag_value="int4_gptq", multiple=True, help="With --model_dir: INT4 GPTQ first.")
+@calib_options
 @build_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors
-def build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, overwrite, backend, **limits) -> None:
+def build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, calib_dataset, calib_size,
+          calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, **limits) -> None:
     """Build an engine directory from a checkpoint (or straight from an HF directory)."""
     from trtc.compiler.build import build as run_build, build_from_hf
     from trtc.compiler.build_config import BuildConfig
 
     if (checkpoint_dir is None) == (model_dir is None):
         raise TrtcError("pass exactly one of --checkpoint_dir (from `trtc convert`) or --model_dir (an HF directory)")
+    if len(set(qformats)) > 1:
+        raise TrtcError(f"{' and '.join('--' + q for q in sorted(set(qformats)))} exclude each other; pick one weight format")
+    if calib_dataset and not qformats:
+        raise TrtcError("--calib_dataset calibrates a quantization; add --fp8, --int4_awq or --int4_gptq")
     config = BuildConfig(**limits)
     if model_dir is not None:
-        out = build_from_hf(model_dir, output_dir, tp_size, dtype, config, backend, overwrite)
+        quantize = None
+        if qformats:
+            quantize = dict(qformat=qformats[0], calib_dataset=list(calib_dataset), calib_size=calib_size,
+                            calib_max_seq_length=calib_max_seq_length, awq_block_size=awq_block_size,
+                            awq_algorithm=awq_algorithm)
+        out = build_from_hf(model_dir, output_dir, tp_size, dtype, config, backend, overwrite, quantize=quantize)
     else:
         if tp_size != 1 or dtype != "auto":
             raise TrtcError("--tp and --dtype are decided at convert time; pass them to `trtc convert` or use --model_dir")
+        if qformats:
+            raise TrtcError(f"--{qformats[0]} quantizes an HF model; use it with --model_dir, or `trtc quantize` then build")
         out = run_build(checkpoint_dir, output_dir, config, backend, overwrite)
     click.echo(f"wrote engine {out}")
+
+
+@main.command(name="eval")
+@click.option("--engine_dir", required=True, type=click.Path(), help="An engine directory from `trtc build`.")
+@click.option("--dataset", "datasets", multiple=True, type=click.Path(), help="A plain-text file (repeat for more).")
+@click.option("--max_tokens", default=60000, show_default=True, type=int, help="Tokens of each text scored, from its start.")
+@click.option("--window_len", default=512, show_default=True, type=int,
+              help="Tokens per window: BOS, then window_len - 1 text tokens.")
+@click.option("--output_json", type=click.Path(), help="Write the results as JSON.")
+@click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True)
+@user_errors
+def eval_(engine_dir, datasets, max_tokens, window_len, output_json, kv_cache_free_gpu_memory_fraction) -> None:
+    """Perplexity of an engine on text (teacher-forced windows, through the runtime)."""
+    from trtc.cli_eval import eval_engine
+
+    eval_engine(engine_dir, list(datasets), max_tokens, window_len, output_json, kv_cache_free_gpu_memory_fraction)
 
 
 @main.command()

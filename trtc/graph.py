@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trtc.errors import TrtcError
+
+if TYPE_CHECKING:
+    from trtc.quantization.layout import QuantConfig
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -137,36 +140,41 @@ class ModelGraph:
         d["final_norm"] = NormConfig(**d["final_norm"])
         return cls(**d)
 
-    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of an unsharded checkpoint with its shape, in a fixed order."""
+    def weight_shapes(self, quant: "QuantConfig | None" = None) -> dict[str, tuple[int, ...]]:
+        """Every tensor of an unsharded checkpoint with its shape, in a fixed order. With `quant`,
+        quantized linear layers hold the tensors of trtc/quantization/layout.py instead of a
+        model-dtype weight (optional ones, `quant.is_optional`, included), and FP8 KV-cache
+        scales are added."""
         h, v = self.hidden_size, self.vocab_size
         shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (v, h)}
+
+        def linear(i: int, module: str, out: int, inp: int, bias: bool) -> None:
+            name = f"layers.{i}.{module}"
+            if quant is not None and quant.quantizes(i, module):
+                shapes.update(quant.linear_tensors(name, out, inp))
+            else:
+                shapes[name + ".weight"] = (out, inp)
+            if bias:
+                shapes[name + ".bias"] = (out,)
+
         for i, layer in enumerate(self.layers):
             a, m, p = layer.attention, layer.mlp, f"layers.{i}."
             q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
             shapes.update(_norm_shapes(p + "input_norm", layer.input_norm, h))
-            shapes[p + "attention.q.weight"] = (q, h)
-            shapes[p + "attention.k.weight"] = (kv, h)
-            shapes[p + "attention.v.weight"] = (kv, h)
-            if a.qkv_bias:
-                shapes[p + "attention.q.bias"] = (q,)
-                shapes[p + "attention.k.bias"] = (kv,)
-                shapes[p + "attention.v.bias"] = (kv,)
+            linear(i, "attention.q", q, h, a.qkv_bias)
+            linear(i, "attention.k", kv, h, a.qkv_bias)
+            linear(i, "attention.v", kv, h, a.qkv_bias)
             if a.qk_norm:
                 shapes[p + "attention.q_norm.weight"] = (a.head_dim,)
                 shapes[p + "attention.k_norm.weight"] = (a.head_dim,)
-            shapes[p + "attention.o.weight"] = (h, q)
-            if a.o_bias:
-                shapes[p + "attention.o.bias"] = (h,)
+            linear(i, "attention.o", h, q, a.o_bias)
+            if quant is not None and quant.kv_cache_fp8:
+                shapes[p + "attention.k_cache_scale"] = ()
+                shapes[p + "attention.v_cache_scale"] = ()
             shapes.update(_norm_shapes(p + "post_attention_norm", layer.post_attention_norm, h))
-            names = ("gate", "up") if m.gated else ("up",)
-            for name in names:
-                shapes[p + f"mlp.{name}.weight"] = (m.intermediate_size, h)
-                if m.bias:
-                    shapes[p + f"mlp.{name}.bias"] = (m.intermediate_size,)
-            shapes[p + "mlp.down.weight"] = (h, m.intermediate_size)
-            if m.bias:
-                shapes[p + "mlp.down.bias"] = (h,)
+            for name in ("gate", "up") if m.gated else ("up",):
+                linear(i, f"mlp.{name}", m.intermediate_size, h, m.bias)
+            linear(i, "mlp.down", h, m.intermediate_size, m.bias)
         shapes.update(_norm_shapes("final_norm", self.final_norm, h))
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (v, h)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from trtc import __version__
 from trtc.checkpoint import CheckpointConfig, rank_file
 from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.layout import engine_tensors
+from trtc.compiler.layout import combine, engine_shape, engine_tensors
 from trtc.errors import TrtcError
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
 from trtc.utils.safetensors_writer import DTYPE_OF_CODE, SafetensorsWriter
@@ -66,7 +66,7 @@ def build(
     if not checkpoint_dir.is_dir():
         raise TrtcError(f"checkpoint directory {checkpoint_dir} does not exist; run `trtc convert` first")
     ckpt = CheckpointConfig.load(checkpoint_dir)
-    config = (build_config or BuildConfig()).resolved(ckpt.graph, ckpt.dtype)
+    config = (build_config or BuildConfig()).resolved(ckpt.graph, ckpt.dtype, ckpt.quantization)
     if config.max_seq_len > ckpt.graph.max_position_embeddings:
         rope_types = {layer.attention.rope.type for layer in ckpt.graph.layers}
         if rope_types <= {"default"}:
@@ -104,17 +104,18 @@ def _build_rank(checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConf
         raise TrtcError(f"{path} is not a valid safetensors file ({e}); convert the model again") from None
     with f:
         names = sorted(f.keys())
-        plan = engine_tensors(names, ckpt.graph)
+        scalar = {n for n in names if f.get_slice(n).get_shape() == []}
+        plan = engine_tensors(names, ckpt.graph, scalar)
+        rows = {target: [f.get_slice(w).get_shape()[0] for w in t.weights] for target, t in plan.items()}
         entries = []
-        for target, parts in plan.items():
-            shapes = [f.get_slice(p).get_shape() for p in parts]
-            rows = sum(s[0] for s in shapes)
-            entries.append((target, DTYPE_OF_CODE[f.get_slice(parts[0]).get_dtype()], (rows, *shapes[0][1:])))
+        for target, t in plan.items():
+            shapes = [f.get_slice(p).get_shape() for p in t.parts]
+            dtype = DTYPE_OF_CODE[f.get_slice(t.parts[0]).get_dtype()]
+            entries.append((target, dtype, engine_shape(t, shapes, rows[target])))
         disable = None if progress is None else not progress
         with SafetensorsWriter(rank_file(out, rank, "engine"), entries, {"format": "pt"}) as writer:
-            for target, parts in tqdm(plan.items(), desc=f"build rank {rank}", unit="tensor", disable=disable):
-                tensors = [f.get_tensor(p) for p in parts]
-                writer.write(target, tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0))
+            for target, t in tqdm(plan.items(), desc=f"build rank {rank}", unit="tensor", disable=disable):
+                writer.write(target, combine(target, t, [f.get_tensor(p) for p in t.parts], rows[target]))
 
 
 def build_from_hf(
@@ -126,12 +127,26 @@ def build_from_hf(
     backend: str = "auto",
     overwrite: bool = False,
     progress: bool | None = None,
+    quantize: dict | None = None,
 ) -> Path:
-    """convert + build in one go (the checkpoint lives in a temporary directory)."""
+    """convert (or, with `quantize`, the keyword arguments of trtc.quantization.quantize.quantize:
+    qformat, calib_dataset, ...) + build in one go; the checkpoint lives in a temporary directory.
+    --kv_cache_dtype fp8 calibrates the KV cache along with the weights."""
     from trtc.converters.convert import convert
 
     resolve_backend(backend)
     check_output_dir(Path(output_dir), overwrite)
+    build_config = build_config or BuildConfig()
+    fp8_kv = build_config.kv_cache_dtype == "fp8"
+    if fp8_kv and quantize is None:
+        raise TrtcError("--kv_cache_dtype fp8 needs calibrated KV-cache scales; add --fp8, --int4_awq or --int4_gptq "
+                        "with --calib_dataset")
     with tempfile.TemporaryDirectory(prefix="trtc-ckpt-") as tmp:
-        ckpt = convert(model_dir, Path(tmp) / "ckpt", tp_size=tp_size, dtype=dtype, progress=progress)
+        if quantize is not None:
+            from trtc.quantization.quantize import quantize as run_quantize
+
+            ckpt = run_quantize(model_dir, Path(tmp) / "ckpt", tp_size=tp_size, dtype=dtype, progress=progress,
+                                kv_cache_dtype="fp8" if fp8_kv else None, **quantize)
+        else:
+            ckpt = convert(model_dir, Path(tmp) / "ckpt", tp_size=tp_size, dtype=dtype, progress=progress)
         return build(ckpt, output_dir, build_config, backend, overwrite, progress)

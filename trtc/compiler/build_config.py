@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
+from trtc.checkpoint import torch_dtype
 from trtc.errors import TrtcError
 from trtc.graph import ModelGraph
 
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp8")
 
 
 @dataclass
@@ -16,7 +19,7 @@ class BuildConfig:
     max_seq_len: int | None = None  # None: the model's max_position_embeddings
     max_num_tokens: int = 8192
     tokens_per_block: int = 32
-    kv_cache_dtype: str = "auto"  # auto: the weights' dtype
+    kv_cache_dtype: str = "auto"  # auto: fp8 for a checkpoint with FP8 KV-cache scales, else the weights' dtype
     cuda_graph_batch_sizes: list[int] | None = None  # decode batch sizes captured as CUDA graphs; None: decided at build
 
     def __post_init__(self) -> None:
@@ -34,15 +37,23 @@ class BuildConfig:
                 f"--kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use one of: {', '.join(KV_CACHE_DTYPES)}"
             )
 
-    def resolved(self, graph: ModelGraph, dtype: str) -> "BuildConfig":
+    def resolved(self, graph: ModelGraph, dtype: str, quantization: dict | None = None) -> "BuildConfig":
         """The config with defaults decided for this model (what the engine records)."""
+        kv_scales = bool(quantization) and quantization.get("kv_cache_quant_algo") == "FP8"
+        kv = self.kv_cache_dtype
+        if kv == "fp8" and not kv_scales:
+            raise TrtcError(
+                "--kv_cache_dtype fp8 needs calibrated KV-cache scales, which this checkpoint lacks; "
+                "make it with `trtc quantize --kv_cache_dtype fp8`"
+            )
+        if kv == "auto":
+            kv = "fp8" if kv_scales else dtype
         return BuildConfig(
             max_batch_size=self.max_batch_size,
             max_seq_len=self.max_seq_len or graph.max_position_embeddings,
             max_num_tokens=self.max_num_tokens,
             tokens_per_block=self.tokens_per_block,
-            kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
-            cuda_graph_batch_sizes=self.cuda_graph_batch_sizes or default_graph_batch_sizes(self.max_batch_size),
+            kv_cache_dtype=kv,
         )
 
     def to_dict(self) -> dict:
@@ -54,3 +65,10 @@ def default_graph_batch_sizes(max_batch_size: int) -> list[int]:
     the nearest, so no more than 15 rows are wasted once batches are large."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size] + list(range(16, max_batch_size, 16))
     return sizes + [max_batch_size]
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str) -> torch.dtype:
+    """The pool's element type: float8_e4m3fn for fp8 (with per-layer scales), else the named dtype."""
+    if kv_cache_dtype == "fp8":
+        return torch.float8_e4m3fn
+    return torch_dtype(kv_cache_dtype)

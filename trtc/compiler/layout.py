@@ -1,37 +1,108 @@
 """Weights in the layout the runtime's kernels read: q/k/v fused into one GEMM, gate/up fused
 into one GEMM. Everything else keeps the checkpoint's [out_features, in_features] layout, which
-cuBLAS reads as is through torch."""
+cuBLAS reads as is through torch.
+
+Quantized layers (trtc/quantization/layout.py) fuse too: INT4 weight, weight_scale and
+weight_zero are concatenated along the output rows like a plain weight, pre_quant_scale and
+input_perm must be the same for every part and are kept once. An FP8 fused layer keeps its parts'
+weights as they are and gets a per-row weight_scale [out] (each part's scale over its rows) and
+the max input_scale (ModelOpt's export already gives the parts one). Requantizing the parts to the
+max of their scales instead, so that one scale serves the GEMM, would change the model:
+books-16M's perplexity moved by 0.4-0.5% that way (benchmarks/quant_accuracy.py --requant).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
+from trtc.errors import TrtcError
 from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
 
-# engine tensor suffix -> checkpoint suffixes concatenated along dim 0
-FUSIONS = {
-    "attention.qkv.weight": ("attention.q.weight", "attention.k.weight", "attention.v.weight"),
-    "attention.qkv.bias": ("attention.q.bias", "attention.k.bias", "attention.v.bias"),
-    "mlp.gate_up.weight": ("mlp.gate.weight", "mlp.up.weight"),
-    "mlp.gate_up.bias": ("mlp.gate.bias", "mlp.up.bias"),
+# engine module -> the checkpoint modules fused into it, in row order
+FUSED_MODULES = {
+    "attention.qkv": ("attention.q", "attention.k", "attention.v"),
+    "mlp.gate_up": ("mlp.gate", "mlp.up"),
+}
+# how the parts' tensors of a suffix combine
+RULES = {
+    "weight": "cat",
+    "bias": "cat",
+    "weight_scale": "cat",  # per-group scales; per-tensor (FP8) ones become per-row, see engine_tensors
+    "weight_zero": "cat",
+    "input_scale": "max",
+    "pre_quant_scale": "same",
+    "input_perm": "same",
 }
 
 
-def engine_tensors(checkpoint_names: list[str], graph: ModelGraph) -> dict[str, tuple[str, ...]]:
-    """Engine tensor name -> the checkpoint tensors it is made of, in checkpoint order."""
+@dataclass(frozen=True)
+class EngineTensor:
+    parts: tuple[str, ...]  # checkpoint tensors it is made of, in row order
+    rule: str = "cat"  # cat | max | same | rows (per-tensor scales -> one per row of the fused weight)
+    weights: tuple[str, ...] = ()  # rows: the parts' weights, whose row counts the scales cover
+
+
+def engine_tensors(checkpoint_names: list[str], graph: ModelGraph, scalar: set[str] = frozenset()) -> dict[str, EngineTensor]:
+    """Engine tensor name -> how it is made from checkpoint tensors, in checkpoint order.
+    `scalar`: the checkpoint tensors of shape [] (per-tensor scales)."""
     present = set(checkpoint_names)
-    plan: dict[str, tuple[str, ...]] = {}
+    plan: dict[str, EngineTensor] = {}
     fused: set[str] = set()
     for i in range(graph.num_layers):
         p = f"layers.{i}."
-        for target, parts in FUSIONS.items():
-            sources = tuple(p + s for s in parts)
-            if all(s in present for s in sources):
-                plan[p + target] = sources
+        for target, modules in FUSED_MODULES.items():
+            if not all(p + m + ".weight" in present for m in modules):
+                continue
+            for suffix, rule in RULES.items():
+                sources = tuple(f"{p}{m}.{suffix}" for m in modules)
+                have = [s in present for s in sources]
+                if not any(have):
+                    continue
+                if not all(have):
+                    raise TrtcError(
+                        f"{', '.join(s for s, h in zip(sources, have) if h)} exist but not for every part of "
+                        f"{p}{target}; the checkpoint's fused layers must be quantized alike, quantize or convert again"
+                    )
+                if suffix == "weight_scale" and sources[0] in scalar:
+                    plan[f"{p}{target}.{suffix}"] = EngineTensor(
+                        sources, "rows", tuple(f"{p}{m}.weight" for m in modules))
+                else:
+                    plan[f"{p}{target}.{suffix}"] = EngineTensor(sources, rule)
                 fused.update(sources)
     for name in checkpoint_names:
         if name not in fused:
-            plan[name] = (name,)
-    return dict(sorted(plan.items(), key=lambda kv: checkpoint_names.index(kv[1][0])))
+            plan[name] = EngineTensor((name,))
+    return dict(sorted(plan.items(), key=lambda kv: checkpoint_names.index(kv[1].parts[0])))
+
+
+def engine_shape(t: EngineTensor, shapes: list[list[int]], rows: list[int]) -> tuple[int, ...]:
+    """shapes: of the parts; rows: of the parts' weights (rule rows)."""
+    if t.rule == "rows":
+        return (sum(rows),)
+    if len(shapes) > 1 and t.rule == "cat":
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return tuple(shapes[0])
+
+
+def combine(name: str, t: EngineTensor, tensors: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
+    """The engine tensor `name` from its parts (rows: the row counts of the parts' weights)."""
+    if t.rule == "rows":
+        return torch.cat([s.reshape(1).expand(n) for s, n in zip(tensors, rows)])
+    if len(tensors) == 1:
+        return tensors[0]
+    if t.rule == "cat":
+        return torch.cat(tensors, dim=0)
+    if t.rule == "max":
+        return torch.stack(tensors).amax(dim=0)
+    if any(not torch.equal(tensors[0], x) for x in tensors[1:]):  # same
+        raise TrtcError(
+            f"{', '.join(t.parts)} differ but {name} needs one for all of them; quantize with "
+            "`trtc quantize` (ModelOpt's export shares them) or convert a checkpoint that shares them"
+        )
+    return tensors[0]
 
 
 def local_qkv_sizes(graph: ModelGraph, mapping: Mapping, layer: int) -> tuple[int, int, int]:

@@ -8,6 +8,7 @@ read: peak memory is about one tensor, whatever the model size.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,9 +18,12 @@ from tqdm import tqdm
 from trtc.checkpoint import CheckpointConfig, DTYPES, dtype_name, rank_file, torch_dtype
 from trtc.converters import architecture_for
 from trtc.converters.hf_checkpoint import TOKENIZER_FILES, HFCheckpoint
-from trtc.converters.tp import shard_for
+from trtc.converters.quantized import TensorSource, ignorable, read_format, tensor_sources
+from trtc.converters.tp import shard_for, validate_quantized_split
+from trtc.converters.weight_map import WeightMap
 from trtc.errors import TrtcError
 from trtc.mapping import Mapping
+from trtc.quantization.layout import checkpoint_dtype
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
 from trtc.utils.safetensors_writer import SafetensorsWriter
 
@@ -44,6 +48,8 @@ def convert(
 ) -> Path:
     """Convert `model_dir` into a trtc checkpoint at `output_dir`; returns the output path.
 
+    A pre-quantized model (ModelOpt export, GPTQ) becomes a quantized checkpoint
+    (trtc/quantization/layout.py); `dtype` is then the dtype of the unquantized tensors.
     progress: True/False forces the bar on/off; None shows it only on a terminal.
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -55,21 +61,27 @@ def convert(
     graph = arch.graph_from_config(hf.config)
     mapping = Mapping.for_tp(tp_size)
     mapping.validate(graph)
-    shapes = graph.weight_shapes()
-    sources = _check_tensors(hf, arch.weights, shapes)
-    out_dtype = resolve_dtype(dtype, hf.config, hf, sources["embedding.weight"])
-    config = CheckpointConfig(graph=graph, mapping=mapping, dtype=dtype_name(out_dtype))
+    fmt = read_format(hf, graph, arch.weights)
+    quant = fmt.quant
+    validate_quantized_split(graph, mapping, quant)
+    shapes = graph.weight_shapes(quant)
+    sources = tensor_sources(fmt, hf, arch.weights, shapes)
+    _check_tensors(hf, arch.weights, sources, lambda name: ignorable(fmt, hf, name))
+    out_dtype = resolve_dtype(dtype, hf.config, hf, arch.weights.source("embedding.weight"))
+    config = CheckpointConfig(graph=graph, mapping=mapping, dtype=dtype_name(out_dtype),
+                              quantization=quant.to_dict() if quant else None)
+    dtypes = {name: checkpoint_dtype(name, out_dtype, quant) for name in sources}
 
-    bar = tqdm(total=len(shapes) * tp_size, desc="convert", unit="tensor", disable=_disable(progress))
+    bar = tqdm(total=len(sources) * tp_size, desc="convert", unit="tensor", disable=_disable(progress))
     with bar, atomic_output_dir(output_dir, overwrite) as tmp:
         config.save(tmp)
         for rank in range(tp_size):
-            shards = {name: shard_for(name, graph, mapping, rank) for name in shapes}
-            entries = [(name, out_dtype, shards[name].shape(shape)) for name, shape in shapes.items()]
+            shards = {name: shard_for(name, graph, mapping, rank, quant) for name in sources}
+            entries = [(name, dtypes[name], shards[name].shape(shapes[name])) for name in sources]
             with SafetensorsWriter(rank_file(tmp, rank), entries, {"format": "pt"}) as writer:
-                for name, shape in shapes.items():
+                for name, source in sources.items():
                     s = shards[name]
-                    t = hf.read(sources[name], s.dim, s.start, s.stop).to(out_dtype)
+                    t = source.read(hf, s).to(dtypes[name])
                     if s.dim is not None and t.shape[s.dim] < s.stop - s.start:  # vocab padding
                         pad = [0, 0] * (t.dim() - 1 - s.dim) + [0, s.stop - s.start - t.shape[s.dim]]
                         t = F.pad(t, pad)
@@ -79,30 +91,34 @@ def convert(
     return output_dir
 
 
-def _check_tensors(hf: HFCheckpoint, weights, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
-    """Map every expected tensor to its HF source; check presence, shape and leftovers."""
-    sources: dict[str, str] = {}
-    for name, shape in shapes.items():
-        src = weights.source(name)
-        if src not in hf:
-            raise TrtcError(f"tensor {src} is missing from the weights in {hf.model_dir}; the checkpoint does not match config.json")
-        got = hf.shape(src)
-        if got != shape:
-            raise TrtcError(
-                f"tensor {src} has shape {list(got)} but config.json implies {list(shape)}; "
-                "the weights and config.json disagree, fix config.json or re-download"
-            )
-        sources[name] = src
-    used = set(sources.values())
-    # a mapped tensor the graph does not need (the LM head of a model with tied embeddings) is dropped
-    dropped = {weights.names[k] for k in weights.names if "{i}" not in k and weights.names[k] not in used}
+def _check_tensors(
+    hf: HFCheckpoint, weights: WeightMap, sources: dict[str, TensorSource], may_skip: Callable[[str], bool]
+) -> None:
+    """Check every HF tensor the sources read (presence, shape) and that none is left over."""
+    used: set[str] = set()
+    for source in sources.values():
+        for src, shape in source.hf_shapes.items():
+            if src not in hf:
+                raise TrtcError(f"tensor {src} is missing from the weights in {hf.model_dir}; the checkpoint does not match config.json")
+            got = hf.shape(src)
+            if got != shape:
+                raise TrtcError(
+                    f"tensor {src} has shape {list(got)} but config.json implies {list(shape)}; "
+                    "the weights and config.json disagree, fix config.json or re-download"
+                )
+            used.add(src)
     for name in hf.names():
-        if name not in used and name not in dropped and not weights.is_unused(name):
-            raise TrtcError(
-                f"tensor {name} in {hf.model_dir} is not used by the {hf.config['architectures'][0]} "
-                "converter; the checkpoint does not match its architecture"
-            )
-    return sources
+        if name in used or weights.is_unused(name) or may_skip(name):
+            continue
+        target = weights.target(name)
+        # a mapped tensor of a module the graph does not have (the LM head of a model with tied
+        # embeddings) is dropped
+        if target is not None and not target.startswith("layers.") and not any(t.startswith(target.rsplit(".", 1)[0] + ".") for t in sources):
+            continue
+        raise TrtcError(
+            f"tensor {name} in {hf.model_dir} is not used by the {hf.config['architectures'][0]} "
+            "converter; the checkpoint does not match its architecture"
+        )
 
 
 def _copy_tokenizer(model_dir: Path, dest: Path) -> None:

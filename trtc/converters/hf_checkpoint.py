@@ -40,11 +40,12 @@ class HFCheckpoint:
         self.config = read_config(self.model_dir)
         self._file_of: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}  # safetensors dtype codes: F32, BF16, F8_E4M3, U8, I32, ...
         for path, names in self._weight_files().items():
             with self._open(path) as f:
                 for name in names if names is not None else f.keys():
                     self._file_of[name] = path
-                    self._shapes[name] = self._get_shape(f, name, path)
+                    self._shapes[name], self._dtypes[name] = self._get_shape(f, name, path)
 
     def _weight_files(self) -> dict[Path, list[str] | None]:
         """Each weight file with the tensors it should hold (None: whatever its header lists)."""
@@ -81,9 +82,10 @@ class HFCheckpoint:
             raise TrtcError(f"{path} is not a valid safetensors file ({e}); re-download or re-save it") from None
 
     @staticmethod
-    def _get_shape(f, name: str, path: Path) -> tuple[int, ...]:
+    def _get_shape(f, name: str, path: Path) -> tuple[tuple[int, ...], str]:
         try:
-            return tuple(f.get_slice(name).get_shape())
+            s = f.get_slice(name)
+            return tuple(s.get_shape()), s.get_dtype()
         except Exception:
             raise TrtcError(f"tensor {name} is missing from {path.name}; re-download the model") from None
 
@@ -95,6 +97,10 @@ class HFCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code of tensor `name` (F32, BF16, F8_E4M3, U8, I32, ...)."""
+        return self._dtypes[name]
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         """The whole tensor, or rows/columns [start, stop) of `dim` (clipped to its size)."""

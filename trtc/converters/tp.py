@@ -5,6 +5,11 @@ tp > KV heads); row-parallel: o and down split along the input columns (their bi
 replicated and added once, after the all-reduce); vocab-parallel: embedding and LM head split by
 vocabulary rows, the vocabulary padded with zero rows to a multiple of tp. Everything else
 (norms) is replicated.
+
+Quantized layers (trtc/quantization/layout.py) split with their layer: column-parallel ones split
+weight, weight_scale and weight_zero by rows and keep pre_quant_scale and input_perm whole;
+row-parallel ones split an INT4 weight by bytes (two columns each), weight_scale / weight_zero by
+groups and pre_quant_scale by columns. Per-tensor scales (FP8, KV cache) are replicated.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from trtc.errors import TrtcError
 from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
+from trtc.quantization.layout import QuantConfig
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
@@ -34,7 +41,12 @@ class Shard:
         return tuple(s)
 
 
-def shard_for(name: str, graph: ModelGraph, mapping: Mapping, rank: int) -> Shard:
+_COLUMN_PARALLEL = ("attention.q", "attention.k", "attention.v", "mlp.gate", "mlp.up")
+_ROW_PARALLEL = ("attention.o", "mlp.down")
+_ROW_SPLIT = ("weight", "weight_scale", "weight_zero")  # suffixes split along out rows (column-parallel)
+
+
+def shard_for(name: str, graph: ModelGraph, mapping: Mapping, rank: int, quant: QuantConfig | None = None) -> Shard:
     tp = mapping.tp_size
     if name in ("embedding.weight", "lm_head.weight"):
         n = mapping.local_vocab(graph.vocab_size)
@@ -43,20 +55,48 @@ def shard_for(name: str, graph: ModelGraph, mapping: Mapping, rank: int) -> Shar
     if m is None or tp == 1:
         return Shard(None)
     layer = graph.layers[int(m.group(1))]
-    a, sub = layer.attention, m.group(2)
+    a, (module, _, suffix) = layer.attention, m.group(2).rpartition(".")
     d = a.head_dim
-    if sub.startswith("attention.q."):
-        n = mapping.local_heads(a) * d
+    fp8_scale = quant is not None and quant.is_fp8 and suffix == "weight_scale"  # per tensor
+    if module in _COLUMN_PARALLEL:
+        if suffix not in (*_ROW_SPLIT, "bias") or fp8_scale:
+            return Shard(None)
+        if module == "attention.q":
+            n = mapping.local_heads(a) * d
+            return Shard(0, rank * n, (rank + 1) * n)
+        if module in ("attention.k", "attention.v"):
+            start = mapping.kv_head_start(a, rank) * d
+            return Shard(0, start, start + mapping.local_kv_heads(a) * d)
+        n = layer.mlp.intermediate_size // tp
         return Shard(0, rank * n, (rank + 1) * n)
-    if sub.startswith(("attention.k.", "attention.v.")):
-        start = mapping.kv_head_start(a, rank) * d
-        return Shard(0, start, start + mapping.local_kv_heads(a) * d)
-    if sub == "attention.o.weight":
-        n = mapping.local_heads(a) * d
-        return Shard(1, rank * n, (rank + 1) * n)
-    n = layer.mlp.intermediate_size // tp
-    if sub.startswith(("mlp.gate.", "mlp.up.")):
-        return Shard(0, rank * n, (rank + 1) * n)
-    if sub == "mlp.down.weight":
-        return Shard(1, rank * n, (rank + 1) * n)
+    if module in _ROW_PARALLEL:
+        n = mapping.local_heads(a) * d if module == "attention.o" else layer.mlp.intermediate_size // tp
+        int4 = quant is not None and quant.is_int4 and quant.quantizes(int(m.group(1)), module)
+        if suffix == "pre_quant_scale":
+            return Shard(0, rank * n, (rank + 1) * n)
+        if suffix == "weight" and int4:  # packed: a byte holds two input columns
+            return Shard(1, rank * n // 2, (rank + 1) * n // 2)
+        if suffix == "weight" or (int4 and suffix in ("weight_scale", "weight_zero")):
+            per = quant.group_size if suffix != "weight" else 1
+            return Shard(1, rank * n // per, (rank + 1) * n // per)
     return Shard(None)
+
+
+def validate_quantized_split(graph: ModelGraph, mapping: Mapping, quant: QuantConfig | None) -> None:
+    """Raise a TrtcError if the quantized layers cannot be split `tp` ways."""
+    tp = mapping.tp_size
+    if quant is None or not quant.is_int4 or tp == 1:
+        return
+    if quant.has_input_perm:
+        raise TrtcError(
+            f"--tp {tp}: an act-order (desc_act) GPTQ checkpoint cannot be split over ranks, its input "
+            "permutation crosses the row-parallel shards; use --tp 1 or a checkpoint quantized without act-order"
+        )
+    for i, layer in enumerate(graph.layers):
+        a = layer.attention
+        for module, n in (("attention.o", mapping.local_heads(a) * a.head_dim), ("mlp.down", layer.mlp.intermediate_size // tp)):
+            if quant.quantizes(i, module) and n % quant.group_size:
+                raise TrtcError(
+                    f"--tp {tp}: layers.{i}.{module} would hold {n} input features per rank, not a multiple "
+                    f"of the INT4 group size {quant.group_size}; use a smaller --tp or group size"
+                )

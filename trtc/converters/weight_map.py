@@ -1,7 +1,11 @@
-"""Weight mapping as data: a table from trtc tensor names to HF tensor names (STYLE.md).
+"""Weight mapping as data: a table from trtc names to HF names (STYLE.md).
 
-`{i}` in a pattern stands for the layer index. A tensor of the HF checkpoint that is neither mapped
-nor declared unused is an error; so is a mapped tensor that is missing or has the wrong shape.
+An entry maps a trtc module to an HF module (`layers.{i}.attention.q` -> `model.layers.{i}.self_attn.q_proj`)
+and the parameter suffix follows (`.weight`, `.bias`, and a quantized checkpoint's `.weight_scale`,
+`.input_scale`, `.pre_quant_scale`, ...), so quantization needs no entries. An entry may also map
+one tensor (`layers.{i}.attention.k_cache_scale` -> `...k_proj.k_scale`); a tensor entry wins
+over its module's. `{i}` stands for the layer index. A tensor of the HF checkpoint that is neither
+mapped nor declared unused is an error; so is a mapped tensor that is missing or has the wrong shape.
 """
 
 from __future__ import annotations
@@ -16,16 +20,39 @@ def _pattern(name: str) -> str:
     return _LAYER.sub(".{i}.", name, count=1)
 
 
+def _fill(pattern: str, like: str) -> str:
+    m = _LAYER.search(like)
+    return pattern.replace("{i}", m.group(1)) if m else pattern
+
+
 @dataclass(frozen=True)
 class WeightMap:
-    names: dict[str, str]  # trtc pattern -> HF pattern
-    unused: tuple[str, ...] = ()  # HF patterns dropped on purpose
+    names: dict[str, str]  # trtc module or tensor pattern -> HF module or tensor pattern
+    unused: tuple[str, ...] = ()  # HF tensor patterns dropped on purpose
+
+    def source_module(self, trtc_module: str) -> str:
+        """The HF module of a trtc module (`layers.3.mlp.down` -> `model.layers.3.mlp.down_proj`)."""
+        return _fill(self.names[_pattern(trtc_module)], trtc_module)
 
     def source(self, trtc_name: str) -> str:
-        """The HF name of a trtc tensor name."""
-        m = _LAYER.search(trtc_name)
-        pattern = self.names[_pattern(trtc_name)]
-        return pattern.replace("{i}", m.group(1)) if m else pattern
+        """The HF tensor name of a trtc tensor name."""
+        pattern = _pattern(trtc_name)
+        if pattern in self.names:
+            return _fill(self.names[pattern], trtc_name)
+        module, suffix = trtc_name.rsplit(".", 1)
+        return f"{self.source_module(module)}.{suffix}"
+
+    def target(self, hf_name: str) -> str | None:
+        """The trtc name an HF tensor maps to (None if no entry covers it)."""
+        pattern = _pattern(hf_name)
+        for trtc, hf in self.names.items():
+            if hf == pattern:
+                return _fill(trtc, hf_name)
+        module, _, suffix = pattern.rpartition(".")
+        for trtc, hf in self.names.items():
+            if hf == module:
+                return _fill(f"{trtc}.{suffix}", hf_name)
+        return None
 
     def is_unused(self, hf_name: str) -> bool:
         return _pattern(hf_name) in self.unused
@@ -34,27 +61,23 @@ class WeightMap:
 # The names shared by Llama, Mistral, Qwen2 and Qwen3 checkpoints.
 LLAMA_WEIGHTS = WeightMap(
     names={
-        "embedding.weight": "model.embed_tokens.weight",
-        "layers.{i}.input_norm.weight": "model.layers.{i}.input_layernorm.weight",
-        "layers.{i}.attention.q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-        "layers.{i}.attention.k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-        "layers.{i}.attention.v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-        "layers.{i}.attention.q.bias": "model.layers.{i}.self_attn.q_proj.bias",
-        "layers.{i}.attention.k.bias": "model.layers.{i}.self_attn.k_proj.bias",
-        "layers.{i}.attention.v.bias": "model.layers.{i}.self_attn.v_proj.bias",
-        "layers.{i}.attention.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
-        "layers.{i}.attention.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
-        "layers.{i}.attention.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
-        "layers.{i}.attention.o.bias": "model.layers.{i}.self_attn.o_proj.bias",
-        "layers.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-        "layers.{i}.mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-        "layers.{i}.mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
-        "layers.{i}.mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
-        "layers.{i}.mlp.gate.bias": "model.layers.{i}.mlp.gate_proj.bias",
-        "layers.{i}.mlp.up.bias": "model.layers.{i}.mlp.up_proj.bias",
-        "layers.{i}.mlp.down.bias": "model.layers.{i}.mlp.down_proj.bias",
-        "final_norm.weight": "model.norm.weight",
-        "lm_head.weight": "lm_head.weight",
+        "embedding": "model.embed_tokens",
+        "layers.{i}.input_norm": "model.layers.{i}.input_layernorm",
+        "layers.{i}.attention.q": "model.layers.{i}.self_attn.q_proj",
+        "layers.{i}.attention.k": "model.layers.{i}.self_attn.k_proj",
+        "layers.{i}.attention.v": "model.layers.{i}.self_attn.v_proj",
+        "layers.{i}.attention.q_norm": "model.layers.{i}.self_attn.q_norm",
+        "layers.{i}.attention.k_norm": "model.layers.{i}.self_attn.k_norm",
+        "layers.{i}.attention.o": "model.layers.{i}.self_attn.o_proj",
+        # ModelOpt exports the FP8 KV-cache scales on k_proj / v_proj
+        "layers.{i}.attention.k_cache_scale": "model.layers.{i}.self_attn.k_proj.k_scale",
+        "layers.{i}.attention.v_cache_scale": "model.layers.{i}.self_attn.v_proj.v_scale",
+        "layers.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
+        "layers.{i}.mlp.gate": "model.layers.{i}.mlp.gate_proj",
+        "layers.{i}.mlp.up": "model.layers.{i}.mlp.up_proj",
+        "layers.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
+        "final_norm": "model.norm",
+        "lm_head": "lm_head",
     },
     unused=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),
 )

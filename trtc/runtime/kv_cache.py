@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from trtc.checkpoint import torch_dtype
+from trtc.compiler.build_config import kv_cache_torch_dtype
 from trtc.errors import TrtcError
 from trtc.runtime.engine import Engine
 
@@ -15,7 +15,7 @@ CPU_KV_CACHE_FRACTION = 0.25  # of the memory available when no GPU: leave room 
 
 def kv_bytes_per_token(engine: Engine) -> int:
     """K and V bytes of one token over all layers, on one rank."""
-    itemsize = torch_dtype(engine.build_config.kv_cache_dtype).itemsize
+    itemsize = kv_cache_torch_dtype(engine.build_config.kv_cache_dtype).itemsize
     return sum(2 * engine.mapping.local_kv_heads(l.attention) * l.attention.head_dim * itemsize for l in engine.graph.layers)
 
 

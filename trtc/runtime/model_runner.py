@@ -13,11 +13,12 @@ from dataclasses import astuple
 import torch
 import torch.nn.functional as F
 
-from trtc.checkpoint import torch_dtype
+from trtc.compiler.build_config import kv_cache_torch_dtype
 from trtc.compiler.layout import local_qkv_sizes
 from trtc.graph import NormConfig
 from trtc.plugins.activation import ACTIVATION_FNS, gated_activation, silu_and_mul
 from trtc.plugins.attention import paged_attention, rope_and_write_kv
+from trtc.plugins.attention.paged import fp8_rope_write_attend
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
 from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
@@ -34,10 +35,15 @@ class ModelRunner:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        fp8_kv = self.build_config.kv_cache_dtype == "fp8"  # per-layer (k, v) scales of an FP8 pool
+        self._kv_scales = [
+            (self.w[f"layers.{i}.attention.k_cache_scale"], self.w[f"layers.{i}.attention.v_cache_scale"])
+            if fp8_kv else (None, None) for i in range(self.graph.num_layers)
+        ]
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The paged pool, per layer: k and v [num_blocks, tokens_per_block, local_kv_heads, head_dim]."""
-        kv_dtype = torch_dtype(self.build_config.kv_cache_dtype)
+        kv_dtype = kv_cache_torch_dtype(self.build_config.kv_cache_dtype)
         self.k_cache, self.v_cache = [], []
         for layer in self.graph.layers:
             a = layer.attention
@@ -69,7 +75,7 @@ class ModelRunner:
         """Decode can be captured as a CUDA graph: kernels without host syncs (the Triton ones, which
         run for bf16/fp16 on a GPU) and RoPE tables that do not change with the sequence length."""
         dynamic = any(layer.attention.rope.type == "dynamic" for layer in self.graph.layers)
-        kv_dtype = torch_dtype(self.build_config.kv_cache_dtype)
+        kv_dtype = kv_cache_torch_dtype(self.build_config.kv_cache_dtype)
         return self.dtype in (torch.bfloat16, torch.float16) and kv_dtype == self.dtype and not dynamic
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +133,13 @@ class ModelRunner:
             q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps)
             k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps)
         cos, sin = self._rope(i, meta.positions)
-        q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i], meta.slot_mapping)
-        out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap)
+        k_scale, v_scale = self._kv_scales[i]
+        if k_scale is None:
+            q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i], meta.slot_mapping)
+            out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap)
+        else:  # FP8 pool (trtc/quantization/layout.py): the reference, which takes the scales
+            out = fp8_rope_write_attend(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale,
+                                        a.sliding_window, a.soft_cap, k_scale, v_scale)
         return linear(out.reshape(t, -1), w, p + "o", bias=False)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
 from trtc.plugins.attention.reference import attention
 from trtc.plugins.attention.rope import apply_rope, inv_freq, rope_cos_sin
 from trtc.plugins.norm.reference import norm, rms_norm
+from trtc.quantization.layout import QuantConfig, dequantize_fp8, in_model_dtype, quantize_fp8
 
 
 @dataclass
@@ -46,8 +47,9 @@ class ReferenceModel:
     ) -> "ReferenceModel":
         config = CheckpointConfig.load(Path(directory))
         ranks = [load_rank_weights(Path(directory), r, device) for r in range(config.mapping.tp_size)]
-        if dtype is not None:
-            ranks = [{k: t.to(torch_dtype(dtype)) for k, t in w.items()} for w in ranks]
+        if dtype is not None:  # the model dtype; quantized tensors and scales keep theirs
+            quant = QuantConfig.from_dict(config.quantization)
+            ranks = [{k: t.to(torch_dtype(dtype)) if in_model_dtype(k, quant) else t for k, t in w.items()} for w in ranks]
         return cls(config.graph, config.mapping, ranks)
 
     def new_cache(self) -> KVCache:
@@ -105,6 +107,9 @@ class ReferenceModel:
         cos, sin = rope_cos_sin(freq, positions, x.dtype)
         q = torch.stack([apply_rope(q[s], cos, sin) for s in range(b)])
         k = torch.stack([apply_rope(k[s], cos, sin) for s in range(b)])
+        if p + "k_cache_scale" in w:  # FP8 KV cache: attention reads back what the pool stores
+            k = dequantize_fp8(quantize_fp8(k, w[p + "k_cache_scale"]), w[p + "k_cache_scale"], k.dtype)
+            v = dequantize_fp8(quantize_fp8(v, w[p + "v_cache_scale"]), w[p + "v_cache_scale"], v.dtype)
         if cache.k[rank][i] is not None:
             k, v = torch.cat([cache.k[rank][i], k], 1), torch.cat([cache.v[rank][i], v], 1)
         cache.k[rank][i], cache.v[rank][i] = k, v

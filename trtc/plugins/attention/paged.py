@@ -3,6 +3,8 @@
 Reference implementations (any device torch has); they define the layout the fast kernels use:
     k_cache, v_cache: [num_blocks, tokens_per_block, kv_heads, head_dim]
     slot of a token = block_id * tokens_per_block + offset in its block
+An FP8 pool (float8_e4m3fn, trtc/quantization/layout.py) holds fp8(k / k_scale) and fp8(v / v_scale)
+with one float32 scale per layer; reading multiplies the scale back.
 """
 
 from __future__ import annotations
@@ -10,12 +12,18 @@ from __future__ import annotations
 import torch
 
 from trtc.plugins.attention.reference import attention
+from trtc.plugins.attention.rope import apply_rope
+from trtc.quantization.layout import dequantize_fp8, quantize_fp8
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
-    # k, v: [T, kv_heads, head_dim]; slot_mapping: [T]
+    # k, v: [T, kv_heads, head_dim]; slot_mapping: [T]; scales: float32 [] for an FP8 pool
+    if k_scale is not None:  # fp8 has no index_copy on CPU: copy its bytes
+        k, v = quantize_fp8(k, k_scale).view(torch.uint8), quantize_fp8(v, v_scale).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping.long(), k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping.long(), v.to(v_cache.dtype))
 
@@ -31,6 +39,8 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's new queries over its cached keys (the new ones already written).
 
@@ -45,8 +55,26 @@ def paged_attention(
         blocks = block_tables[b, : -(-ctx // tpb)].long()
         k = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
         v = v_cache[blocks].flatten(0, 1)[:ctx]
+        if k_scale is not None:  # FP8 pool
+            k, v = dequantize_fp8(k, k_scale, q.dtype), dequantize_fp8(v, v_scale, q.dtype)
         out[start : start + n] = attention(
             q[start : start + n], k.to(q.dtype), v.to(q.dtype), positions[start : start + n], scale, sliding_window, soft_cap
         )
         start += n
     return out
+
+
+def fp8_rope_write_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float, sliding_window: int | None,
+    soft_cap: float | None, k_scale: torch.Tensor, v_scale: torch.Tensor,
+) -> torch.Tensor:
+    """The attention of one layer over an FP8 pool: RoPE on q and k, the write of k and v quantized
+    with their scales, attention over the dequantized cache. q: [T, Hq, D]; k, v: [T, Hkv, D];
+    cos, sin: [max_seq_len, D] tables read at meta.positions; meta: an AttentionMetadata.
+    Returns [T, Hq, D]. (The reference until an FP8-KV kernel exists.)"""
+    cos_t, sin_t = cos[meta.positions], sin[meta.positions]
+    q, k = apply_rope(q, cos_t, sin_t), apply_rope(k, cos_t, sin_t)
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
+    return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_lens, meta.context_lens, meta.positions,
+                           scale, sliding_window, soft_cap, k_scale, v_scale)
