@@ -224,11 +224,11 @@ def test_quantize_build_run_eval_cli(tiny, tmp_path):
     assert json.loads((engine / "config.json").read_text())["build_config"]["kv_cache_dtype"] == "fp8"
     result = cli("run", "--engine_dir", engine, "--input_text", "w1 w2 w3", "--max_output_len", 8, "--end_id", -1)
     assert result.exit_code == 0 and "Output [Text 0 Beam 0]" in result.output
-    result = cli("eval", "--engine_dir", engine, "--dataset", root / "calib.txt", "--window_len", 64,
+    result = cli("eval", "--engine_dir", engine, "--dataset", root / "calib.txt", "--max_seq_len", 64,
                  "--output_json", tmp_path / "ppl.json")
     assert result.exit_code == 0, result.output
-    r = json.loads((tmp_path / "ppl.json").read_text())[0]
-    assert r["tokens"] == 600 and 1 < r["perplexity"] < 1000
+    r = json.loads((tmp_path / "ppl.json").read_text())
+    assert r["num_tokens"] == 600 and 1 < r["perplexity"] < 1000
 
 
 def test_build_shortcut_quantizes(tiny, tmp_path):
@@ -266,7 +266,9 @@ def test_bad_quantize_input(tiny, tmp_path):
     assert_one_line_error(cli("quantize", *base, "--qformat", "int4_awq", "--awq_block_size", 48), "48")
     assert_one_line_error(cli("quantize", "--model_dir", hf, "--output_dir", out, "--qformat", "fp8",
                               "--calib_dataset", root / "nope.txt"), "nope.txt", "does not exist")
-    assert_one_line_error(cli("quantize", "--model_dir", hf, "--output_dir", out, "--qformat", "fp8"), "--calib_dataset")
+    (tmp_path / "empty.txt").write_text("\n")
+    assert_one_line_error(cli("quantize", "--model_dir", hf, "--output_dir", out, "--qformat", "fp8",
+                              "--calib_dataset", tmp_path / "empty.txt"), "empty.txt", "is empty")
     assert_one_line_error(cli("quantize", *base, "--qformat", "fp8", "--calib_max_seq_length", 5000), "fewer than one window")
     assert_one_line_error(cli("quantize", *base, "--qformat", "int4_awq", "--awq_block_size", GROUP, "--tp", 4),
                           "--tp 4", "group size")
@@ -390,3 +392,22 @@ def test_every_architecture_quantizes(case, tmp_path):
     convert(tmp_path / "export", tmp_path / "ckpt", progress=False)
     ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt")
     assert rel(ref.forward(prompt, ref.new_cache()), fake) < 1e-5
+
+
+def test_quantize_report_and_defaults(tiny, tmp_path):
+    """With no --calib_dataset the shipped text calibrates; the report compares with the unquantized
+    model through engines and lands in quant_report.json."""
+    root, hf, _, _ = tiny
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": " ".join(f"w{(7 * i + j) % 120}" for j in range(60))}) for i in range(40)))
+    result = cli("quantize", "--model_dir", hf, "--output_dir", tmp_path / "q", "--qformat", "fp8", "--calib_size", 2,
+                 "--calib_max_seq_len", 32, "--eval_dataset", jsonl)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert report["quant_algo"] == "FP8" and report["eval_text"] == "eval.jsonl"
+    p = report["perplexity"]
+    assert p["num_tokens"] > 1000 and p["unquantized"] > 1 and p["quantized"] > 1
+    assert abs(p["increase"] - (p["quantized"] / p["unquantized"] - 1)) < 1e-12
+    assert 0 <= report["greedy_agreement"] <= 1 and "greedy-token agreement" in result.output
+    calibration = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["calibration"]
+    assert calibration["dataset"] == ["calibration.txt"] and calibration["windows"] == 2

@@ -23,6 +23,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except TrtcError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # disk full, permission denied, ...: the system's reason and the path
+            where = f" ({e.filename})" if e.filename else ""
+            raise click.ClickException(f"{e.strerror or e}{where}; free space or fix permissions, then retry") from None
 
     return wrapper
 
@@ -74,11 +77,12 @@ def build_options(fn):
 
 CALIB_OPTIONS = [
     click.option("--calib_dataset", multiple=True, type=click.Path(),
-                 help="Calibration text: a plain-text file (repeat the flag for more)."),
-    click.option("--calib_size", default=64, show_default=True, type=int, help="Calibration windows."),
-    click.option("--calib_max_seq_length", default=512, show_default=True, type=int,
-                 help="Tokens per calibration window (BOS first)."),
-    click.option("--awq_block_size", default=128, show_default=True, type=int,
+                 help="Calibration text: a plain-text or .jsonl file (repeat the flag for more). "
+                      "[default: a public-domain book shipped with trtc]"),
+    click.option("--calib_size", default=512, show_default=True, type=int, help="Calibration windows."),
+    click.option("--calib_max_seq_len", "--calib_max_seq_length", "calib_max_seq_length", default=512,
+                 show_default=True, type=int, help="Tokens per calibration window (BOS first)."),
+    click.option("--group_size", "--awq_block_size", "awq_block_size", default=128, show_default=True, type=int,
                  help="INT4 group size (input columns per scale): 32, 64 or 128."),
     click.option("--awq_algorithm", default="lite", show_default=True, type=click.Choice(["lite", "clip", "full"]),
                  help="int4_awq: ModelOpt's AWQ search: lite (activation-aware scales), clip (group ranges), full (both)."),
@@ -96,25 +100,32 @@ def calib_options(fn):
 @click.option("--output_dir", required=True, type=click.Path(), help="Where to write the quantized trtc checkpoint.")
 @click.option("--qformat", required=True, type=click.Choice(["fp8", "int4_awq", "int4_gptq"]),
               help="fp8: FP8 weights and activations; int4_awq / int4_gptq: INT4 weights in groups (W4A16).")
-@click.option("--kv_cache_dtype", default=None, type=click.Choice(["fp8"]), help="Also calibrate an FP8 KV cache.")
+@click.option("--kv_cache_dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp8"]),
+              help="fp8: also calibrate an FP8 KV cache; auto: the KV cache keeps the model's dtype.")
 @calib_options
 @click.option("--batch_size", default=8, show_default=True, type=int, help="Calibration windows per forward.")
 @click.option("--tp", "--tp_size", "tp_size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size: one rank{N}.safetensors per rank.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
               help="Dtype of the unquantized tensors; auto keeps the model's.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
-              help="Where ModelOpt calibrates (cpu: float32; cuda: the model's dtype).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where ModelOpt calibrates (cpu: float32; cuda: the model's dtype; auto: cuda if there is a GPU).")
+@click.option("--eval_dataset", multiple=True, type=click.Path(),
+              help="Text of the report's perplexity. [default: the calibration text after what calibration used]")
+@click.option("--skip_report", is_flag=True, help="Skip the report (perplexity and greedy agreement vs unquantized).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors
 def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, calib_size, calib_max_seq_length,
-             awq_block_size, awq_algorithm, batch_size, tp_size, dtype, device, overwrite) -> None:
+             awq_block_size, awq_algorithm, batch_size, tp_size, dtype, device, eval_dataset, skip_report,
+             overwrite) -> None:
     """Quantize an HF model with NVIDIA ModelOpt into a trtc checkpoint (FP8, INT4 AWQ, INT4 GPTQ)."""
     from trtc.quantization.quantize import quantize as run_quantize
 
-    out = run_quantize(model_dir, output_dir, qformat, list(calib_dataset), kv_cache_dtype, calib_size,
-                       calib_max_seq_length, batch_size, awq_block_size, awq_algorithm, tp_size, dtype, device, overwrite)
-    click.echo(f"wrote {out} ({qformat}{' + fp8 KV cache' if kv_cache_dtype else ''}, tp {tp_size})")
+    kv = "fp8" if kv_cache_dtype == "fp8" else None
+    out = run_quantize(model_dir, output_dir, qformat, list(calib_dataset), kv, calib_size, calib_max_seq_length,
+                       batch_size, awq_block_size, awq_algorithm, tp_size, dtype, device, overwrite,
+                       eval_dataset=list(eval_dataset), report=not skip_report)
+    click.echo(f"wrote {out} ({qformat}{' + fp8 KV cache' if kv else ''}, tp {tp_size})")
 
 
 @main.command()
@@ -149,7 +160,7 @@ def build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, calib
         if qformats:
             quantize = dict(qformat=qformats[0], calib_dataset=list(calib_dataset), calib_size=calib_size,
                             calib_max_seq_length=calib_max_seq_length, awq_block_size=awq_block_size,
-                            awq_algorithm=awq_algorithm)
+                            awq_algorithm=awq_algorithm, report=False)
         out = build_from_hf(model_dir, output_dir, tp_size, dtype, config, backend, overwrite, quantize=quantize)
     else:
         if tp_size != 1 or dtype != "auto":
@@ -164,9 +175,10 @@ def build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, calib
 @click.option("--engine_dir", required=True, type=click.Path(), help="An engine directory from `trtc build`.")
 @click.option("--dataset", "datasets", multiple=True, type=click.Path(), help="A plain-text file (repeat for more).")
 @click.option("--max_tokens", default=60000, show_default=True, type=int, help="Tokens of each text scored, from its start.")
-@click.option("--window_len", default=512, show_default=True, type=int,
-              help="Tokens per window: BOS, then window_len - 1 text tokens.")
-@click.option("--output_json", type=click.Path(), help="Write the results as JSON.")
+@click.option("--max_seq_len", "--window_len", "window_len", default=512, show_default=True, type=int,
+              help="Tokens per window: BOS, then max_seq_len - 1 text tokens (non-overlapping windows).")
+@click.option("--output_json", type=click.Path(),
+              help='Write {"perplexity", "num_tokens", ...} (a list of them for several datasets).')
 @click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True)
 @user_errors
 def eval_(engine_dir, datasets, max_tokens, window_len, output_json, kv_cache_free_gpu_memory_fraction) -> None:

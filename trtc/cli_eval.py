@@ -33,8 +33,8 @@ def eval_engine(engine_dir: str, datasets: list[str], max_tokens: int | None, wi
         ids = tokenizer(text, add_special_tokens=False).input_ids
         r = perplexity(executor, ids, window_len, bos, max_tokens)
         click.echo(f"{Path(path).name:40s} {r.tokens:8d} {r.perplexity:11.3f}")
-        results.append({"dataset": str(path), "tokens": r.tokens, "nll": r.nll, "perplexity": r.perplexity,
+        results.append({"dataset": str(path), "num_tokens": r.tokens, "nll": r.nll, "perplexity": r.perplexity,
                         "window_len": window_len, "bos": bos is not None, "engine": str(engine_dir), "quantization": label})
     if output_json is not None:
-        Path(output_json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(output_json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
     return results

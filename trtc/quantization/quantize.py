@@ -38,7 +38,7 @@ from trtc.converters.hf_checkpoint import TOKENIZER_FILES, HFCheckpoint
 from trtc.converters.tp import validate_quantized_split
 from trtc.errors import TrtcError
 from trtc.mapping import Mapping
-from trtc.quantization.calibration import calibration_batches, read_texts
+from trtc.quantization.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batches, read_texts
 from trtc.quantization.layout import GROUP_SIZES, QuantConfig
 from trtc.utils.atomic_dir import check_output_dir
 
@@ -134,21 +134,25 @@ def quantize(
     model_dir: str | Path,
     output_dir: str | Path,
     qformat: str,
-    calib_dataset: list[str | Path],
+    calib_dataset: list[str | Path] | None = None,
     kv_cache_dtype: str | None = None,
-    calib_size: int = 64,
+    calib_size: int = 512,
     calib_max_seq_length: int = 512,
     batch_size: int = 8,
     awq_block_size: int = 128,
     awq_algorithm: str = "lite",
     tp_size: int = 1,
     dtype: str = "auto",
-    device: str = "cpu",
+    device: str = "auto",
     overwrite: bool = False,
     progress: bool | None = None,
+    eval_dataset: list[str | Path] | None = None,
+    report: bool = True,
 ) -> Path:
-    """Quantize the HF model in `model_dir` into a trtc checkpoint at `output_dir`."""
+    """Quantize the HF model in `model_dir` into a trtc checkpoint at `output_dir`; then, unless
+    report is False, compare it with the unquantized model (quant_report.json in output_dir)."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
+    calib_dataset = list(calib_dataset or [DEFAULT_CALIBRATION_TEXT])
     if qformat not in QFORMATS:
         raise TrtcError(f"--qformat {qformat!r} is not supported; use one of: {', '.join(QFORMATS)}")
     if kv_cache_dtype not in (None, "auto", "fp8"):
@@ -197,7 +201,13 @@ def quantize(
             "window_len": calib_max_seq_length, "bos": bos is not None, "algorithm": algorithm_name(qformat, awq_algorithm),
             "device": str(run_device),
         })
-        return convert(hf_out, output_dir, tp_size=tp_size, dtype=dtype, overwrite=overwrite, progress=progress)
+        convert(hf_out, output_dir, tp_size=tp_size, dtype=dtype, overwrite=overwrite, progress=progress)
+    if report:
+        from trtc.quantization.report import quant_report
+
+        used = sum(b.numel() for b in batches) - (sum(len(b) for b in batches) if bos is not None else 0)  # BOS excluded
+        quant_report(model_dir, output_dir, tokenizer, eval_dataset, calib_dataset, calibration_token_count=used)
+    return output_dir
 
 
 def _record(hf_out: Path, qformat: str, calibration: dict) -> None:
@@ -212,8 +222,10 @@ def _record(hf_out: Path, qformat: str, calibration: dict) -> None:
 
 
 def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
-        raise TrtcError(f"--device {device!r} is not one of: cpu, cuda")
+        raise TrtcError(f"--device {device!r} is not one of: auto, cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise TrtcError("--device cuda: no CUDA GPU is visible here; use --device cpu")
     return torch.device(device)
