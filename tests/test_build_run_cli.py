@@ -98,6 +98,7 @@ def test_build_is_byte_identical_and_defaults(engines, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["build_config"]["max_seq_len"] == 256  # the model's max_position_embeddings
+    assert config["build_config"]["cuda_graph_batch_sizes"] == [1, 2, 4, 8, *range(16, 256, 16), 256]
     assert config["format"] == "trtc-engine" and config["backend"] == "cuda"
     assert config["target"]["device"] == "cpu" and config["pretrained_config"]["graph"]["vocab_size"] == 131
 

@@ -54,6 +54,7 @@ class BuildConfig:
             max_num_tokens=self.max_num_tokens,
             tokens_per_block=self.tokens_per_block,
             kv_cache_dtype=kv,
+            cuda_graph_batch_sizes=self.cuda_graph_batch_sizes or default_graph_batch_sizes(self.max_batch_size),
         )
 
     def to_dict(self) -> dict:
