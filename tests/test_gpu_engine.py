@@ -53,7 +53,7 @@ def test_bf16_teacher_forced_agreement(fixtures_dir, tmp_path):
     for w in windows:
         with torch.no_grad():
             hf_top1 = model(torch.tensor([w], device="cuda")).logits[0].argmax(-1)
-        ours = llm.executor.prompt_logits(w).argmax(-1)  # [len(w), vocab] teacher-forced
+        ours = llm.executor.prompt_logits([w])[0].argmax(-1)  # [len(w), vocab] teacher-forced
         agree += int((ours == hf_top1).sum())
         total += len(w)
     assert total >= 1000 and agree / total >= 0.99, f"top-1 agreement {agree}/{total}"

@@ -158,7 +158,7 @@ def test_prompt_logits_are_teacher_forced_hf_logits(engine, hf_model):
     ex = Executor(engine, kv_cache_max_tokens=512)
     p = prompts(1, seed=11)[0] + prompts(1, seed=12)[0]
     p = (p * 3)[:40]
-    logits = ex.prompt_logits(p)
+    logits = ex.prompt_logits([p])[0]
     with torch.no_grad():
         expected = hf_model(torch.tensor([p])).logits[0]
     assert logits.shape == expected.shape

@@ -198,17 +198,22 @@ class Executor:
                 del self.requests[rid]
         return events
 
-    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Teacher-forced logits [len(prompt_ids), vocab] f32 of one prompt (row i predicts token i+1),
-        computed by the runtime like any request (chunked prefill, paged KV cache)."""
-        rid = self.add_request(prompt_ids, SamplingParams(max_tokens=1, end_id=-1))
-        state = self.requests[rid]
-        state.prompt_logits = torch.empty(len(prompt_ids), self.engine.graph.vocab_size, device=self.device)
-        while rid in self.requests:
-            self.step()
-        return state.prompt_logits
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced logits [len(prompt), vocab] f32 of each prompt (row i predicts token i+1),
+        computed by the runtime like any request (in-flight batched, chunked prefill, paged KV cache)."""
+        states = []
+        for prompt in prompts:
+            rid = self.add_request(prompt, SamplingParams(max_tokens=1, end_id=-1))
+            self.requests[rid].prompt_logits = torch.empty(len(prompt), self.engine.graph.vocab_size, device=self.device)
+            states.append(self.requests[rid])
+        while any(s.request_id in self.requests for s in states):
+            self._step_or_raise()
+        return [s.prompt_logits for s in states]
+
+    def _step_or_raise(self) -> None:
+        if not self.step() and self.scheduler.num_running() == 0 and self.has_unfinished():
+            raise TrtcError("no waiting request fits the KV-cache pool; give the runtime more KV-cache memory")
 
     def run_until_complete(self) -> None:
         while self.has_unfinished():
-            if not self.step() and self.scheduler.num_running() == 0 and self.has_unfinished():
-                raise TrtcError("no waiting request fits the KV-cache pool; give the runtime more KV-cache memory")
+            self._step_or_raise()

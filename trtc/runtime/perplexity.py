@@ -12,14 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from trtc.errors import TrtcError
 from trtc.quantization.calibration import token_windows
-from trtc.runtime.attention_metadata import AttentionMetadata
 from trtc.runtime.executor import Executor
-from trtc.runtime.sampling_params import SamplingParams
 
 
 @dataclass
@@ -30,39 +27,12 @@ class Perplexity:
 
 
 def prompt_logprobs(executor: Executor, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """For each prompt, the log-probability [len - 1] (float64) of token j + 1 given tokens 0..j.
-
-    The prompts run as requests of one new token through the executor's scheduler (batched and
-    chunked under the engine's token budget); the runner returns logits for every fed token.
-    """
-    sched, runner, device = executor.scheduler, executor.runner, executor.device
-    rids = [executor.add_request(p, SamplingParams(max_tokens=1, end_id=-1)) for p in prompts]
-    index = {rid: i for i, rid in enumerate(rids)}
-    out = [torch.full((len(p) - 1,), math.nan, dtype=torch.float64) for p in prompts]
-    while sched.has_unfinished():
-        batch = sched.schedule()
-        if len(batch.request_ids) == 0:
-            raise TrtcError("an evaluation window does not fit the KV-cache pool; give the runtime more KV-cache memory")
-        query_lens, context_lens = np.asarray(batch.query_lens), np.asarray(batch.context_lens)
-        input_ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(device)
-        meta = AttentionMetadata.from_batch(batch, device)
-        logits = runner.forward(input_ids, meta, torch.arange(len(input_ids), device=device))  # [T, vocab]
-        logp = torch.log_softmax(logits.double(), dim=-1).cpu()
-        start = 0
-        for rid, n, ctx in zip(np.asarray(batch.request_ids).tolist(), query_lens.tolist(), context_lens.tolist()):
-            prompt, first = prompts[index[rid]], ctx - n  # this chunk feeds positions first .. ctx - 1
-            targets = torch.tensor(prompt[first + 1 : ctx + 1])  # a recomputed chunk overwrites the same slots
-            out[index[rid]][first : first + len(targets)] = logp[start : start + len(targets)].gather(
-                1, targets[:, None]).squeeze(1)
-            start += n
-        ends = np.cumsum(query_lens) - 1
-        sampled = ends[np.flatnonzero(np.asarray(batch.sample))]
-        for rid, _, reason in sched.update(logits[torch.from_numpy(sampled)].argmax(-1).cpu()):
-            if reason is not None:
-                sched.pop(rid)
-                executor.requests.pop(rid, None)
-    if any(torch.isnan(o).any() for o in out):
-        raise TrtcError("internal error: some positions of an evaluation window were never computed")
+    """For each prompt, the log-probability [len - 1] (float64) of token j + 1 given tokens 0..j,
+    from the runtime's teacher-forced logits (`Executor.prompt_logits`)."""
+    out = []
+    for prompt, logits in zip(prompts, executor.prompt_logits(prompts)):
+        logp = torch.log_softmax(logits[:-1].double(), dim=-1).cpu()  # [len - 1, vocab]
+        out.append(logp.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1))
     return out
 
 
