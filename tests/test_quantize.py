@@ -219,7 +219,7 @@ def test_quantize_build_run_eval_cli(tiny, tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     q = config["quantization"]
     assert config["dtype"] == "bfloat16" and q["quant_algo"] == "W4A16_AWQ" and q["kv_cache_quant_algo"] == "FP8"
-    assert q["group_size"] == GROUP and q["calibration"]["windows"] == 4 and q["calibration"]["algorithm"] == "awq_lite"
+    assert q["group_size"] == GROUP and q["calibration"]["windows"] == 4 and q["calibration"]["algorithm"] == "awq_clip"  # the default
     assert cli("build", "--checkpoint_dir", ckpt, "--output_dir", engine).exit_code == 0
     assert json.loads((engine / "config.json").read_text())["build_config"]["kv_cache_dtype"] == "fp8"
     result = cli("run", "--engine_dir", engine, "--input_text", "w1 w2 w3", "--max_output_len", 8, "--end_id", -1)

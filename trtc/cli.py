@@ -84,7 +84,7 @@ CALIB_OPTIONS = [
                  show_default=True, type=int, help="Tokens per calibration window (BOS first)."),
     click.option("--group_size", "--awq_block_size", "awq_block_size", default=128, show_default=True, type=int,
                  help="INT4 group size (input columns per scale): 32, 64 or 128."),
-    click.option("--awq_algorithm", default="lite", show_default=True, type=click.Choice(["lite", "clip", "full"]),
+    click.option("--awq_algorithm", default="clip", show_default=True, type=click.Choice(["lite", "clip", "full"]),
                  help="int4_awq: ModelOpt's AWQ search: lite (activation-aware scales), clip (group ranges), full (both)."),
 ]
 
