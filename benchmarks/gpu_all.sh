@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session: install trtc on the GPU machine (no downloads there), run the GPU tests, then the
+# On a GPU machine: install trtc (no downloads needed), run the GPU tests, then the
 # bf16 engine benchmark against HF transformers. Fixtures are read from $TRTC_FIXTURES.
-#   bash benchmarks/h200_session.sh [quick]
+#   bash benchmarks/gpu_all.sh [quick]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRTC_FIXTURES=${TRTC_FIXTURES:-$PWD/.carry/fixtures}
 OUT=${OUT:-/tmp/trtc-out}
