@@ -33,11 +33,15 @@ class DecodeCudaGraphs:
         bmax, dev = self.sizes[-1], runner.device
         self.width = max_blocks_per_seq
         self.scratch_slot = scratch_block * runner.build_config.tokens_per_block
-        self.input_ids = torch.zeros(bmax, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(bmax, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((bmax,), self.scratch_slot, dtype=torch.int64, device=dev)
+        # Static inputs the graphs read, each filled by one asynchronous copy from a pinned host twin.
+        self.ids_pos_slot = torch.zeros(3, bmax, dtype=torch.int64, device=dev)  # input_ids, positions, slots
+        self.input_ids, self.positions, self.slot_mapping = self.ids_pos_slot.unbind(0)
+        self.slot_mapping.fill_(self.scratch_slot)
         self.block_tables = torch.full((bmax, self.width), scratch_block, dtype=torch.int32, device=dev)
         self.context_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        self.host_ids_pos_slot = self.ids_pos_slot.cpu().pin_memory()
+        self.host_block_tables = self.block_tables.cpu().pin_memory()
+        self.host_context_lens = self.context_lens.cpu().pin_memory()
         self.query_start_loc = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(bmax, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -83,23 +87,16 @@ class DecodeCudaGraphs:
         b = len(batch.request_ids)
         bs = next(s for s in self.sizes if s >= b)
         tables = np.asarray(batch.block_tables, dtype=np.int32)
-        # one host->device copy of everything the step reads
-        packed = np.concatenate([
-            np.asarray(batch.input_ids, dtype=np.int32), np.asarray(batch.positions, dtype=np.int32),
-            np.asarray(batch.slot_mapping, dtype=np.int32), np.asarray(batch.context_lens, dtype=np.int32),
-            tables.reshape(-1),
-        ])
-        dev = torch.from_numpy(packed).to(self.runner.device, non_blocking=True)
-        ids, pos, slots, ctx, bt = dev.split([b, b, b, b, tables.size])
-        self.input_ids[:b].copy_(ids)
-        self.positions[:b].copy_(pos)
-        self.slot_mapping[:b].copy_(slots)
-        self.context_lens[:b].copy_(ctx)
-        self.block_tables[:b, : tables.shape[1]].copy_(bt.view(b, tables.shape[1]))
-        if bs > b:  # padding rows: scratch slot, one token of context
-            self.slot_mapping[b:bs].fill_(self.scratch_slot)
-            self.context_lens[b:bs].fill_(1)
-            self.input_ids[b:bs].zero_()
-            self.positions[b:bs].zero_()
+        ids_pos_slot, block_tables, ctx = (self.host_ids_pos_slot.numpy(), self.host_block_tables.numpy(),
+                                           self.host_context_lens.numpy())
+        ids_pos_slot[0, :b], ids_pos_slot[1, :b], ids_pos_slot[2, :b] = batch.input_ids, batch.positions, batch.slot_mapping
+        ids_pos_slot[:2, b:bs], ids_pos_slot[2, b:bs] = 0, self.scratch_slot  # padding rows: token 0 into the scratch slot
+        block_tables[:b, : tables.shape[1]] = tables
+        ctx[:b], ctx[b:bs] = batch.context_lens, 1
+        # The host buffers are rewritten only after the caller has read this step's tokens, so after
+        # these copies are done.
+        self.ids_pos_slot.copy_(self.host_ids_pos_slot, non_blocking=True)
+        self.block_tables[:bs].copy_(self.host_block_tables[:bs], non_blocking=True)
+        self.context_lens.copy_(self.host_context_lens, non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:b]
