@@ -60,6 +60,7 @@ class LLM:
             enable_cuda_graphs,
         )
         self._tokenizer = None
+        self._has_tokenizer = any((self.engine_dir / "tokenizer" / f).is_file() for f in TOKENIZER_MODEL_FILES)
         self._stop_strings: dict[int, list[str]] = {}  # request id -> stop strings, while it runs
 
     @property
@@ -69,8 +70,7 @@ class LLM:
         return self._tokenizer
 
     def _decode(self, ids: list[int]) -> str:
-        has_tokenizer = any((self.engine_dir / "tokenizer" / f).is_file() for f in TOKENIZER_MODEL_FILES)
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if has_tokenizer else ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self._has_tokenizer else ""
 
     # Generation -----------------------------------------------------------------------------------
     def generate(

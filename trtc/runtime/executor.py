@@ -144,10 +144,10 @@ class Executor:
         ends = np.cumsum(query_lens) - 1
         rids = np.asarray(batch.request_ids)
         keep = [i for i, rid in enumerate(rids) if self.requests[int(rid)].prompt_logits is not None]
-        index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
         if self.cuda_graphs is not None and not keep and len(sample_rows) == len(rids) and self.cuda_graphs.can_run(batch):
             logits = self.cuda_graphs.run(batch)  # [B, vocab]: a decode-only batch samples every row
             return self._sample(rids, logits)
+        index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
         input_ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(self.device)
         meta = AttentionMetadata.from_batch(batch, self.device)
         logits = self.runner.forward(input_ids, meta, torch.from_numpy(index).to(self.device))  # [len(index), vocab]

@@ -116,6 +116,16 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_
 
 
 @functools.cache
+def paged_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """Check q [..., Hq, D] against the paged caches [num_blocks, tokens_per_block, Hkv, D] (unit
+    stride in D, Hq a multiple of Hkv) and return (tokens_per_block, Hkv)."""
+    hq, dim = q.shape[-2], q.shape[-1]
+    tpb, hkv = k_cache.shape[1], k_cache.shape[2]
+    assert hq % hkv == 0 and k_cache.shape[3] == dim and v_cache.shape == k_cache.shape
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    return tpb, hkv
+
+
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -137,9 +147,7 @@ def decode_attention(
     k_cache, v_cache: [num_blocks, tokens_per_block, Hkv, D]; block_tables: [>= B, max_blocks] int32/int64;
     context_lens: [>= B] int32. Writes and returns out [B, Hq, D] (out may be a slice of a larger buffer)."""
     batch, hq, dim = q.shape
-    tpb, hkv = k_cache.shape[1], k_cache.shape[2]
-    assert hq % hkv == 0 and k_cache.shape[3] == dim and v_cache.shape == k_cache.shape
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    tpb, hkv = paged_layout(q, k_cache, v_cache)
     if out is None:
         out = torch.empty_like(q)
     if batch == 0:

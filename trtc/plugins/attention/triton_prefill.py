@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trtc.plugins.attention.triton_decode import _tanh
+from trtc.plugins.attention.triton_decode import _tanh, paged_layout
 
 
 @triton.jit
@@ -139,9 +139,7 @@ def prefill_attention(
     k_cache, v_cache: [num_blocks, tokens_per_block, Hkv, D]; block_tables: [B, max_blocks];
     context_lens: [B] int32; max_query_len: the longest chunk among those sequences (host int)."""
     _, hq, dim = q.shape
-    tpb, hkv = k_cache.shape[1], k_cache.shape[2]
-    assert hq % hkv == 0 and k_cache.shape[3] == dim and v_cache.shape == k_cache.shape
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    tpb, hkv = paged_layout(q, k_cache, v_cache)
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0 or max_query_len == 0:
