@@ -1,19 +1,24 @@
-"""The bf16 GPU engine against HF transformers on the same GPU, in one run.
+"""The GPU engines (bf16, FP8, INT4-AWQ) against HF transformers on the same GPU, in one run.
 
-    python benchmarks/gpu_engine.py [--work_dir DIR] [--quick] [--skip_compile]
+    python benchmarks/gpu_engine.py [--work_dir DIR] [--quick] [--skip_compile] [--engines bf16,fp8,int4_awq]
 
 Creates a random-weight HF checkpoint of Llama-3.1-8B shape from a config (no download), builds a
-bf16 engine (timed), loads it (timed), runs `trtc bench` in throughput mode (ISL/OSL 128/128,
-128/2048, 2048/128) and latency mode (batch 1), runs HF transformers on the same GPU and prompts
-with its fastest settings (static cache + torch.compile at batch 1; static batches for
-throughput), and prints one table: trtc, HF, ratio, and trtc against the hardware limit.
+bf16 engine (timed, autotuning included), loads it (timed), runs `trtc bench` in throughput mode
+(ISL/OSL 128/128, 128/2048, 2048/128) and latency mode (batch 1), runs HF transformers on the same
+GPU and prompts with its fastest settings (static cache + torch.compile at batch 1; static batches
+for throughput), and prints one table: trtc, HF, ratio, and trtc against the hardware limit.
+FP8 (W8A8 + FP8 KV cache) and INT4-AWQ (W4A16, group 128) engines of the same shapes are built from
+round-to-nearest quantized checkpoints (benchmarks/synthetic_quant.py: speed only) and measured
+at 128/128 and batch 1 beside bf16.
 --quick uses a ~1B model and fewer requests (a smoke test of the whole path).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +50,8 @@ def make_checkpoint(path: Path, shape: dict) -> int:
         p.data.normal_(0, 0.02, generator=g)
     model.save_pretrained(path, max_shard_size="5GB")
     n = sum(p.numel() for p in model.parameters())
-    del model
+    del model, p
+    gc.collect()  # the model's reference cycles hold its 16 GB until collected
     torch.cuda.empty_cache()
     return n
 
@@ -111,17 +117,38 @@ def hf_batch1_guarded(hf_dir: Path, isl: int, osl: int, timeout: int) -> tuple[f
         return float("nan"), "static cache + compile failed"
 
 
-def trtc_part(args, hf_dir: Path, engine: Path) -> dict:
+BUILD_FLAGS = ["--max_seq_len", "4096", "--max_batch_size", "256", "--max_num_tokens", "8192", "--overwrite"]
+
+
+def build_engine(kind: str, hf_dir: Path, engine: Path) -> float:
+    """Seconds to build `kind` (bf16 from the HF dir; fp8 / int4_awq from a synthetic quantized
+    checkpoint, whose preparation is not counted)."""
+    cli = [sys.executable, "-m", "trtc.cli"]
+    if kind == "bf16":
+        return timed([*cli, "build", "--model_dir", str(hf_dir), "--output_dir", str(engine), *BUILD_FLAGS])
+    ckpt, qckpt = engine.parent / "ckpt", engine.parent / f"ckpt-{kind}"
+    if not (ckpt / "config.json").is_file():
+        subprocess.run([*cli, "convert", "--model_dir", str(hf_dir), "--output_dir", str(ckpt), "--dtype", "bfloat16"],
+                       check=True)
+    extra = ["--kv_cache_fp8"] if kind == "fp8" else []
+    subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic_quant.py"), str(ckpt), str(qckpt), kind, *extra],
+                   check=True)
+    kv = ["--kv_cache_dtype", "fp8"] if kind == "fp8" else []
+    seconds = timed([*cli, "build", "--checkpoint_dir", str(qckpt), "--output_dir", str(engine), *BUILD_FLAGS, *kv])
+    shutil.rmtree(qckpt)
+    return seconds
+
+
+def trtc_part(args, hf_dir: Path, engine: Path, kind: str = "bf16") -> dict:
     """Build, load and bench the engine; the figures go to results.json for the HF part."""
     from trtc.runtime.bench import bench, format_result
     from trtc.runtime.executor import Executor
 
-    build_s = timed([sys.executable, "-m", "trtc.cli", "build", "--model_dir", str(hf_dir), "--output_dir", str(engine),
-                     "--max_seq_len", "4096", "--max_batch_size", "256", "--max_num_tokens", "8192", "--overwrite"])
+    build_s = build_engine(kind, hf_dir, engine)
     ex = Executor(engine)
     res = {"build_s": build_s, "load_s": ex.load_seconds, "tput": {}}
     requests = 128 if args.quick else 512
-    shapes = [(128, 128)] if args.skip_long else [(128, 128), (128, 2048), (2048, 128)]
+    shapes = [(128, 128)] if args.skip_long or kind != "bf16" else [(128, 128), (128, 2048), (2048, 128)]
     for isl, osl in shapes:
         r = bench(ex, isl, osl, requests if osl <= 128 else requests // 4, concurrency=256)
         print(format_result(r), flush=True)
@@ -130,6 +157,7 @@ def trtc_part(args, hf_dir: Path, engine: Path) -> dict:
     print(format_result(lat), flush=True)
     res["latency"] = lat.to_dict()
     ex.close()
+    shutil.rmtree(engine)  # the disk holds one 8B engine at a time beside the checkpoints
     return res
 
 
@@ -142,7 +170,7 @@ def hf_part(args, hf_dir: Path) -> dict:
     return {"batch1": best, "batch1_how": how, "static": static}
 
 
-def table(t: dict, hf: dict) -> None:
+def table(t: dict, hf: dict, quant: dict) -> None:
     lat = t["latency"]
     trtc_b1 = 1e3 / lat["tpot_ms"]["mean"]
     limit_b1 = lat["bandwidth_gbps"] * 1e9 / lat["bytes_per_step"]
@@ -156,6 +184,16 @@ def table(t: dict, hf: dict) -> None:
          "HF static batch " + ", ".join(f"{b}: {v:,.0f}" for b, v in hf["static"].items())),
     ]
     rows += [(f"tput {k} tok/s", f"{v:,.0f}", "", "", "concurrency 256") for k, v in t["tput"].items() if k != "128/128"]
+    for kind, q in quant.items():
+        qlat = q["latency"]
+        q_b1 = 1e3 / qlat["tpot_ms"]["mean"]
+        rows += [
+            (f"{kind} build (s)", f"{q['build_s']:.1f}", "", "", "autotuning included"),
+            (f"{kind} batch-1 tok/s", f"{q_b1:.1f}", f"{hf['batch1']:.1f}", f"{q_b1 / hf['batch1']:.2f}x",
+             f"{q_b1 / trtc_b1:.2f}x trtc bf16; MBU {100 * qlat['mbu']:.1f}% ({qlat['bytes_per_step'] / 1e9:.2f} GB/step)"),
+            (f"{kind} tput 128/128", f"{q['tput']['128/128']:,.0f}", f"{hf_tput:,.0f}", f"{q['tput']['128/128'] / hf_tput:.2f}x",
+             f"{q['tput']['128/128'] / t['tput']['128/128']:.2f}x trtc bf16"),
+        ]
     print()
     print(f"{'metric':<24}{'trtc':>12}{'HF':>12}{'ratio':>8}  vs hardware / note")
     for r in rows:
@@ -168,6 +206,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip_compile", action="store_true", help="HF batch 1 without torch.compile")
     ap.add_argument("--skip_long", action="store_true", help="only ISL/OSL 128/128 in throughput mode")
+    ap.add_argument("--engines", default="bf16", help="comma-separated: bf16 (always), fp8, int4_awq")
     ap.add_argument("--part", choices=["all", "trtc", "hf"], default="all",
                     help="run trtc and HF in separate calls (trtc writes results.json in work_dir)")
     args = ap.parse_args()
@@ -180,9 +219,14 @@ def main() -> None:
     weight_gb = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")) / 1e9
     print(f"checkpoint: {n / 1e9:.2f}B parameters, {weight_gb:.2f} GB, ready in {time.perf_counter() - start:.0f} s", flush=True)
     if args.part in ("all", "trtc"):
-        results.write_text(json.dumps(trtc_part(args, hf_dir, engine)))
+        res = trtc_part(args, hf_dir, engine)
+        res["quant"] = {kind: trtc_part(args, hf_dir, work / f"engine-{kind}", kind)
+                        for kind in args.engines.split(",") if kind != "bf16"}
+        shutil.rmtree(work / "ckpt", ignore_errors=True)
+        results.write_text(json.dumps(res))
     if args.part in ("all", "hf"):
-        table(json.loads(results.read_text()), hf_part(args, hf_dir))
+        res = json.loads(results.read_text())
+        table(res, hf_part(args, hf_dir), res.get("quant", {}))
 
 
 if __name__ == "__main__":

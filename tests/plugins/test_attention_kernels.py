@@ -10,6 +10,8 @@ Tolerances (bf16 and fp16 inputs):
   slots outside slot_mapping stay untouched.
 The GPU cases are marked `gpu`; `test_interpreter_small` runs a few small cases on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, fp16 since the interpreter's bf16 dot is wrong).
+FP8 pool (float8_e4m3fn with a float32 scale each for K and V): attention within the same tolerances
+of the float32 reference over the dequantized pool; the RoPE write stores exactly fp8(k_rot / k_scale).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from trtc.graph import RopeConfig
 from trtc.plugins.attention import paged, paged_attention, rope_and_write_kv
 from trtc.plugins.attention.rope import apply_rope, inv_freq, rope_cos_sin
+from trtc.quantization.layout import dequantize_fp8, quantize_fp8
 from trtc.runtime.attention_metadata import AttentionMetadata
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -176,6 +179,64 @@ def test_decode_cuda_graph():
     assert (out[4] == 0).all()
 
 
+def check_attention_fp8_pool(specs, hq, hkv, dim, tpb, dtype, device, seed, window=None, cap=None, run=None):
+    """The same batch with its cache in an FP8 pool (fp8(k / k_scale), NaN kept in unowned slots):
+    the kernels against the float32 reference over the dequantized pool."""
+    q, kc, vc, meta = make_batch(specs, hq, hkv, dim, tpb, dtype, device, seed)
+    ks, vs = torch.tensor(0.011, device=device), torch.tensor(0.013, device=device)
+    kc8, vc8 = quantize_fp8(kc, ks), quantize_fp8(vc, vs)
+    scale = 1 / math.sqrt(dim)
+    out = torch.full_like(q, float("nan"))
+    if run is None:
+        got = paged_attention(q, kc8, vc8, meta, scale, window, cap, out=out, k_scale=ks, v_scale=vs)
+    else:
+        got = run(q, kc8, vc8, meta, scale, window, cap, out, ks, vs)
+    ref = reference_fp32(q, dequantize_fp8(kc8, ks, dtype), dequantize_fp8(vc8, vs, dtype), meta, scale, window, cap)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("hq,hkv,dim,tpb", [(32, 8, 128, 32), (8, 2, 80, 16)])
+@pytest.mark.parametrize("window,cap", [(None, None), (40, 30.0)])
+def test_fp8_pool(hq, hkv, dim, tpb, window, cap):
+    check_attention_fp8_pool(MIXED, hq, hkv, dim, tpb, torch.bfloat16, "cuda", seed=dim, window=window, cap=cap)
+
+
+def check_rope_kv_fp8(t, hq, hkv, dim, tpb, dtype, device, seed):
+    """RoPE + write into an FP8 pool: the cache holds exactly fp8(k_rot / k_scale), fp8(v / v_scale)."""
+    from trtc.plugins.attention.triton_rope_kv import rope_and_write_kv as kernel
+
+    g = torch.Generator().manual_seed(seed)
+    cos, sin = rope_cos_sin(inv_freq(RopeConfig(theta=10000.0), dim), torch.arange(1024), dtype)
+    q, k, v = (torch.randn(t, h, dim, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    positions = torch.randint(0, 1024, (t,), generator=g)
+    num_blocks = -(-t // tpb) + 2
+    slots = torch.randperm(num_blocks * tpb, generator=g)[:t]
+    ks, vs = torch.tensor(0.009), torch.tensor(0.012)
+    k_cache = torch.zeros((num_blocks, tpb, hkv, dim), dtype=torch.float8_e4m3fn)
+    v_cache = k_cache.clone()
+    q, k, v, cos, sin, positions, slots, k_cache, v_cache, ks, vs = (
+        x.to(device) for x in (q, k, v, cos, sin, positions, slots, k_cache, v_cache, ks, vs))
+    q_rot, k_rot = kernel(q, k, v, cos, sin, positions, k_cache, v_cache, slots, k_scale=ks, v_scale=vs)
+    c, s = cos[positions].float(), sin[positions].float()
+    torch.testing.assert_close(k_rot.float(), apply_rope(k.float(), c, s), atol=1e-2, rtol=1e-2)
+    flat_k, flat_v = k_cache.view(-1, hkv, dim).view(torch.uint8), v_cache.view(-1, hkv, dim).view(torch.uint8)
+    # Triton's CPU interpreter mis-rounds values that round up to a power of two (to half of it): there,
+    # >= 90% of the bytes must match
+    need = 1.0 if device != "cpu" else 0.9
+    assert (flat_k[slots] == quantize_fp8(k_rot, ks).view(torch.uint8)).float().mean() >= need
+    assert (flat_v[slots] == quantize_fp8(v, vs).view(torch.uint8)).float().mean() >= need
+
+
+@pytest.mark.gpu
+@cuda
+def test_rope_and_write_kv_fp8_pool():
+    check_rope_kv_fp8(300, 32, 8, 128, 32, torch.bfloat16, "cuda", seed=3)
+
+
 def check_rope_kv(t, hq, hkv, dim, tpb, dtype, device, seed, rope_type="default"):
     from trtc.plugins.attention.triton_rope_kv import rope_and_write_kv as kernel
 
@@ -251,6 +312,16 @@ def _interpreter_cases() -> None:
     check_attention(specs, 8, 2, 32, 16, torch.float16, "cpu", seed=1, run=run)
     check_attention(specs, 8, 2, 32, 16, torch.float16, "cpu", seed=2, run=run, window=10, cap=20.0)
     check_rope_kv(9, 4, 2, 32, 16, torch.float16, "cpu", seed=0, rope_type="llama3")
+
+    def run_fp8(q, kc, vc, meta, scale, window, cap, out, ks, vs):
+        nd, b = meta.num_decodes, len(meta.query_lens)
+        decode_attention(q[:nd], kc, vc, meta.block_tables, meta.context_lens_tensor, scale, window, cap,
+                         out=out[:nd], num_splits=2, k_scale=ks, v_scale=vs)
+        return prefill_attention(q, kc, vc, meta.block_tables, meta.query_start_loc, meta.context_lens_tensor,
+                                 nd, b - nd, meta.max_query_len, scale, window, cap, out=out, k_scale=ks, v_scale=vs)
+
+    check_attention_fp8_pool(specs, 8, 2, 32, 16, torch.float16, "cpu", seed=3, run=run_fp8)
+    check_rope_kv_fp8(9, 4, 2, 32, 16, torch.float16, "cpu", seed=0)
 
 
 def test_interpreter_small():

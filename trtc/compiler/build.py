@@ -6,7 +6,8 @@
                              loaded without copies, straight onto the device)
     ENGINE/tokenizer/
 
-Two builds from the same checkpoint and flags on the same machine give byte-identical files.
+Two builds from the same checkpoint and flags give byte-identical rank files. On a GPU the build
+also times the kernels' tactics for the engine's shapes (compiler/autotune.py) into config.json.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from trtc import __version__
-from trtc.checkpoint import CheckpointConfig, rank_file
+from trtc.checkpoint import CheckpointConfig, rank_file, torch_dtype
+from trtc.compiler.autotune import autotune
 from trtc.compiler.build_config import BuildConfig
 from trtc.compiler.layout import combine, engine_shape, engine_tensors
 from trtc.errors import TrtcError
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
+from trtc.compiler.autotune import autotune
 from trtc.utils.safetensors_writer import DTYPE_OF_CODE, SafetensorsWriter
 
 ENGINE_FORMAT = "trtc-engine"
@@ -90,10 +93,16 @@ def build(
     with atomic_output_dir(output_dir, overwrite) as tmp:
         for rank in range(world):
             _build_rank(checkpoint_dir, tmp, rank, ckpt, progress)
+        engine_config["tactics"] = autotune(tmp, ckpt.graph, ckpt.mapping, config, torch_dtype(ckpt.dtype),
+                                            engine_config["target"], log=print if progress is not False else _quiet)
         (tmp / "config.json").write_text(json.dumps(engine_config, indent=2) + "\n")
         if (checkpoint_dir / "tokenizer").is_dir():
             shutil.copytree(checkpoint_dir / "tokenizer", tmp / "tokenizer")
     return output_dir
+
+
+def _quiet(*_: object) -> None:
+    pass
 
 
 def _build_rank(checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConfig, progress: bool | None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ class Engine:
     build_config: BuildConfig
     target: dict
     backend: str
+    tactics: dict = field(default_factory=dict)  # the kernel tactics tuned at build (compiler/autotune.py)
 
     @property
     def graph(self):
@@ -38,7 +39,8 @@ class Engine:
         check_format(d, directory, ENGINE_FORMAT, ENGINE_VERSION, fix)
         try:
             pretrained = CheckpointConfig.from_dict(d["pretrained_config"])
-            return cls(directory, pretrained, BuildConfig(**d["build_config"]), d["target"], d["backend"])
+            return cls(directory, pretrained, BuildConfig(**d["build_config"]), d["target"], d["backend"],
+                       d.get("tactics") or {})
         except (KeyError, TypeError) as e:
             raise TrtcError(f"{directory / 'config.json'} is incomplete ({e}); {fix}") from None
 
@@ -62,6 +64,11 @@ class Engine:
                     f"engine {self.directory} was built for compute capability {self.target['compute_capability']} "
                     f"({self.target.get('gpu_name')}) but this GPU is {here['compute_capability']} "
                     f"({here['gpu_name']}); rebuild the engine on this GPU"
+                )
+            if self.tactics and here["gpu_name"] != self.target.get("gpu_name"):
+                raise TrtcError(
+                    f"engine {self.directory} holds kernel tactics tuned on a {self.target.get('gpu_name')} but this "
+                    f"GPU is a {here['gpu_name']}; rebuild the engine on this GPU"
                 )
 
     def load_weights(self, rank: int, device: torch.device) -> dict[str, torch.Tensor]:

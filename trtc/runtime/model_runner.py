@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from trtc.compiler.build_config import kv_cache_torch_dtype
 from trtc.compiler.layout import local_qkv_sizes
 from trtc.graph import NormConfig
+from trtc.quantization.layout import FP8
 from trtc.plugins.activation import ACTIVATION_FNS, gated_activation, silu_and_mul
-from trtc.plugins.attention import paged_attention, rope_and_write_kv
-from trtc.plugins.attention.paged import fp8_rope_write_attend
+from trtc.plugins.attention import install_decode_tactics, paged_attention, rope_and_write_kv
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
+from trtc.plugins.gemm.tactics import TACTICS
 from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
 from trtc.runtime.attention_metadata import AttentionMetadata
 from trtc.runtime.engine import Engine
@@ -35,6 +36,12 @@ class ModelRunner:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        if device.type == "cuda":
+            from trtc.plugins.gemm.triton_quant import split_k_locks
+
+            split_k_locks(device)  # before any CUDA graph capture
+        TACTICS.install(engine.tactics.get("gemm", {}))
+        install_decode_tactics(engine.tactics.get("decode_attention", {}))
         fp8_kv = self.build_config.kv_cache_dtype == "fp8"  # per-layer (k, v) scales of an FP8 pool
         self._kv_scales = [
             (self.w[f"layers.{i}.attention.k_cache_scale"], self.w[f"layers.{i}.attention.v_cache_scale"])
@@ -72,11 +79,12 @@ class ModelRunner:
         return self._rope_tables[key]
 
     def graph_capturable(self) -> bool:
-        """Decode can be captured as a CUDA graph: kernels without host syncs (the Triton ones, which
-        run for bf16/fp16 on a GPU) and RoPE tables that do not change with the sequence length."""
+        """Decode can be captured as a CUDA graph: kernels without host syncs (the Triton ones and
+        cuBLAS, which run for bf16/fp16 models on a GPU, quantized or not, over a pool in the model
+        dtype or FP8) and RoPE tables that do not change with the sequence length."""
         dynamic = any(layer.attention.rope.type == "dynamic" for layer in self.graph.layers)
         kv_dtype = kv_cache_torch_dtype(self.build_config.kv_cache_dtype)
-        return self.dtype in (torch.bfloat16, torch.float16) and kv_dtype == self.dtype and not dynamic
+        return self.dtype in (torch.bfloat16, torch.float16) and kv_dtype in (self.dtype, FP8) and not dynamic
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x  # one rank: the partial result is the result
@@ -89,11 +97,12 @@ class ModelRunner:
         h, residual = self._embed(input_ids), None  # h: [T, hidden]
         for i, layer in enumerate(self.graph.layers):
             p = f"layers.{i}."
-            x, residual = self._add_norm(h, residual, layer.input_norm, p + "input_norm")
+            x, residual = self._add_norm(h, residual, layer.input_norm, p + "input_norm", p + "attention.qkv")
             h = self.all_reduce(self._attention(i, x, meta))
             if layer.attention.o_bias:
                 h = h + w[p + "attention.o.bias"]
-            x, residual = self._add_norm(h, residual, layer.post_attention_norm, p + "post_attention_norm")
+            x, residual = self._add_norm(h, residual, layer.post_attention_norm, p + "post_attention_norm",
+                                         p + ("mlp.gate_up" if layer.mlp.gated else "mlp.up"))
             h = self.all_reduce(self._mlp(i, x))
             if layer.mlp.bias:
                 h = h + w[p + "mlp.down.bias"]
@@ -102,12 +111,13 @@ class ModelRunner:
         return F.linear(h, head)[:, : self.graph.vocab_size].float()
 
     def _add_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, cfg: NormConfig, name: str
+        self, x: torch.Tensor, residual: torch.Tensor | None, cfg: NormConfig, name: str, next_linear: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); residual None means x is the first input."""
+        """(norm(x + residual), x + residual); residual None means x is the first input. When the
+        linear layer that reads the norm is FP8, the norm's output is quantized for it in the same kernel."""
         weight = self.w[name + ".weight"]
         if cfg.kind == "rms" and not cfg.bias:
-            return fused_add_rms_norm(x, residual, weight, cfg.eps, cfg.offset)
+            return fused_add_rms_norm(x, residual, weight, cfg.eps, cfg.offset, self.w.get(f"{next_linear}.input_scale"))
         h = x if residual is None else x + residual
         return norm(h, cfg, weight, self.w.get(name + ".bias")), h
 
@@ -124,7 +134,7 @@ class ModelRunner:
         w, a, p = self.w, self.graph.layers[i].attention, f"layers.{i}.attention."
         t = x.shape[0]
         nq, nk, nv = local_qkv_sizes(self.graph, self.mapping, i)
-        qkv = linear(x, w, p + "qkv")  # [T, nq + nk + nv]
+        qkv = linear(x, w, p + "qkv", out_dtype=self.dtype)  # [T, nq + nk + nv]
         q, k, v = qkv.split([nq, nk, nv], dim=-1)
         q = q.reshape(t, -1, a.head_dim)  # [T, Hq, D]
         k = k.reshape(t, -1, a.head_dim)  # [T, Hkv, D]
@@ -133,23 +143,21 @@ class ModelRunner:
             q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps)
             k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps)
         cos, sin = self._rope(i, meta.positions)
-        k_scale, v_scale = self._kv_scales[i]
-        if k_scale is None:
-            q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i], meta.slot_mapping)
-            out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap)
-        else:  # FP8 pool (trtc/quantization/layout.py): the reference, which takes the scales
-            out = fp8_rope_write_attend(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale,
-                                        a.sliding_window, a.soft_cap, k_scale, v_scale)
-        return linear(out.reshape(t, -1), w, p + "o", bias=False)
+        k_scale, v_scale = self._kv_scales[i]  # None, or the FP8 pool's scales
+        q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i],
+                                 meta.slot_mapping, k_scale, v_scale)
+        out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap,
+                              k_scale=k_scale, v_scale=v_scale)
+        return linear(out.reshape(t, -1), w, p + "o", bias=False, out_dtype=self.dtype)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         m, w, p = self.graph.layers[i].mlp, self.w, f"layers.{i}.mlp."
         if m.gated:
-            gate_up = linear(x, w, p + "gate_up")  # [T, 2 * intermediate]
-            if m.activation == "silu":
-                y = silu_and_mul(gate_up)
+            gate_up = linear(x, w, p + "gate_up", out_dtype=self.dtype)  # [T, 2 * intermediate]
+            if m.activation == "silu":  # quantized for down in the same kernel when down is FP8
+                y = silu_and_mul(gate_up, w.get(p + "down.input_scale"))
             else:
                 y = gated_activation(*gate_up.chunk(2, dim=-1), m.activation)
         else:
-            y = ACTIVATION_FNS[m.activation](linear(x, w, p + "up"))
-        return linear(y, w, p + "down", bias=False)
+            y = ACTIVATION_FNS[m.activation](linear(x, w, p + "up", out_dtype=self.dtype))
+        return linear(y, w, p + "down", bias=False, out_dtype=self.dtype)

@@ -8,15 +8,18 @@ import torch
 from trtc.plugins.activation import reference
 from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
 from trtc.plugins.dispatch import use_triton
+from trtc.quantization.layout import quantize_fp8
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2I], gate first then up -> silu(gate) * up: [T, I]."""
+def silu_and_mul(gate_up: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up: [T, 2I], gate first then up -> silu(gate) * up: [T, I]; with out_scale (float32 []:
+    the input scale of the FP8 GEMM that follows), fp8(y / out_scale) in float8_e4m3fn."""
     if use_triton(gate_up):
         from trtc.plugins.activation import triton as kernels
 
-        return kernels.silu_and_mul(gate_up)
-    return reference.silu_and_mul(gate_up)
+        return kernels.silu_and_mul(gate_up, out_scale)
+    y = reference.silu_and_mul(gate_up)
+    return y if out_scale is None else quantize_fp8(y, out_scale)
 
 
 __all__ = ["ACTIVATION_FNS", "gated_activation", "silu_and_mul"]

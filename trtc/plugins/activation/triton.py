@@ -13,7 +13,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, out_scale_ptr, stride_in, stride_out, inter, QUANT: tl.constexpr,
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -21,19 +22,25 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, inter, BLO
     up = tl.load(gate_up_ptr + row * stride_in + inter + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+    y = (act * up.to(tl.float32)).to(gate.dtype)
+    if QUANT:  # fp8(y / scale), the input of an FP8 GEMM
+        y = tl.minimum(tl.maximum(y.to(tl.float32) / tl.load(out_scale_ptr), -448.0), 448.0)
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2I] (gate first, then up; last dim contiguous) -> [T, I]."""
+def silu_and_mul(gate_up: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up: [T, 2I] (gate first, then up; last dim contiguous) -> [T, I]; float8_e4m3fn
+    fp8(y / out_scale) with out_scale (float32 [])."""
     if gate_up.stride(-1) != 1:
         gate_up = gate_up.contiguous()
     lead, inter = gate_up.shape[:-1], gate_up.shape[-1] // 2
     x = gate_up.reshape(-1, 2 * inter)
-    out = torch.empty((x.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
+    dtype = gate_up.dtype if out_scale is None else torch.float8_e4m3fn
+    out = torch.empty((x.shape[0], inter), dtype=dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
     if x.shape[0] > 0:
         _silu_and_mul_kernel[(x.shape[0], triton.cdiv(inter, block))](
-            x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4
+            x, out, out_scale if out_scale is not None else x, x.stride(0), out.stride(0), inter,
+            QUANT=out_scale is not None, BLOCK=block, num_warps=4
         )
     return out.view(*lead, inter)

@@ -1,8 +1,11 @@
 """Attention ops over the paged KV cache. Each runs its Triton kernel on CUDA bf16/fp16 tensors and
-its PyTorch reference otherwise (CPU, other cache dtypes):
+its PyTorch reference otherwise (CPU, other dtypes):
 
-    q, k = rope_and_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
-    out = paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, soft_cap)
+    q, k = rope_and_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    out = paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, soft_cap, k_scale=, v_scale=)
+
+The pool is in the activation dtype, or FP8 (float8_e4m3fn) with one float32 scale each for K and V
+per layer (trtc/quantization/layout.py); the kernels quantize on write and dequantize on read.
 
 Kernels: `triton_rope_kv.py` (RoPE fused with the cache write), `triton_decode.py` (split-KV decode,
 GQA grouped), `triton_prefill.py` (varlen causal prefill over a cached prefix). References: `rope.py`,
@@ -16,34 +19,58 @@ import torch
 from trtc.plugins.attention import paged
 from trtc.plugins.attention.rope import apply_rope
 from trtc.plugins.dispatch import use_triton
+from trtc.quantization.layout import FP8
+
+
+DECODE_TACTICS: dict[str, dict[int, dict]] = {}  # config.json tactics["decode_attention"], installed at load
+
+
+def install_decode_tactics(tactics: dict[str, dict[str, dict]]) -> None:
+    for key, per_batch in tactics.items():
+        DECODE_TACTICS.setdefault(key, {}).update({int(b): cfg for b, cfg in per_batch.items()})
+
+
+def _decode_tactic(q: torch.Tensor, k_cache: torch.Tensor, batch: int) -> dict:
+    """The tuned {"block_n", "num_warps"} of the smallest tuned batch size >= batch, or {}."""
+    dtype = str(k_cache.dtype).removeprefix("torch.")
+    per_batch = DECODE_TACTICS.get(f"decode:hq{q.shape[1]}:hkv{k_cache.shape[2]}:d{q.shape[2]}:{dtype}")
+    if not per_batch:
+        return {}
+    return per_batch[min((b for b in per_batch if b >= batch), default=max(per_batch))]
+
+
+def _kernels_take(q: torch.Tensor, k_cache: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    return use_triton(q, *tensors) and k_cache.is_cuda and k_cache.dtype in (q.dtype, FP8)
 
 
 def rope_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D]; k, v: [T, Hkv, D]; cos, sin: [max_seq_len, D] tables (activation dtype) read at
     positions [T]; k_cache, v_cache: [num_blocks, tokens_per_block, Hkv, D]. Writes rotated k and v at
-    slot_mapping [T]; returns (q_rot, k_rot)."""
-    if use_triton(q, k, v, cos, sin, k_cache, v_cache):
+    slot_mapping [T] (quantized with k_scale, v_scale: float32 [] into an FP8 pool); returns (q_rot, k_rot)."""
+    if _kernels_take(q, k_cache, k, v, cos, sin):
         from trtc.plugins.attention.triton_rope_kv import rope_and_write_kv as kernel
 
-        return kernel(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+        return kernel(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
     cos_t, sin_t = cos[positions], sin[positions]
     q, k = apply_rope(q, cos_t, sin_t), apply_rope(k, cos_t, sin_t)
-    paged.write_kv(k_cache, v_cache, k, v, slot_mapping)
+    paged.write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
     return q, k
 
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
     sliding_window: int | None = None, soft_cap: float | None = None, out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D] of a mixed batch described by meta (an AttentionMetadata: the first
     meta.num_decodes sequences are decodes, the rest prefill chunks over a cached prefix, their K/V
     already in the cache). Returns out [T, Hq, D] (written into `out` when given, e.g. a CUDA graph's
-static buffer). The decode-only case is CUDA-graph capturable."""
-    if use_triton(q, k_cache, v_cache):
+static buffer). An FP8 pool takes k_scale and v_scale. The decode-only case is CUDA-graph capturable."""
+    if _kernels_take(q, k_cache):
         from trtc.plugins.attention.triton_decode import decode_attention
         from trtc.plugins.attention.triton_prefill import prefill_attention
 
@@ -51,14 +78,16 @@ static buffer). The decode-only case is CUDA-graph capturable."""
         num_seqs, nd = meta.context_lens_tensor.shape[0], meta.num_decodes
         if nd:
             decode_attention(q[:nd], k_cache, v_cache, meta.block_tables, meta.context_lens_tensor, scale,
-                             sliding_window, soft_cap, out=out[:nd])
+                             sliding_window, soft_cap, out=out[:nd], k_scale=k_scale, v_scale=v_scale,
+                             **_decode_tactic(q, k_cache, nd))
         if num_seqs > nd:
             prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.context_lens_tensor,
-                              nd, num_seqs - nd, meta.max_query_len, scale, sliding_window, soft_cap, out=out)
+                              nd, num_seqs - nd, meta.max_query_len, scale, sliding_window, soft_cap, out=out,
+                              k_scale=k_scale, v_scale=v_scale)
         return out
     ref = paged.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.query_lens, meta.context_lens, meta.positions,
-        scale, sliding_window, soft_cap,
+        scale, sliding_window, soft_cap, k_scale, v_scale,
     )
     return ref if out is None else out.copy_(ref)
 

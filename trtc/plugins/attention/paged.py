@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from trtc.plugins.attention.reference import attention
-from trtc.plugins.attention.rope import apply_rope
 from trtc.quantization.layout import dequantize_fp8, quantize_fp8
 
 
@@ -63,18 +62,3 @@ def paged_attention(
         start += n
     return out
 
-
-def fp8_rope_write_attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float, sliding_window: int | None,
-    soft_cap: float | None, k_scale: torch.Tensor, v_scale: torch.Tensor,
-) -> torch.Tensor:
-    """The attention of one layer over an FP8 pool: RoPE on q and k, the write of k and v quantized
-    with their scales, attention over the dequantized cache. q: [T, Hq, D]; k, v: [T, Hkv, D];
-    cos, sin: [max_seq_len, D] tables read at meta.positions; meta: an AttentionMetadata.
-    Returns [T, Hq, D]. (The reference until an FP8-KV kernel exists.)"""
-    cos_t, sin_t = cos[meta.positions], sin[meta.positions]
-    q, k = apply_rope(q, cos_t, sin_t), apply_rope(k, cos_t, sin_t)
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
-    return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_lens, meta.context_lens, meta.positions,
-                           scale, sliding_window, soft_cap, k_scale, v_scale)

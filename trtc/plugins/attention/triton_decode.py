@@ -31,11 +31,12 @@ def _tanh(x):
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale, soft_cap, window, num_splits,
+    k_scale_ptr, v_scale_ptr, scale, soft_cap, window, num_splits,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
     stride_ot, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TPB: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -71,6 +72,9 @@ def _decode_split_kernel(
                     + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vt
                     + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)  # in flight with k
+        if KV_FP8:  # the FP8 pool's values times their scale, rounded to q's dtype (as the reference)
+            k = k.to(tl.float32) * tl.load(k_scale_ptr)
+            v = v.to(tl.float32) * tl.load(v_scale_ptr)
         s = tl.dot(q, tl.trans(k.to(q.dtype)))  # [G_PAD, BLOCK_N] float32
         if HAS_SOFT_CAP:
             s = soft_cap * _tanh(s * (scale / soft_cap)) * 1.4426950408889634
@@ -141,11 +145,12 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
     out: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 4, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [B, Hq, D], one query per sequence at position context_lens[b] - 1 (its K/V already in the cache);
     k_cache, v_cache: [num_blocks, tokens_per_block, Hkv, D]; block_tables: [>= B, max_blocks] int32/int64;
-    context_lens: [>= B] int32. Writes and returns out [B, Hq, D] (out may be a slice of a larger buffer)."""
+    context_lens: [>= B] int32. Writes and returns out [B, Hq, D] (out may be a slice of a larger buffer).
+    An FP8 pool (float8_e4m3fn caches) takes k_scale and v_scale (float32 [])."""
     batch, hq, dim = q.shape
     tpb, hkv = paged_layout(q, k_cache, v_cache)
     if out is None:
@@ -166,13 +171,14 @@ def decode_attention(
         part_out = part_lse = out  # unused
     _decode_split_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         scale, soft_cap or 0.0, sliding_window or 0, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=dim, D_PAD=d_pad, TPB=tpb,
         BLOCK_N=block_n, SPLIT=num_splits > 1, HAS_SOFT_CAP=soft_cap is not None,
-        HAS_WINDOW=sliding_window is not None, num_warps=num_warps, num_stages=2,
+        HAS_WINDOW=sliding_window is not None, KV_FP8=k_scale is not None, num_warps=num_warps, num_stages=2,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, hq)](

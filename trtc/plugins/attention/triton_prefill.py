@@ -21,9 +21,9 @@ from trtc.plugins.attention.triton_decode import _tanh, paged_layout
 @triton.jit
 def _attend_tile(
     q, acc, l_i, m_i, n, pos, hi, bt_row, k_cache_ptr, v_cache_ptr, kv_head, d,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, soft_cap, window,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, soft_cap, window, ks, vs,
     D: tl.constexpr, D_PAD: tl.constexpr, TPB: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    MASKED: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One BLOCK_N tile of keys into the online softmax. MASKED=False: every key of the tile is
     allowed for every query row (a tile wholly below the diagonal, no window)."""
@@ -40,6 +40,9 @@ def _attend_tile(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    if KV_FP8:  # the FP8 pool's values times their scale, rounded to q's dtype (as the reference)
+        k = k.to(tl.float32) * ks
+        v = v.to(tl.float32) * vs
     s = tl.dot(q, tl.trans(k.to(q.dtype)))  # [BLOCK_M, BLOCK_N] float32
     if HAS_SOFT_CAP:
         s = soft_cap * _tanh(s * (scale / soft_cap)) * 1.4426950408889634
@@ -62,11 +65,12 @@ def _attend_tile(
 @triton.jit(do_not_specialize=["first_seq", "window"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
-    first_seq, scale, soft_cap, window,
+    k_scale_ptr, v_scale_ptr, first_seq, scale, soft_cap, window,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
     stride_ot, stride_oh,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, TPB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     head = tl.program_id(0)  # heads vary fastest: programs launched together share the sequence's K/V in L2
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest causal rows first
@@ -94,25 +98,30 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    ks = 1.0
+    vs = 1.0
+    if KV_FP8:
+        ks = tl.load(k_scale_ptr)
+        vs = tl.load(v_scale_ptr)
     if HAS_WINDOW:  # every tile masked; tiles wholly before the window of the first query skipped
         lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
         for n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _attend_tile(
                 q, acc, l_i, m_i, n, pos, hi, bt_row, k_cache_ptr, v_cache_ptr, kv_head, d,
-                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, soft_cap, window,
-                D, D_PAD, TPB, BLOCK_N, True, HAS_SOFT_CAP, True)
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, soft_cap, window, ks, vs,
+                D, D_PAD, TPB, BLOCK_N, True, HAS_SOFT_CAP, True, KV_FP8)
     else:  # keys below first_pos are seen by every query of the tile: no mask there
         full = first_pos // BLOCK_N * BLOCK_N
         for n in range(0, full, BLOCK_N):
             acc, l_i, m_i = _attend_tile(
                 q, acc, l_i, m_i, n, pos, hi, bt_row, k_cache_ptr, v_cache_ptr, kv_head, d,
-                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, soft_cap, window,
-                D, D_PAD, TPB, BLOCK_N, False, HAS_SOFT_CAP, False)
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, soft_cap, window, ks, vs,
+                D, D_PAD, TPB, BLOCK_N, False, HAS_SOFT_CAP, False, KV_FP8)
         for n in range(full, hi, BLOCK_N):
             acc, l_i, m_i = _attend_tile(
                 q, acc, l_i, m_i, n, pos, hi, bt_row, k_cache_ptr, v_cache_ptr, kv_head, d,
-                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, soft_cap, window,
-                D, D_PAD, TPB, BLOCK_N, True, HAS_SOFT_CAP, False)
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale, soft_cap, window, ks, vs,
+                D, D_PAD, TPB, BLOCK_N, True, HAS_SOFT_CAP, False, KV_FP8)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -132,12 +141,14 @@ def prefill_attention(
     query_start_loc: torch.Tensor, context_lens: torch.Tensor, first_seq: int, num_seqs: int, max_query_len: int,
     scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
     out: torch.Tensor | None = None, tiles: tuple[int, int, int, int] | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of sequences first_seq .. first_seq + num_seqs - 1 of the batch.
 
     q, out: [T, Hq, D] for the whole batch (token rows located by query_start_loc [B+1] int32);
     k_cache, v_cache: [num_blocks, tokens_per_block, Hkv, D]; block_tables: [B, max_blocks];
-    context_lens: [B] int32; max_query_len: the longest chunk among those sequences (host int)."""
+    context_lens: [B] int32; max_query_len: the longest chunk among those sequences (host int).
+    An FP8 pool (float8_e4m3fn caches) takes k_scale and v_scale (float32 [])."""
     _, hq, dim = q.shape
     tpb, hkv = paged_layout(q, k_cache, v_cache)
     if out is None:
@@ -148,12 +159,12 @@ def prefill_attention(
     grid = (hq, triton.cdiv(max_query_len, block_m), num_seqs)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
-        first_seq, scale, soft_cap or 0.0, sliding_window or 0,
+        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q, first_seq, scale, soft_cap or 0.0, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=hq // hkv, D=dim, D_PAD=max(16, triton.next_power_of_2(dim)), TPB=tpb,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SOFT_CAP=soft_cap is not None,
-        HAS_WINDOW=sliding_window is not None, num_warps=warps, num_stages=stages,
+        HAS_WINDOW=sliding_window is not None, KV_FP8=k_scale is not None, num_warps=warps, num_stages=stages,
     )
     return out

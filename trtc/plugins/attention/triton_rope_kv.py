@@ -33,10 +33,11 @@ def _rotate_heads(x_ptr, stride_xh, out_ptr, stride_oh, cos1, sin1, cos2, sin2, 
 @triton.jit
 def _rope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr,
+    k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_qot, stride_qoh, stride_kot, stride_koh, stride_cslot, stride_ch, stride_vslot, stride_vch,
     n_q_heads, n_kv_heads,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -54,10 +55,19 @@ def _rope_write_kv_kernel(
     h = tl.arange(0, HKV_PAD)[:, None]
     kc = k_cache_ptr + slot * stride_cslot + h * stride_ch + d
     # the cache holds what the returned k holds: the rotation rounded to the activation dtype first
-    tl.store(kc, k1.to(k_out_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=kmask)
-    tl.store(kc + HALF, k2.to(k_out_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=kmask)
+    k1 = k1.to(k_out_ptr.dtype.element_ty)
+    k2 = k2.to(k_out_ptr.dtype.element_ty)
     v1 = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=kmask)
     v2 = tl.load(v_ptr + t * stride_vt + h * stride_vh + HALF + d, mask=kmask)
+    if KV_FP8:  # an FP8 pool holds fp8(k / k_scale), fp8(v / v_scale)
+        ks = tl.load(k_scale_ptr)
+        vs = tl.load(v_scale_ptr)
+        k1 = tl.minimum(tl.maximum(k1.to(tl.float32) / ks, -448.0), 448.0)
+        k2 = tl.minimum(tl.maximum(k2.to(tl.float32) / ks, -448.0), 448.0)
+        v1 = tl.minimum(tl.maximum(v1.to(tl.float32) / vs, -448.0), 448.0)
+        v2 = tl.minimum(tl.maximum(v2.to(tl.float32) / vs, -448.0), 448.0)
+    tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=kmask)
+    tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kmask)
     vc = v_cache_ptr + slot * stride_vslot + h * stride_vch + d
     tl.store(vc, v1.to(v_cache_ptr.dtype.element_ty), mask=kmask)
     tl.store(vc + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=kmask)
@@ -67,16 +77,19 @@ def rope_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (strided views of the fused qkv are fine, last dim contiguous);
     cos, sin: [max_seq_len, D] tables indexed by positions [T]; k_cache, v_cache:
     [num_blocks, tokens_per_block, Hkv, D] written at slot_mapping [T]. Returns (q_rot, k_rot), written into
-q_out [T, Hq, D] and k_out [T, Hkv, D] when given (last dim contiguous)."""
+q_out [T, Hq, D] and k_out [T, Hkv, D] when given (last dim contiguous). An FP8 pool
+    (float8_e4m3fn caches) takes k_scale and v_scale (float32 [])."""
     t, hq, dim = q.shape
     hkv = k.shape[1]
     assert dim % 2 == 0 and k.shape == v.shape == (t, hkv, dim), (q.shape, k.shape, v.shape)
     assert k_cache.shape[2:] == (hkv, dim) and v_cache.shape == k_cache.shape, k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "slot addressing needs contiguous caches"
+    assert (k_scale is not None) == (k_cache.dtype == torch.float8_e4m3fn), "an FP8 pool needs its scales"
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (cos, sin))
     q_out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device) if q_out is None else q_out
@@ -86,12 +99,13 @@ q_out [T, Hq, D] and k_out [T, Hkv, D] when given (last dim contiguous)."""
     half = dim // 2
     _rope_write_kv_kernel[(t,)](
         q, k, v, cos, sin, positions, slot_mapping, q_out, k_out, k_cache, v_cache,
+        k_scale if k_scale is not None else cos, v_scale if v_scale is not None else cos,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         hq, hkv,
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
+        HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv), KV_FP8=k_scale is not None,
         num_warps=4,
     )
     return q_out, k_out

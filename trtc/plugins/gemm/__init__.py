@@ -1,5 +1,5 @@
-"""GEMM: every linear layer of the model goes through `linear`."""
+"""GEMM: every linear layer of the model goes through `linear` (linear.py)."""
 
-from trtc.plugins.gemm.reference import linear
+from trtc.plugins.gemm.linear import linear
 
 __all__ = ["linear"]

@@ -10,15 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trtc.quantization.layout import quantize_fp8
+from trtc.quantization.layout import FP8, quantize_fp8
 
 
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x: [..., in] (model dtype); weight: float8_e4m3fn [out, in]; scales: float32 [] -> [..., out]."""
-    xq = quantize_fp8(x, input_scale)
+    """x: [..., in] (model dtype, or float8_e4m3fn already quantized with input_scale); weight:
+    float8_e4m3fn [out, in]; input_scale: float32 []; weight_scale: float32 [] or [out] -> [..., out]
+    in out_dtype (default x's dtype)."""
+    xq = x if x.dtype == FP8 else quantize_fp8(x, input_scale)
     y = F.linear(xq.float(), weight.float()) * (input_scale * weight_scale)
-    y = y.to(x.dtype)
+    y = y.to(out_dtype or x.dtype)
     return y if bias is None else y + bias

@@ -1,0 +1,216 @@
+"""The quantized GEMM kernels (Triton W4A16 and FP8, cuBLASLt FP8) and the FP8 activation
+quantization fused into the norm and SwiGLU kernels, against their references on fresh random inputs.
+
+Tolerances: GEMM outputs within max|y - ref| <= 1e-2 * max|ref| of the reference evaluated in float32
+on the same quantized operands (the bf16 references round the dequantized weight to bf16; the
+kernels do not). FP8 activations: the fused kernels' bytes equal quantize_fp8 of the unfused
+output (on CUDA; >= 90% under Triton's CPU interpreter, whose fp8 rounding is wrong at powers of
+two). `test_interpreter_small` runs small cases on the CPU through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trtc.plugins.gemm import linear
+from trtc.plugins.gemm.fp8 import fp8_linear
+from trtc.plugins.gemm.tactics import TACTICS, Tactic, bucket, default_tactic, gemm_key
+from trtc.plugins.gemm.w4a16 import w4a16_linear
+from trtc.quantization.layout import pack_int4, quantize_fp8
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_int4(n, k, group, zero, pqs, perm, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    w = {"weight": pack_int4(torch.randint(0, 16, (n, k), generator=g)),
+         "weight_scale": torch.rand(n, k // group, generator=g) * 0.02 + 0.002}
+    if zero:
+        w["weight_zero"] = torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.uint8)
+    if pqs:
+        w["pre_quant_scale"] = torch.rand(k, generator=g) + 0.5
+    if perm:
+        w["input_perm"] = torch.randperm(k, generator=g).to(torch.int32)
+    return {name: t.to(device) for name, t in w.items()}
+
+
+def make_fp8(n, k, per_channel, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    ws = torch.rand(n, generator=g) * 0.01 + 0.002 if per_channel else torch.tensor(0.005)
+    w = {"weight": quantize_fp8(torch.randn(n, k, generator=g), torch.tensor(0.01)),
+         "weight_scale": ws, "input_scale": torch.tensor(0.02)}
+    return {name: t.to(device) for name, t in w.items()}
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> None:
+    assert torch.isfinite(y).all()
+    err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    assert err <= tol, err
+
+
+def check_int4(m, n, k, group, zero, pqs, perm, tactic, dtype, device, seed=0):
+    from trtc.plugins.gemm.triton_quant import launch
+
+    w = make_int4(n, k, group, zero, pqs, perm, seed, device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    y = launch(x, w["weight"], w["weight_scale"], out_dtype=dtype, weight_zero=w.get("weight_zero"),
+               pre_quant_scale=w.get("pre_quant_scale"), input_perm=w.get("input_perm"), **tactic.launch_args())
+    pqs_rounded = w["pre_quant_scale"].to(dtype).float() if pqs else None  # as the bf16 reference rounds it
+    ref = w4a16_linear(x.float(), w["weight"], w["weight_scale"], w.get("weight_zero"), pqs_rounded, w.get("input_perm"))
+    close(y, ref)
+
+
+def check_fp8(m, n, k, per_channel, tactic, dtype, device, seed=0):
+    from trtc.plugins.gemm.linear import scaled_mm
+    from trtc.plugins.gemm.triton_quant import launch
+
+    w = make_fp8(n, k, per_channel, seed, device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    xq = quantize_fp8(x, w["input_scale"])
+    if tactic.impl == "scaled_mm":
+        y = scaled_mm(xq, w["weight"], w["input_scale"], w["weight_scale"], None, dtype)
+    else:
+        y = launch(xq, w["weight"], w["weight_scale"], out_dtype=dtype, input_scale=w["input_scale"],
+                   **tactic.launch_args())
+    close(y, fp8_linear(x.float(), w["weight"], w["weight_scale"], w["input_scale"]))
+
+
+SMALL = Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=1)
+SPLIT = Tactic("triton", block_m=16, block_n=32, block_k=128, split_k=4)
+WIDE = Tactic("triton", block_m=64, block_n=128, block_k=128, num_warps=8)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 300])
+@pytest.mark.parametrize("tactic", [SMALL, SPLIT, WIDE], ids=["small", "split4", "wide"])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (200, 384)])  # 200: a partial tile of N
+def test_w4a16_awq_shapes(m, tactic, n, k):
+    check_int4(m, n, k, 128, zero=False, pqs=True, perm=False, tactic=tactic, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("group,zero,perm", [(128, True, True), (64, True, False), (32, False, True), (128, False, True)])
+@pytest.mark.parametrize("tactic", [SMALL, SPLIT], ids=["small", "split4"])
+def test_w4a16_gptq_variants(group, zero, perm, tactic):
+    check_int4(7, 1024, 2048, group, zero=zero, pqs=False, perm=perm, tactic=tactic, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 16, 64, 1000])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("tactic", [Tactic("scaled_mm"), SMALL, SPLIT, Tactic("triton", block_m=64, block_k=256)],
+                         ids=["scaled_mm", "small", "split4", "k256"])
+def test_fp8_gemm(m, per_channel, tactic):
+    check_fp8(m, 6144, 4096, per_channel, tactic, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@cuda
+def test_split_k_is_deterministic_and_reusable():
+    """The split-K counters reset themselves: many launches, including under a CUDA graph, give the same bytes."""
+    from trtc.plugins.gemm.triton_quant import launch, split_k_locks
+
+    w = make_int4(4096, 4096, 128, False, True, False, 0, "cuda")
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    split_k_locks(x.device)
+    run = lambda: launch(x, w["weight"], w["weight_scale"], out_dtype=torch.bfloat16,  # noqa: E731
+                         pre_quant_scale=w["pre_quant_scale"], **SPLIT.launch_args())
+    first = run()
+    assert all(torch.equal(run(), first) for _ in range(20))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+
+
+@pytest.mark.gpu
+@cuda
+def test_linear_dispatch_runs_the_installed_tactic():
+    w = {f"q.{k}": v for k, v in make_int4(512, 1024, 128, True, False, False, 3, "cuda").items()}
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = w4a16_linear(x.float(), w["q.weight"], w["q.weight_scale"], w["q.weight_zero"])
+    key = gemm_key(w["q.weight"], w["q.weight_scale"])
+    for split in (1, 4):
+        TACTICS.install({key: {"1": {"impl": "triton", "block_n": 32, "split_k": split}}})
+        assert TACTICS.choose(key, 2).split_k == split
+        close(linear(x, w, "q"), ref)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("t,hidden", [(1, 4096), (77, 4096), (5, 1000)])
+def test_fused_fp8_activation_quantization(t, hidden):
+    check_fused_quant(t, hidden, torch.bfloat16, "cuda")
+
+
+def check_fused_quant(t, hidden, dtype, device):
+    from trtc.plugins.activation import reference as act_ref
+    from trtc.plugins.activation.triton import silu_and_mul
+    from trtc.plugins.gemm.act_quant import _quantize_fp8_kernel  # noqa: F401  (the kernel exists)
+    from trtc.plugins.gemm.act_quant import quantize_activation
+    from trtc.plugins.norm import reference as norm_ref
+    from trtc.plugins.norm.triton import fused_add_rms_norm
+
+    g = torch.Generator().manual_seed(t)
+    x, r = ((torch.randn(t, hidden, generator=g) * 2).to(device, dtype) for _ in range(2))
+    w = (torch.rand(hidden, generator=g) + 0.5).to(device, dtype)
+    scale = torch.tensor(0.01, device=device)
+    need = 1.0 if device != "cpu" else 0.9
+
+    def same(a, b):
+        assert a.dtype == torch.float8_e4m3fn and (a.view(torch.uint8) == b.view(torch.uint8)).float().mean() >= need
+
+    normed8, new_res = fused_add_rms_norm(x, r, w, 1e-5, 0.0, scale)
+    normed, ref_res = fused_add_rms_norm(x, r, w, 1e-5, 0.0)
+    assert torch.equal(new_res, ref_res)
+    same(normed8, quantize_fp8(normed, scale))
+    if device == "cuda":  # the unfused kernel itself matches the reference norm (test_norm_kernels.py)
+        torch.testing.assert_close(normed, norm_ref.fused_add_rms_norm(x, r, w, 1e-5)[0], rtol=1.6e-2, atol=1e-5)
+    gate_up = torch.cat([x, r], dim=-1)
+    same(silu_and_mul(gate_up, scale), quantize_fp8(act_ref.silu_and_mul(gate_up), scale))
+    same(quantize_activation(x, scale), quantize_fp8(x, scale))
+
+
+def test_tactic_table_and_defaults():
+    assert gemm_key(torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 2)) == "w4a16:n64:k256:g128"
+    assert gemm_key(torch.zeros(8, 32, dtype=torch.float8_e4m3fn), torch.zeros(())) == "fp8:n8:k32"
+    assert [bucket(m) for m in (1, 3, 16, 17, 100000)] == [1, 4, 16, 32, 32768]
+    assert default_tactic("fp8:n8:k32", 1000).impl == "scaled_mm"
+    assert default_tactic("w4a16:n64:k256:g128", 1).impl == "triton"
+    TACTICS.install({"w4a16:n7:k256:g128": {"1": {"impl": "triton", "split_k": 8},
+                                            "16": {"impl": "triton", "block_n": 128, "split_k": 2}}})
+    assert TACTICS.choose("w4a16:n7:k256:g128", 1).split_k == 8
+    assert TACTICS.choose("w4a16:n7:k256:g128", 3) == Tactic("triton", block_n=128, split_k=2)
+    assert TACTICS.choose("w4a16:n7:k256:g128", 5000) == Tactic("triton", block_n=128, split_k=2)
+    assert TACTICS.choose("w4a16:n8:k256:g128", 5) == default_tactic("w4a16:n8:k256:g128", 5)
+
+
+def _interpreter_cases() -> None:
+    """Small cases on CPU tensors through Triton's interpreter (run with TRITON_INTERPRET=1)."""
+    f16 = torch.float16
+    for m, group, zero, pqs, perm, tactic in [
+        (3, 128, False, True, False, SMALL), (17, 64, True, False, True, SPLIT), (2, 32, False, True, True, SMALL),
+        (5, 128, True, True, True, Tactic("triton", block_m=32, block_n=32, block_k=64, split_k=3)),
+    ]:
+        check_int4(m, 72, 512, group, zero, pqs, perm, tactic, f16, "cpu", seed=m)
+    for per_channel, tactic in [(False, SMALL), (True, SPLIT)]:
+        check_fp8(5, 40, 512, per_channel, tactic, f16, "cpu")
+    check_fused_quant(3, 200, f16, "cpu")
+
+
+def test_interpreter_small():
+    from triton_interpreter import run_under_interpreter  # tests/ is on the path under pytest only
+
+    run_under_interpreter(__file__)
+
+
+if __name__ == "__main__":
+    _interpreter_cases()
+    print("interpreter cases passed")

@@ -1,0 +1,176 @@
+"""Build-time autotuning: time each candidate tactic once on the build GPU, keep the fastest.
+
+For every quantized GEMM shape of the engine (trtc/plugins/gemm/tactics.py: kind, N, K, group) and
+every tuned row bucket M up to --max_num_tokens, the candidates (trtc's Triton kernel with its launch
+configurations; cuBLASLt `_scaled_mm` for FP8) run on the engine's own weights of the first layer
+that has the shape, timed as they run in decode: back to back in one CUDA graph, each call reading
+a different copy of the weights so that none comes from L2 (`time_cold`). Decode attention is tuned
+per CUDA-graph batch size at a context of min(max_seq_len, 2048) tokens (`triton.testing.do_bench`). The winners go to
+config.json "tactics"; a CPU build has none (the references have nothing to choose).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from trtc.checkpoint import rank_file
+from trtc.compiler.build_config import BuildConfig, kv_cache_torch_dtype
+from trtc.graph import ModelGraph
+from trtc.mapping import Mapping
+from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, gemm_key, to_config
+
+_LINEAR_TENSORS = ("weight", "weight_scale", "weight_zero", "pre_quant_scale", "input_perm", "input_scale")
+
+
+def gemm_candidates(key: str, m: int, k: int) -> list[Tactic]:
+    fp8 = key.startswith("fp8")
+    group = int(key.rsplit(":g", 1)[1]) if not fp8 else 0
+    out = [Tactic("scaled_mm")] if fp8 else []
+    if m <= 64:
+        block_ms = [max(16, m)]
+        block_ns, splits, block_ks = [32, 64, 128] if fp8 else [64, 128], [1, 2, 4, 8], [128, 256]
+    else:
+        block_ms = [64, 128]
+        block_ns, splits, block_ks = [64, 128], [1], [128]
+    for bm, bn, bk, split in itertools.product(block_ms, block_ns, block_ks, splits):
+        if (split > 1 and k // split < 2 * bk) or (group and bk > group and bk % group):
+            continue
+        warps = 8 if bm * bn >= 128 * 128 else 4
+        out.append(Tactic("triton", block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=3))
+    if m > 64 and fp8:  # cuBLASLt is the one to beat there: few Triton shapes
+        out = out[:3]
+    return out
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def cold_copies(w: dict[str, torch.Tensor], min_bytes: int = 256 << 20) -> list[dict[str, torch.Tensor]]:
+    """w and clones of it, together >= min_bytes (several times the L2 cache), at most 16."""
+    nbytes = sum(t.numel() * t.element_size() for t in w.values())
+    n = max(2, min(16, -(-min_bytes // nbytes)))
+    return [w] + [{k: v.clone() for k, v in w.items()} for _ in range(n - 1)]
+
+
+def time_cold(fns: list, reps: int = 5) -> float:
+    """Milliseconds per call of back-to-back calls replayed from one CUDA graph, each fn reading its
+    own weights (cold_copies): what a GEMM costs inside the decode graph, launch gaps included."""
+    for f in fns:  # compile, pick cuBLAS algorithms, outside the capture
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (reps * len(fns))
+
+
+def _gemm_fn(t: Tactic, x: torch.Tensor, w: dict[str, torch.Tensor], dtype: torch.dtype):
+    from trtc.plugins.gemm.linear import scaled_mm
+    from trtc.plugins.gemm.triton_quant import launch
+
+    if t.impl == "scaled_mm":
+        return lambda: scaled_mm(x, w["weight"], w["input_scale"], w["weight_scale"], None, dtype)
+    return lambda: launch(x, w["weight"], w["weight_scale"], out_dtype=dtype, weight_zero=w.get("weight_zero"),
+                          pre_quant_scale=w.get("pre_quant_scale"), input_perm=w.get("input_perm"),
+                          input_scale=w.get("input_scale"), **t.launch_args())
+
+
+def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=print) -> dict:
+    from safetensors import safe_open
+
+    from trtc.plugins.gemm.triton_quant import split_k_locks
+
+    device = torch.device("cuda")
+    split_k_locks(device)
+    shapes: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(rank_file(engine_dir, 0, "engine")), framework="pt", device="cuda") as f:
+        names = set(f.keys())
+        for name in sorted(names):
+            if not name.endswith(".weight_scale"):
+                continue
+            base = name[: -len(".weight_scale")]
+            key = gemm_key(f.get_slice(base + ".weight"), f.get_slice(name))
+            if key not in shapes:
+                shapes[key] = {t: f.get_tensor(f"{base}.{t}") for t in _LINEAR_TENSORS if f"{base}.{t}" in names}
+    tuned: dict[str, dict[int, Tactic]] = {}
+    for key, w in shapes.items():
+        copies = cold_copies(w)
+        fp8 = key.startswith("fp8")
+        k = w["weight"].shape[1] * (1 if fp8 else 2)
+        tuned[key] = {}
+        start = time.perf_counter()
+        buckets = [b for b in TUNED_BUCKETS if b < max_num_tokens]
+        buckets.append(min(b for b in TUNED_BUCKETS if b >= max_num_tokens))
+        for m in buckets:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            if fp8:
+                x = (x / w["input_scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
+            timings = []
+            for t in gemm_candidates(key, m, k):
+                try:
+                    timings.append((time_cold([_gemm_fn(t, x, c, dtype) for c in copies]), t))
+                except Exception as e:  # a configuration this GPU cannot run (shared memory): not a candidate
+                    log(f"  {key} M={m}: {t} skipped ({type(e).__name__})")
+            best_ms, best = min(timings, key=lambda p: p[0])
+            tuned[key][m] = best
+        del copies
+        log(f"tuned {key}: {len(tuned[key])} row buckets in {time.perf_counter() - start:.1f} s")
+    return to_config(tuned)
+
+
+def tune_decode_attention(graph: ModelGraph, mapping: Mapping, config: BuildConfig, dtype: torch.dtype) -> dict:
+    """{key: {batch: {"block_n": .., "num_warps": ..}}} for the decode attention kernel."""
+    from trtc.plugins.attention.triton_decode import decode_attention
+
+    a = graph.layers[0].attention
+    hq, hkv = mapping.local_heads(a), mapping.local_kv_heads(a)
+    kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype) or dtype
+    ctx = min(config.max_seq_len, 2048)
+    tpb = config.tokens_per_block
+    blocks_per_seq = -(-ctx // tpb)
+    key = f"decode:hq{hq}:hkv{hkv}:d{a.head_dim}:{str(kv_dtype).removeprefix('torch.')}"
+    out: dict[str, dict] = {}
+    for bs in sorted(config.cuda_graph_batch_sizes):
+        num_blocks = bs * blocks_per_seq
+        k_cache = torch.randn(num_blocks, tpb, hkv, a.head_dim, device="cuda", dtype=dtype).to(kv_dtype)
+        v_cache = torch.randn_like(k_cache, dtype=dtype).to(kv_dtype)
+        scales = (torch.tensor(1.0, device="cuda"),) * 2 if kv_dtype == torch.float8_e4m3fn else (None, None)
+        q = torch.randn(bs, hq, a.head_dim, device="cuda", dtype=dtype)
+        tables = torch.arange(num_blocks, device="cuda", dtype=torch.int32).view(bs, blocks_per_seq)
+        lens = torch.full((bs,), ctx, device="cuda", dtype=torch.int32)
+        best = min(
+            ((_bench(lambda: decode_attention(q, k_cache, v_cache, tables, lens, a.softmax_scale, block_n=bn,
+                                              num_warps=nw, k_scale=scales[0], v_scale=scales[1])), bn, nw)
+             for bn, nw in itertools.product((32, 64), (4, 8))),
+            key=lambda p: p[0],
+        )
+        out[str(bs)] = {"block_n": best[1], "num_warps": best[2]}
+    return {key: out}
+
+
+def autotune(engine_dir: Path, graph: ModelGraph, mapping: Mapping, config: BuildConfig, dtype: torch.dtype,
+             target: dict, log=print) -> dict:
+    """config.json "tactics" for an engine directory whose rank files are written."""
+    if target.get("device") != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return {}
+    start = time.perf_counter()
+    tactics = {"gemm": tune_gemms(engine_dir, config.max_num_tokens, dtype, log),
+               "decode_attention": tune_decode_attention(graph, mapping, config, dtype)}
+    tactics["tuning_seconds"] = round(time.perf_counter() - start, 1)
+    torch.cuda.empty_cache()
+    return tactics

@@ -1,0 +1,86 @@
+"""GEMM tactics: which implementation, with which launch configuration, runs a quantized GEMM.
+
+A quantized linear layer is identified by its kind and shape (`gemm_key`); the rows M of a call
+fall into a bucket: the smallest tuned bucket at least M. The build times the candidates of each
+(key, bucket) the engine will see on the build GPU (trtc/compiler/autotune.py) and stores the
+winners in the engine's config.json; the runtime installs them at load, so nothing is tuned while
+serving. A shape without a stored tactic (an engine built on a CPU) gets `default_tactic`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import asdict, dataclass
+
+
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+TUNED_BUCKETS = (1, 16, 32, 64, 128, 512, 2048, 8192, 32768)  # the build times these; M between two takes the larger
+
+
+@dataclass(frozen=True)
+class Tactic:
+    impl: str  # "triton" (trtc/plugins/gemm/triton_quant.py) or "scaled_mm" (cuBLASLt FP8 through torch)
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def launch_args(self) -> dict[str, int]:
+        d = asdict(self)
+        d.pop("impl")
+        return d
+
+
+def gemm_key(weight, weight_scale) -> str:
+    """'w4a16:n{N}:k{K}:g{group}' or 'fp8:n{N}:k{K}' for an INT4 weight uint8 [N, K/2] with scales
+    [N, K/group] or an FP8 weight [N, K]. Takes tensors or safetensors slices."""
+    shape, scale_shape = list(weight.get_shape() if hasattr(weight, "get_shape") else weight.shape), \
+        list(weight_scale.get_shape() if hasattr(weight_scale, "get_shape") else weight_scale.shape)
+    if len(scale_shape) == 2:
+        k = shape[1] * 2
+        return f"w4a16:n{shape[0]}:k{k}:g{k // scale_shape[1]}"
+    return f"fp8:n{shape[0]}:k{shape[1]}"
+
+
+def bucket(m: int) -> int:
+    i = bisect.bisect_left(M_BUCKETS, m)
+    return M_BUCKETS[min(i, len(M_BUCKETS) - 1)]
+
+
+def default_tactic(key: str, m: int) -> Tactic:
+    """Measured-good configurations for when the build did not tune (H200, benchmarks/kernels.py)."""
+    if key.startswith("fp8"):
+        return Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=2) if m <= 16 else Tactic("scaled_mm")
+    if m <= 16:
+        return Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=2)
+    if m <= 64:
+        return Tactic("triton", block_m=32 if m <= 32 else 64, block_n=64, block_k=128)
+    return Tactic("triton", block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3)
+
+
+class TacticTable:
+    """key -> sorted [(bucket, Tactic)]: the tactics of the engines loaded in this process."""
+
+    def __init__(self) -> None:
+        self._table: dict[str, dict[int, Tactic]] = {}
+
+    def install(self, gemm_tactics: dict[str, dict[str, dict]]) -> None:
+        """gemm_tactics: config.json's tactics["gemm"]: {key: {bucket: Tactic fields}}."""
+        for key, per_bucket in gemm_tactics.items():
+            self._table.setdefault(key, {}).update({int(b): Tactic(**t) for b, t in per_bucket.items()})
+
+    def choose(self, key: str, m: int) -> Tactic:
+        """The tactic tuned for the smallest tuned bucket >= M (the largest one past them all)."""
+        tuned = self._table.get(key)
+        if not tuned:
+            return default_tactic(key, m)
+        return tuned[min((b for b in tuned if b >= m), default=max(tuned))]
+
+
+TACTICS = TacticTable()
+
+
+def to_config(tuned: dict[str, dict[int, Tactic]]) -> dict[str, dict[str, dict]]:
+    return {key: {str(b): asdict(t) for b, t in sorted(per.items())} for key, per in sorted(tuned.items())}
