@@ -145,13 +145,18 @@ def trtc_part(args, hf_dir: Path, engine: Path, kind: str = "bf16") -> dict:
     from trtc.runtime.executor import Executor
 
     build_s = build_engine(kind, hf_dir, engine)
-    ex = Executor(engine)
+    free, total = torch.cuda.mem_get_info()
+    print(f"before load: allocated {torch.cuda.memory_allocated() / 1e9:.1f} GB, free {free / 1e9:.1f} of {total / 1e9:.1f} GB")
+    ex = Executor(engine, free_gpu_memory_fraction=args.kv_fraction)
+    print(f"{kind}: weights {ex.runner.weight_bytes() / 1e9:.2f} GB, KV pool {ex.runner.kv_cache_bytes() / 1e9:.1f} GB "
+          f"({ex.num_blocks} blocks), allocated {torch.cuda.memory_allocated() / 1e9:.1f} GB", flush=True)
     res = {"build_s": build_s, "load_s": ex.load_seconds, "tput": {}}
     requests = 128 if args.quick else 512
     shapes = [(128, 128)] if args.skip_long or kind != "bf16" else [(128, 128), (128, 2048), (2048, 128)]
     for isl, osl in shapes:
         r = bench(ex, isl, osl, requests if osl <= 128 else requests // 4, concurrency=256)
         print(format_result(r), flush=True)
+        print(f"peak allocated {torch.cuda.max_memory_allocated() / 1e9:.1f} GB", flush=True)
         res["tput"][f"{isl}/{osl}"] = r.output_tokens_per_s
     lat = bench(ex, 128, 256, latency=True, batch_size=1)
     print(format_result(lat), flush=True)
@@ -206,8 +211,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip_compile", action="store_true", help="HF batch 1 without torch.compile")
     ap.add_argument("--skip_long", action="store_true", help="only ISL/OSL 128/128 in throughput mode")
+    ap.add_argument("--kv_fraction", type=float, default=0.7, help="free_gpu_memory_fraction of the KV pool")
     ap.add_argument("--engines", default="bf16", help="comma-separated: bf16 (always), fp8, int4_awq")
-    ap.add_argument("--part", choices=["all", "trtc", "hf"], default="all",
+    ap.add_argument("--kind", default="bf16", help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=["all", "trtc", "hf", "engine"], default="all",
                     help="run trtc and HF in separate calls (trtc writes results.json in work_dir)")
     args = ap.parse_args()
     work = Path(args.work_dir or f"/tmp/trtc-gpu-bench-{'quick' if args.quick else '8b'}")
@@ -218,9 +225,20 @@ def main() -> None:
     n = make_checkpoint(hf_dir, QUICK if args.quick else LLAMA_8B)
     weight_gb = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")) / 1e9
     print(f"checkpoint: {n / 1e9:.2f}B parameters, {weight_gb:.2f} GB, ready in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.part == "engine":  # one engine in this process (the others each in their own)
+        (work / f"results-{args.kind}.json").unlink(missing_ok=True)
+        out = trtc_part(args, hf_dir, engine if args.kind == "bf16" else work / f"engine-{args.kind}", args.kind)
+        (work / f"results-{args.kind}.json").write_text(json.dumps(out))
+        return
     if args.part in ("all", "trtc"):
-        res = trtc_part(args, hf_dir, engine)
-        res["quant"] = {kind: trtc_part(args, hf_dir, work / f"engine-{kind}", kind)
+        for kind in dict.fromkeys(["bf16", *args.engines.split(",")]):  # a fresh process each: all memory back
+            subprocess.run([sys.executable, __file__, "--part", "engine", "--kind", kind, "--work_dir", str(work),
+                            "--kv_fraction", str(args.kv_fraction), *(["--quick"] if args.quick else []),
+                            *(["--skip_long"] if args.skip_long else [])])
+            if not (work / f"results-{kind}.json").is_file():
+                raise SystemExit(f"the {kind} engine run failed")
+        res = json.loads((work / "results-bf16.json").read_text())
+        res["quant"] = {kind: json.loads((work / f"results-{kind}.json").read_text())
                         for kind in args.engines.split(",") if kind != "bf16"}
         shutil.rmtree(work / "ckpt", ignore_errors=True)
         results.write_text(json.dumps(res))

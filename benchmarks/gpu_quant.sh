@@ -15,6 +15,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in "$@"; do case $part in
   tests) timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/plugins tests/test_gpu_quantized.py tests/test_gpu_engine.py 2>&1 \
            | tee "$OUT/gpu_tests.log" | grep -v -E "^\s*$|warn" | tail -25 ;;
+  kernels) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/plugins/test_quant_gemm_kernels.py 2>&1 \
+           | tee "$OUT/gpu_tests.log" | grep -v -E "^\s*$|warn" | tail -25 ;;
   gemm) timeout 150 python3 benchmarks/quant_gemm.py --m ${GEMM_M:-1,4,16,64} 2>&1 | tee "$OUT/quant_gemm.log" ;;
   engines) python3 benchmarks/gpu_engine.py --skip_compile --skip_long --engines bf16,fp8,int4_awq 2>&1 \
              | tee "$OUT/bench.log" | grep -v -E "Loading weights|Writing model|it/s\]" | tail -60 ;;

@@ -184,6 +184,7 @@ def test_tactic_table_and_defaults():
     assert [bucket(m) for m in (1, 3, 16, 17, 100000)] == [1, 4, 16, 32, 32768]
     assert default_tactic("fp8:n8:k32", 1000).impl == "scaled_mm"
     assert default_tactic("w4a16:n64:k256:g128", 1).impl == "triton"
+    assert default_tactic("w4a16:n64:k256:g128", 4096).impl == "dequant_mm"
     TACTICS.install({"w4a16:n7:k256:g128": {"1": {"impl": "triton", "split_k": 8},
                                             "16": {"impl": "triton", "block_n": 128, "split_k": 2}}})
     assert TACTICS.choose("w4a16:n7:k256:g128", 1).split_k == 8

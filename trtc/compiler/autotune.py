@@ -29,7 +29,7 @@ _LINEAR_TENSORS = ("weight", "weight_scale", "weight_zero", "pre_quant_scale", "
 def gemm_candidates(key: str, m: int, k: int) -> list[Tactic]:
     fp8 = key.startswith("fp8")
     group = int(key.rsplit(":g", 1)[1]) if not fp8 else 0
-    out = [Tactic("scaled_mm")] if fp8 else []
+    out = [Tactic("scaled_mm")] if fp8 else [Tactic("dequant_mm")] if m > 16 else []
     if m <= 64:
         block_ms = [max(16, m)]
         block_ns, splits, block_ks = [32, 64, 128] if fp8 else [64, 128], [1, 2, 4, 8], [128, 256]
@@ -41,7 +41,7 @@ def gemm_candidates(key: str, m: int, k: int) -> list[Tactic]:
             continue
         warps = 8 if bm * bn >= 128 * 128 else 4
         out.append(Tactic("triton", block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=3))
-    if m > 64 and fp8:  # cuBLASLt is the one to beat there: few Triton shapes
+    if m > 64:  # cuBLAS(Lt) is the one to beat there: few Triton shapes
         out = out[:3]
     return out
 
@@ -85,6 +85,11 @@ def _gemm_fn(t: Tactic, x: torch.Tensor, w: dict[str, torch.Tensor], dtype: torc
 
     if t.impl == "scaled_mm":
         return lambda: scaled_mm(x, w["weight"], w["input_scale"], w["weight_scale"], None, dtype)
+    if t.impl == "dequant_mm":
+        from trtc.plugins.gemm.w4a16 import w4a16_linear
+
+        return lambda: w4a16_linear(x, w["weight"], w["weight_scale"], w.get("weight_zero"), w.get("pre_quant_scale"),
+                                    w.get("input_perm"))
     return lambda: launch(x, w["weight"], w["weight_scale"], out_dtype=dtype, weight_zero=w.get("weight_zero"),
                           pre_quant_scale=w.get("pre_quant_scale"), input_perm=w.get("input_perm"),
                           input_scale=w.get("input_scale"), **t.launch_args())

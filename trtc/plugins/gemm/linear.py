@@ -65,6 +65,9 @@ def _quantized_cuda(x, weights, name, weight, scale, bias, out_dtype, fp8) -> to
         else:
             y = triton_quant.launch(x2, weight, scale, out_dtype=out_dtype, input_scale=input_scale, bias=bias,
                                     **tactic.launch_args())
+    elif tactic.impl == "dequant_mm":
+        y = w4a16_linear(x2, weight, scale, weights.get(name + ".weight_zero"), weights.get(name + ".pre_quant_scale"),
+                         weights.get(name + ".input_perm"), bias)
     else:
         y = triton_quant.launch(
             x2, weight, scale, out_dtype=out_dtype, weight_zero=weights.get(name + ".weight_zero"),

@@ -19,7 +19,8 @@ TUNED_BUCKETS = (1, 16, 32, 64, 128, 512, 2048, 8192, 32768)  # the build times 
 
 @dataclass(frozen=True)
 class Tactic:
-    impl: str  # "triton" (trtc/plugins/gemm/triton_quant.py) or "scaled_mm" (cuBLASLt FP8 through torch)
+    impl: str  # "triton" (trtc/plugins/gemm/triton_quant.py), "scaled_mm" (cuBLASLt FP8 through torch), or
+    # "dequant_mm" (INT4: the weight dequantized to the model dtype, then cuBLAS: for large M, compute-bound)
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
@@ -57,7 +58,7 @@ def default_tactic(key: str, m: int) -> Tactic:
         return Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=2)
     if m <= 64:
         return Tactic("triton", block_m=32 if m <= 32 else 64, block_n=64, block_k=128)
-    return Tactic("triton", block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3)
+    return Tactic("dequant_mm")
 
 
 class TacticTable:

@@ -25,12 +25,19 @@ bytes ~= N*K/2 (+ N*K/group*4 scales) for W4A16, N*K for FP8, + M*K*2 + M*N*2.
 
 from __future__ import annotations
 
+import atexit
+
 import torch
 import triton
 import triton.language as tl
 
 LOCKS_PER_DEVICE = 1 << 16
 _locks: dict[torch.device, torch.Tensor] = {}
+
+
+@atexit.register
+def _release_locks() -> None:
+    _locks.clear()  # while CUDA is alive: freeing device memory during interpreter teardown can crash
 
 
 def split_k_locks(device: torch.device) -> torch.Tensor:
