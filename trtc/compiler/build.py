@@ -18,16 +18,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from trtc import __version__
 from trtc.checkpoint import CheckpointConfig, rank_file
 from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.layout import combine, engine_shape, engine_tensors
+from trtc.compiler.rank_tensors import checkpoint_rank
 from trtc.errors import TrtcError
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
-from trtc.utils.safetensors_writer import DTYPE_OF_CODE, SafetensorsWriter
+from trtc.utils.safetensors_writer import SafetensorsWriter
 
 ENGINE_FORMAT = "trtc-engine"
 ENGINE_VERSION = 1
@@ -97,25 +96,12 @@ def build(
 
 
 def _build_rank(checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConfig, progress: bool | None) -> None:
-    path = rank_file(checkpoint_dir, rank)
-    try:
-        f = safe_open(str(path), framework="pt")
-    except Exception as e:
-        raise TrtcError(f"{path} is not a valid safetensors file ({e}); convert the model again") from None
-    with f:
-        names = sorted(f.keys())
-        scalar = {n for n in names if f.get_slice(n).get_shape() == []}
-        plan = engine_tensors(names, ckpt.graph, scalar)
-        rows = {target: [f.get_slice(w).get_shape()[0] for w in t.weights] for target, t in plan.items()}
-        entries = []
-        for target, t in plan.items():
-            shapes = [f.get_slice(p).get_shape() for p in t.parts]
-            dtype = DTYPE_OF_CODE[f.get_slice(t.parts[0]).get_dtype()]
-            entries.append((target, dtype, engine_shape(t, shapes, rows[target])))
+    with checkpoint_rank(checkpoint_dir, rank, ckpt.graph) as source:
         disable = None if progress is None else not progress
-        with SafetensorsWriter(rank_file(out, rank, "engine"), entries, {"format": "pt"}) as writer:
-            for target, t in tqdm(plan.items(), desc=f"build rank {rank}", unit="tensor", disable=disable):
-                writer.write(target, combine(target, t, [f.get_tensor(p) for p in t.parts], rows[target]))
+        with SafetensorsWriter(rank_file(out, rank, "engine"), source.entries, {"format": "pt"}) as writer:
+            bar = tqdm(source.read(), total=len(source.entries), desc=f"build rank {rank}", unit="tensor", disable=disable)
+            for name, tensor in bar:
+                writer.write(name, tensor)
 
 
 def build_from_hf(
