@@ -6,12 +6,14 @@
                              loaded without copies, straight onto the device)
     ENGINE/tokenizer/
 
+That is the cuda backend's directory; the tensorrt backend's (ONNX graphs, TensorRT plans) is
+described in trtc/backends/tensorrt/__init__.py and built by build_tensorrt.py.
+
 Two builds from the same checkpoint and flags on the same machine give byte-identical files.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -42,13 +44,18 @@ def detect_target() -> dict:
 
 
 def resolve_backend(backend: str) -> str:
+    """cuda or tensorrt; auto is tensorrt where `import tensorrt` works and there is a GPU."""
+    from trtc.backends import tensorrt
+
     if backend not in BACKENDS:
         raise TrtcError(f"--backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "tensorrt" if tensorrt.available() and torch.cuda.is_available() else "cuda"
     if backend == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            raise TrtcError("--backend tensorrt needs TensorRT, which is not installed here (import tensorrt failed); use --backend cuda")
-        raise TrtcError("--backend tensorrt is not available in this trtc version; use --backend cuda")
-    return "cuda"
+        from trtc.compiler.build_tensorrt import require_onnx
+
+        require_onnx()
+    return backend
 
 
 def build(
@@ -87,11 +94,21 @@ def build(
         "tactics": {},
     }
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        for rank in range(world):
-            _build_rank(checkpoint_dir, tmp, rank, ckpt, progress)
+        if backend == "cuda":
+            for rank in range(world):
+                _build_rank(checkpoint_dir, tmp, rank, ckpt, progress)
+        else:
+            from trtc.compiler.build_tensorrt import lower_and_build
+
+            engine_config["tensorrt"] = lower_and_build(
+                tmp, ckpt, config, lambda rank: checkpoint_rank(checkpoint_dir, rank, ckpt.graph), output_dir)
         (tmp / "config.json").write_text(json.dumps(engine_config, indent=2) + "\n")
         if (checkpoint_dir / "tokenizer").is_dir():
             shutil.copytree(checkpoint_dir / "tokenizer", tmp / "tokenizer")
+    if backend == "tensorrt" and engine_config["tensorrt"] is None:
+        from trtc.backends.tensorrt import ONNX_DIR, not_installed
+
+        raise TrtcError(not_installed(str(output_dir / ONNX_DIR), str(output_dir)))
     return output_dir
 
 

@@ -21,6 +21,7 @@ class Engine:
     build_config: BuildConfig
     target: dict
     backend: str
+    tensorrt: dict | None = None  # backend tensorrt: the plans' build record; None while only the ONNX exists
 
     @property
     def graph(self):
@@ -38,7 +39,8 @@ class Engine:
         check_format(d, directory, ENGINE_FORMAT, ENGINE_VERSION, fix)
         try:
             pretrained = CheckpointConfig.from_dict(d["pretrained_config"])
-            return cls(directory, pretrained, BuildConfig(**d["build_config"]), d["target"], d["backend"])
+            return cls(directory, pretrained, BuildConfig(**d["build_config"]), d["target"], d["backend"],
+                       d.get("tensorrt"))
         except (KeyError, TypeError) as e:
             raise TrtcError(f"{directory / 'config.json'} is incomplete ({e}); {fix}") from None
 
