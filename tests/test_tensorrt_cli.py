@@ -81,6 +81,9 @@ def test_from_onnx_bad_input(onnx_build, ckpt, tmp_path):
     one_line_error(cli("build", "--from_onnx", out, *plans, "--tokens_per_block", 8), "--tokens_per_block",
                    "decided when the ONNX graphs are written")
     one_line_error(cli("build", "--from_onnx", out, *plans, "--checkpoint_dir", ckpt), "--checkpoint_dir")
+    one_line_error(cli("build", "--from_onnx", out, *plans, "--backend", "cuda"), "--backend")
+    one_line_error(cli("build", "--from_onnx", out, *plans, "--backend", "tensorrt", "--max_batch_size", 2),
+                   "TensorRT is not installed")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((out / "config.json").read_text())
@@ -121,3 +124,13 @@ def test_tensorrt_backend_needs_onnx(ckpt, tmp_path, monkeypatch):
     one_line_error(cli("build", "--checkpoint_dir", ckpt, "--output_dir", tmp_path / "e", "--backend", "tensorrt"),
                    "needs the onnx package", "trtc[onnx]")
     assert not (tmp_path / "e").exists()
+
+
+def test_tensorrt_without_gpu_stops_after_onnx(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorrt, "available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "e"
+    one_line_error(cli("build", "--checkpoint_dir", ckpt, "--output_dir", out, "--backend", "tensorrt", *LIMITS),
+                   "builds plans on a GPU and this machine has none", f"--from_onnx {out}")
+    assert (out / "onnx" / "plugins.json").is_file()
+    one_line_error(cli("build", "--from_onnx", out, "--output_dir", tmp_path / "plans"), "has none")

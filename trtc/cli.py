@@ -185,10 +185,13 @@ def _build_from_onnx(source: str, output_dir: str, overwrite: bool, limits: dict
 
     ctx = click.get_current_context()
     given = [name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-    extra = [name for name in given if name not in ("from_onnx", "output_dir", "overwrite", *PROFILE_LIMITS)]
+    allowed = ["from_onnx", "output_dir", "overwrite", *PROFILE_LIMITS]
+    if ctx.params["backend"] == "tensorrt":
+        allowed.append("backend")
+    extra = [name for name in given if name not in allowed]
     if extra:
-        raise TrtcError(f"--{extra[0]} is decided when the ONNX graphs are written; --from_onnx takes only --output_dir, "
-                        f"--overwrite and {', '.join('--' + n for n in PROFILE_LIMITS)}")
+        raise TrtcError(f"--{extra[0]} is decided when the ONNX graphs are written; --from_onnx takes only "
+                        f"--output_dir, --overwrite and {', '.join('--' + n for n in PROFILE_LIMITS)}")
     out = build_from_onnx(source, output_dir, {n: limits[n] for n in PROFILE_LIMITS if n in given}, overwrite)
     click.echo(f"wrote engine {out}")
 

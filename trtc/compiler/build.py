@@ -106,9 +106,9 @@ def build(
         if (checkpoint_dir / "tokenizer").is_dir():
             shutil.copytree(checkpoint_dir / "tokenizer", tmp / "tokenizer")
     if backend == "tensorrt" and engine_config["tensorrt"] is None:
-        from trtc.backends.tensorrt import ONNX_DIR, not_installed
+        from trtc.backends.tensorrt import ONNX_DIR, missing, unfinished
 
-        raise TrtcError(not_installed(str(output_dir / ONNX_DIR), str(output_dir)))
+        raise TrtcError(unfinished(missing(), str(output_dir / ONNX_DIR), str(output_dir)))
     return output_dir
 
 

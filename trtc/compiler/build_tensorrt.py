@@ -1,9 +1,9 @@
 """`trtc build --backend tensorrt` and `trtc build --from_onnx`: the engine directory of the
 tensorrt backend (layout: trtc/backends/tensorrt/__init__.py).
 
-Lowering to ONNX needs only the `onnx` package and runs anywhere; the plans need TensorRT. Where
-TensorRT is absent the build stops after the ONNX graphs, with a directory that `--from_onnx`
-finishes on a machine that has it.
+Lowering to ONNX needs only the `onnx` package and runs anywhere; the plans need TensorRT and a GPU.
+Where either is missing the build stops after the ONNX graphs, with a directory that `--from_onnx`
+finishes on a machine that has them.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def lower_and_build(tmp: Path, ckpt: CheckpointConfig, config: BuildConfig,
     from trtc.onnx.export import write_onnx_dir
 
     write_onnx_dir(tmp / ONNX_DIR, ckpt, config, open_rank)
-    if not tensorrt.available():
+    if tensorrt.missing() is not None:
         return None
     from trtc.backends.tensorrt.builder import build_plans
 
@@ -72,9 +72,10 @@ def build_from_onnx(source: str | Path, output_dir: str | Path, limits: dict | N
     for path in needed:
         if not path.is_file():
             raise TrtcError(f"{path} is missing; build it again with `trtc build --backend tensorrt`")
-    if not tensorrt.available():
-        raise TrtcError(f"TensorRT is not installed here (import tensorrt failed); run `trtc build --from_onnx "
-                        f"{source} --output_dir {output_dir}` on a machine with TensorRT")
+    reason = tensorrt.missing()
+    if reason is not None:
+        raise TrtcError(f"{reason}; run `trtc build --from_onnx {source} --output_dir {output_dir}` on a machine "
+                        "with TensorRT and a GPU")
     check_output_dir(output_dir, overwrite)
     from trtc.backends.tensorrt.builder import build_plans
 

@@ -31,8 +31,18 @@ def available() -> bool:
     return hasattr(tensorrt, "Builder")
 
 
-def not_installed(onnx_dir: str, engine_dir: str) -> str:
-    """The one-line message of a tensorrt build on a machine without TensorRT."""
-    return (f"TensorRT is not installed here (import tensorrt failed); the ONNX graphs and plugin metadata are in "
-            f"{onnx_dir}; finish the build on a machine with TensorRT: "
-            f"trtc build --from_onnx {engine_dir} --output_dir ENGINE_DIR")
+def missing() -> str | None:
+    """Why TensorRT cannot build plans here, or None when it can."""
+    if not available():
+        return "TensorRT is not installed here (import tensorrt failed)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "TensorRT builds plans on a GPU and this machine has none"
+    return None
+
+
+def unfinished(reason: str, onnx_dir: str, engine_dir: str) -> str:
+    """The one-line message of a tensorrt build that stopped after the ONNX graphs."""
+    return (f"{reason}; the ONNX graphs and plugin metadata are in {onnx_dir}; finish the build on a machine with "
+            f"TensorRT: trtc build --from_onnx {engine_dir} --output_dir ENGINE_DIR")
