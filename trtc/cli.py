@@ -65,7 +65,9 @@ BUILD_OPTIONS = [
     click.option("--tokens_per_block", default=32, show_default=True, type=int, help="Tokens per KV-cache block."),
     click.option("--kv_cache_dtype", default="auto", show_default=True,
                  help="auto (fp8 for a checkpoint with FP8 KV scales, else the weights' dtype), float32, float16, bfloat16, fp8."),
-    click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "tensorrt"])),
+    click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "tensorrt"]),
+                 help="cuda: trtc's kernels; tensorrt: ONNX graphs built into TensorRT plans; auto: tensorrt where "
+                      "TensorRT is installed and there is a GPU, else cuda."),
 ]
 
 
@@ -131,6 +133,8 @@ def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, cali
 @main.command()
 @click.option("--checkpoint_dir", type=click.Path(), help="A checkpoint written by `trtc convert` or `trtc quantize`.")
 @click.option("--model_dir", type=click.Path(), help="An HF model directory: convert (or quantize) and build in one go.")
+@click.option("--from_onnx", type=click.Path(),
+              help="A directory written by `--backend tensorrt`: build its ONNX graphs into TensorRT plans.")
 @click.option("--output_dir", required=True, type=click.Path(), help="Where to write the engine.")
 @click.option("--tp", "--tp_size", "tp_size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size (with --model_dir).")
@@ -142,14 +146,18 @@ def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, cali
 @build_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors
-def build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, calib_dataset, calib_size,
+def build(checkpoint_dir, model_dir, from_onnx, output_dir, tp_size, dtype, qformats, calib_dataset, calib_size,
           calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, **limits) -> None:
     """Build an engine directory from a checkpoint (or straight from an HF directory)."""
     from trtc.compiler.build import build as run_build, build_from_hf
     from trtc.compiler.build_config import BuildConfig
 
+    if from_onnx is not None:
+        _build_from_onnx(from_onnx, output_dir, overwrite, limits)
+        return
     if (checkpoint_dir is None) == (model_dir is None):
-        raise TrtcError("pass exactly one of --checkpoint_dir (from `trtc convert`) or --model_dir (an HF directory)")
+        raise TrtcError("pass exactly one of --checkpoint_dir (from `trtc convert`), --model_dir (an HF directory) "
+                        "or --from_onnx (a `--backend tensorrt` build to finish)")
     if len(set(qformats)) > 1:
         raise TrtcError(f"{' and '.join('--' + q for q in sorted(set(qformats)))} exclude each other; pick one weight format")
     if calib_dataset and not qformats:
@@ -168,6 +176,23 @@ def build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, calib
         if qformats:
             raise TrtcError(f"--{qformats[0]} quantizes an HF model; use it with --model_dir, or `trtc quantize` then build")
         out = run_build(checkpoint_dir, output_dir, config, backend, overwrite)
+    click.echo(f"wrote engine {out}")
+
+
+def _build_from_onnx(source: str, output_dir: str, overwrite: bool, limits: dict) -> None:
+    """`trtc build --from_onnx DIR`: only the output and the optimization-profile limits may be given."""
+    from trtc.compiler.build_tensorrt import PROFILE_LIMITS, build_from_onnx
+
+    ctx = click.get_current_context()
+    given = [name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    allowed = ["from_onnx", "output_dir", "overwrite", *PROFILE_LIMITS]
+    if ctx.params["backend"] == "tensorrt":
+        allowed.append("backend")
+    extra = [name for name in given if name not in allowed]
+    if extra:
+        raise TrtcError(f"--{extra[0]} is decided when the ONNX graphs are written; --from_onnx takes only "
+                        f"--output_dir, --overwrite and {', '.join('--' + n for n in PROFILE_LIMITS)}")
+    out = build_from_onnx(source, output_dir, {n: limits[n] for n in PROFILE_LIMITS if n in given}, overwrite)
     click.echo(f"wrote engine {out}")
 
 

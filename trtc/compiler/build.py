@@ -6,31 +6,31 @@
                              loaded without copies, straight onto the device)
     ENGINE/tokenizer/
 
-Two builds from the same checkpoint and flags give byte-identical rank files. On a GPU the build
-also times the kernels' tactics for the engine's shapes (compiler/autotune.py) into config.json.
+That is the cuda backend's directory; the tensorrt backend's (ONNX graphs, TensorRT plans) is
+described in trtc/backends/tensorrt/__init__.py and built by build_tensorrt.py.
+
+Two builds from the same checkpoint and flags give byte-identical rank files. On a GPU the cuda
+build also times the kernels' tactics for the engine's shapes (compiler/autotune.py) into config.json.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from trtc import __version__
 from trtc.checkpoint import CheckpointConfig, rank_file, torch_dtype
 from trtc.compiler.autotune import autotune
 from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.layout import combine, engine_shape, engine_tensors
+from trtc.compiler.rank_tensors import checkpoint_rank
 from trtc.errors import TrtcError
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
-from trtc.compiler.autotune import autotune
-from trtc.utils.safetensors_writer import DTYPE_OF_CODE, SafetensorsWriter
+from trtc.utils.safetensors_writer import SafetensorsWriter
 
 ENGINE_FORMAT = "trtc-engine"
 ENGINE_VERSION = 1
@@ -46,13 +46,18 @@ def detect_target() -> dict:
 
 
 def resolve_backend(backend: str) -> str:
+    """cuda or tensorrt; auto is tensorrt where `import tensorrt` works and there is a GPU."""
+    from trtc.backends import tensorrt
+
     if backend not in BACKENDS:
         raise TrtcError(f"--backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "tensorrt" if tensorrt.available() and torch.cuda.is_available() else "cuda"
     if backend == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            raise TrtcError("--backend tensorrt needs TensorRT, which is not installed here (import tensorrt failed); use --backend cuda")
-        raise TrtcError("--backend tensorrt is not available in this trtc version; use --backend cuda")
-    return "cuda"
+        from trtc.compiler.build_tensorrt import require_onnx
+
+        require_onnx()
+    return backend
 
 
 def build(
@@ -91,13 +96,23 @@ def build(
         "tactics": {},
     }
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        for rank in range(world):
-            _build_rank(checkpoint_dir, tmp, rank, ckpt, progress)
-        engine_config["tactics"] = autotune(tmp, ckpt.graph, ckpt.mapping, config, torch_dtype(ckpt.dtype),
-                                            engine_config["target"], log=print if progress is not False else _quiet)
+        if backend == "cuda":
+            for rank in range(world):
+                _build_rank(checkpoint_dir, tmp, rank, ckpt, progress)
+            engine_config["tactics"] = autotune(tmp, ckpt.graph, ckpt.mapping, config, torch_dtype(ckpt.dtype),
+                                                engine_config["target"], log=print if progress is not False else _quiet)
+        else:
+            from trtc.compiler.build_tensorrt import lower_and_build
+
+            engine_config["tensorrt"] = lower_and_build(
+                tmp, ckpt, config, lambda rank: checkpoint_rank(checkpoint_dir, rank, ckpt.graph), output_dir)
         (tmp / "config.json").write_text(json.dumps(engine_config, indent=2) + "\n")
         if (checkpoint_dir / "tokenizer").is_dir():
             shutil.copytree(checkpoint_dir / "tokenizer", tmp / "tokenizer")
+    if backend == "tensorrt" and engine_config["tensorrt"] is None:
+        from trtc.backends.tensorrt import ONNX_DIR, missing, unfinished
+
+        raise TrtcError(unfinished(missing(), str(output_dir / ONNX_DIR), str(output_dir)))
     return output_dir
 
 
@@ -106,25 +121,12 @@ def _quiet(*_: object) -> None:
 
 
 def _build_rank(checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConfig, progress: bool | None) -> None:
-    path = rank_file(checkpoint_dir, rank)
-    try:
-        f = safe_open(str(path), framework="pt")
-    except Exception as e:
-        raise TrtcError(f"{path} is not a valid safetensors file ({e}); convert the model again") from None
-    with f:
-        names = sorted(f.keys())
-        scalar = {n for n in names if f.get_slice(n).get_shape() == []}
-        plan = engine_tensors(names, ckpt.graph, scalar)
-        rows = {target: [f.get_slice(w).get_shape()[0] for w in t.weights] for target, t in plan.items()}
-        entries = []
-        for target, t in plan.items():
-            shapes = [f.get_slice(p).get_shape() for p in t.parts]
-            dtype = DTYPE_OF_CODE[f.get_slice(t.parts[0]).get_dtype()]
-            entries.append((target, dtype, engine_shape(t, shapes, rows[target])))
+    with checkpoint_rank(checkpoint_dir, rank, ckpt.graph) as source:
         disable = None if progress is None else not progress
-        with SafetensorsWriter(rank_file(out, rank, "engine"), entries, {"format": "pt"}) as writer:
-            for target, t in tqdm(plan.items(), desc=f"build rank {rank}", unit="tensor", disable=disable):
-                writer.write(target, combine(target, t, [f.get_tensor(p) for p in t.parts], rows[target]))
+        with SafetensorsWriter(rank_file(out, rank, "engine"), source.entries, {"format": "pt"}) as writer:
+            bar = tqdm(source.read(), total=len(source.entries), desc=f"build rank {rank}", unit="tensor", disable=disable)
+            for name, tensor in bar:
+                writer.write(name, tensor)
 
 
 def build_from_hf(

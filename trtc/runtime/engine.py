@@ -22,6 +22,7 @@ class Engine:
     target: dict
     backend: str
     tactics: dict = field(default_factory=dict)  # the kernel tactics tuned at build (compiler/autotune.py)
+    tensorrt: dict | None = None  # backend tensorrt: the plans' build record; None while only the ONNX exists
 
     @property
     def graph(self):
@@ -40,7 +41,7 @@ class Engine:
         try:
             pretrained = CheckpointConfig.from_dict(d["pretrained_config"])
             return cls(directory, pretrained, BuildConfig(**d["build_config"]), d["target"], d["backend"],
-                       d.get("tactics") or {})
+                       d.get("tactics") or {}, d.get("tensorrt"))
         except (KeyError, TypeError) as e:
             raise TrtcError(f"{directory / 'config.json'} is incomplete ({e}); {fix}") from None
 

@@ -23,8 +23,8 @@ from trtc.runtime.attention_metadata import AttentionMetadata
 from trtc.runtime.cuda_graphs import DecodeCudaGraphs
 from trtc.runtime.engine import Engine
 from trtc.runtime.kv_cache import num_kv_blocks
-from trtc.runtime.model_runner import ModelRunner
 from trtc.runtime.outputs import TokenEvent
+from trtc.runtime.runners import make_runner
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.scheduler import Scheduler
 
@@ -67,7 +67,7 @@ class Executor:
         self.device = torch.device(device) if device is not None else default_device()
         self.engine.check_runtime(world_size=1, device=self.device)
         bc = self.engine.build_config
-        self.runner = ModelRunner(self.engine, self.device)  # weights first: the pool takes what is left
+        self.runner = make_runner(self.engine, self.device)  # weights first: the pool takes what is left
         self.num_blocks = num_kv_blocks(self.engine, self.device, kv_cache_max_tokens, free_gpu_memory_fraction)
         self.cuda_graphs = None
         use_graphs = enable_cuda_graphs and self.device.type == "cuda" and self.runner.graph_capturable()

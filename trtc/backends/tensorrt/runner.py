@@ -1,0 +1,85 @@
+"""A rank's TensorRT plan, driven like trtc.runtime.model_runner.ModelRunner: the executor and its
+C++ scheduler hand it flattened tokens and an AttentionMetadata; it binds them, the KV-cache pools
+and the logits buffer to the plan's tensors and enqueues the plan on torch's current stream."""
+
+from __future__ import annotations
+
+import torch
+
+import tensorrt as trt
+from trtc.backends.tensorrt import plugins  # noqa: F401  (the plan's plugins must be registered first)
+from trtc.backends.tensorrt.profiles import dim_ranges
+from trtc.checkpoint import rank_file
+from trtc.compiler.build_config import kv_cache_torch_dtype
+from trtc.errors import TrtcError
+from trtc.onnx.lower import LOGITS, NB, POOL_INPUT, POOL_OUTPUT
+from trtc.runtime.attention_metadata import AttentionMetadata
+from trtc.runtime.engine import Engine
+
+
+class TensorRTRunner:
+    def __init__(self, engine: Engine, device: torch.device, rank: int = 0) -> None:
+        if device.type != "cuda":
+            raise TrtcError(f"engine {engine.directory} is a TensorRT engine and runs on a GPU; this run has none")
+        self.graph, self.mapping, self.device, self.rank = engine.graph, engine.mapping, device, rank
+        self.build_config = engine.build_config
+        plan = rank_file(engine.directory, rank, "engine").read_bytes()
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        with torch.cuda.device(device):
+            self.plan = self.runtime.deserialize_cuda_engine(plan)
+            if self.plan is None:
+                raise TrtcError(f"TensorRT could not load {rank_file(engine.directory, rank, 'engine')} (another "
+                                "TensorRT version or GPU?); rebuild it with `trtc build --from_onnx` here")
+            self.context = self.plan.create_execution_context()
+        self.plan_bytes = len(plan)
+        self.k_cache: list[torch.Tensor] = []  # the pools, [2, N, P, Hkv, D] per layer (K and V stacked)
+        self.v_cache: list[torch.Tensor] = []
+        self.w: dict = {}
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        most = dim_ranges(self.build_config)[NB][2]
+        if num_blocks > most:
+            raise TrtcError(f"a KV-cache pool of {num_blocks} blocks exceeds the {most} of the plan's optimization "
+                            "profile (max_batch_size x max_seq_len tokens); ask for fewer KV-cache tokens, or rebuild "
+                            "with `trtc build --from_onnx` and larger limits")
+        kv_dtype = kv_cache_torch_dtype(self.build_config.kv_cache_dtype)
+        self.k_cache = [
+            torch.zeros((2, num_blocks, self.build_config.tokens_per_block, self.mapping.local_kv_heads(l.attention),
+                         l.attention.head_dim), dtype=kv_dtype, device=self.device)
+            for l in self.graph.layers
+        ]
+
+    def weight_bytes(self) -> int:
+        return self.plan_bytes
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache)
+
+    def graph_capturable(self) -> bool:
+        return False  # the plugins are Python callbacks
+
+    def _bind(self, name: str, t: torch.Tensor, is_input: bool = True) -> None:
+        if is_input:
+            self.context.set_input_shape(name, tuple(t.shape))
+        self.context.set_tensor_address(name, t.data_ptr())
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T]; logits_indices: [S]. Returns logits [S, vocab] float32."""
+        step = {
+            "input_ids": input_ids.long(), "positions": meta.positions.long(), "slot_mapping": meta.slot_mapping.long(),
+            "block_tables": meta.block_tables.int(), "context_lens": meta.context_lens_tensor.int(),
+            "query_start_loc": meta.query_start_loc.int(), "logits_indices": logits_indices.long(),
+        }
+        step = {name: t.to(self.device).contiguous() for name, t in step.items()}  # alive until the step ends
+        for name, t in step.items():
+            self._bind(name, t)
+        for i, pool in enumerate(self.k_cache):  # the attention plugin writes the pool in place
+            self._bind(POOL_INPUT.format(i), pool)
+            self._bind(POOL_OUTPUT.format(i), pool, is_input=False)
+        logits = torch.empty((len(logits_indices), self.graph.vocab_size), dtype=torch.float32, device=self.device)
+        self._bind(LOGITS, logits, is_input=False)
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise TrtcError("TensorRT failed to run the step (see the log above)")
+        return logits
