@@ -1,9 +1,11 @@
 """`trtc build`: checkpoint -> engine directory.
 
     ENGINE/config.json       format version, trtc version, backend, pretrained_config (the layer
-                             graph, mapping, dtype, quantization), build_config, target, tactics
+                             graph, mapping, dtype, quantization), build_config, target, tactics,
+                             build_id (trtc/compiler/build_id.py)
     ENGINE/rank{N}.engine    that rank's weights in the kernels' layout (a safetensors container,
-                             loaded without copies, straight onto the device)
+                             loaded without copies, straight onto the device; its metadata
+                             carries the build_id)
     ENGINE/tokenizer/
 
 Two builds from the same checkpoint and flags on the same machine give byte-identical files.
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from trtc import __version__
 from trtc.checkpoint import CheckpointConfig, rank_file
 from trtc.compiler.build_config import BuildConfig
+from trtc.compiler.build_id import METADATA_KEY, build_fingerprint
 from trtc.compiler.layout import combine, engine_shape, engine_tensors
 from trtc.errors import TrtcError
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
@@ -87,16 +90,19 @@ def build(
         "target": detect_target(),
         "tactics": {},
     }
+    engine_config["build_id"] = build_id = build_fingerprint(engine_config, checkpoint_dir, world)
     with atomic_output_dir(output_dir, overwrite) as tmp:
         for rank in range(world):
-            _build_rank(checkpoint_dir, tmp, rank, ckpt, progress)
+            _build_rank(checkpoint_dir, tmp, rank, ckpt, progress, build_id)
         (tmp / "config.json").write_text(json.dumps(engine_config, indent=2) + "\n")
         if (checkpoint_dir / "tokenizer").is_dir():
             shutil.copytree(checkpoint_dir / "tokenizer", tmp / "tokenizer")
     return output_dir
 
 
-def _build_rank(checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConfig, progress: bool | None) -> None:
+def _build_rank(
+    checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConfig, progress: bool | None, build_id: str
+) -> None:
     path = rank_file(checkpoint_dir, rank)
     try:
         f = safe_open(str(path), framework="pt")
@@ -113,7 +119,8 @@ def _build_rank(checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConf
             dtype = DTYPE_OF_CODE[f.get_slice(t.parts[0]).get_dtype()]
             entries.append((target, dtype, engine_shape(t, shapes, rows[target])))
         disable = None if progress is None else not progress
-        with SafetensorsWriter(rank_file(out, rank, "engine"), entries, {"format": "pt"}) as writer:
+        metadata = {"format": "pt", METADATA_KEY: build_id}
+        with SafetensorsWriter(rank_file(out, rank, "engine"), entries, metadata) as writer:
             for target, t in tqdm(plan.items(), desc=f"build rank {rank}", unit="tensor", disable=disable):
                 writer.write(target, combine(target, t, [f.get_tensor(p) for p in t.parts], rows[target]))
 
