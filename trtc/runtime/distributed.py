@@ -3,7 +3,9 @@
 * The data plane (NCCL on GPUs, gloo on CPU) carries the all-reduces after the row-parallel
   layers and the all-gather of the vocab-parallel LM head, inside the forward (and so inside the
   decode CUDA graphs). Its collectives time out after TRTC_COLLECTIVE_TIMEOUT seconds (300 by
-  default): a rank that hangs stops the run instead of hanging it.
+  default): a rank that hangs stops the run instead of hanging it. (NCCL's own timeout, whose
+  watchdog ends the process, is NCCL_BACKSTOP_S longer: rank 0's watchdog, trtc/runtime/ranks.py,
+  ends the run first and with a clearer line.)
 * The control plane (gloo, CPU tensors) carries rank 0's step messages (trtc/runtime/step.py). On
   the ranks other than 0 its waits have no practical timeout, since the runtime may sit idle
   between requests as long as its user likes (a rank 0 that dies closes its sockets, which they
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 
 import torch
@@ -26,6 +29,7 @@ from trtc.errors import TrtcError
 TIMEOUT_ENV = "TRTC_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 IDLE_TIMEOUT = timedelta(days=365)
+NCCL_BACKSTOP_S = 30.0
 START_TIMEOUT_S = 1800.0  # starting a rank's process and loading its weights (rank 0 watches the processes it started)
 # torch >= 2.13 names it all_gather_single; earlier versions all_gather_into_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -65,10 +69,12 @@ class RankGroup:
                 if store is None:  # mpirun does not set them; right for one node
                     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
                     os.environ.setdefault("MASTER_PORT", "29500")
+                data_timeout = timeout
                 if device.type == "cuda":
                     torch.cuda.set_device(device)
                     kwargs["device_id"] = device  # NCCL is up before any CUDA graph is captured
-                dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+                    data_timeout += timedelta(seconds=NCCL_BACKSTOP_S)
+                dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=data_timeout, **kwargs)
             elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
                 raise TrtcError(
                     f"this program's torch.distributed group is rank {dist.get_rank()} of {dist.get_world_size()}, "
@@ -81,7 +87,7 @@ class RankGroup:
         except (RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError, NCCL errors
             if owns and dist.is_initialized():
                 dist.destroy_process_group()
-            raise TrtcError(f"rank {rank} could not join the other {world_size - 1} rank(s) ({_first_line(e)})") from None
+            raise TrtcError(f"rank {rank} could not join the other {world_size - 1} rank(s) ({error_line(e)})") from None
         return group
 
     # Data plane: inside the forward ---------------------------------------------------------------
@@ -125,6 +131,7 @@ class RankGroup:
         self._owns = False
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
+def error_line(e: BaseException) -> str:
+    """The first line of a collective's error, without the source path gloo puts in front."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(e).__name__

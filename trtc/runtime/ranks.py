@@ -15,16 +15,15 @@ code -9 (SIGKILL); the run is stopped". A collective that fails or waits longer 
 TRTC_COLLECTIVE_TIMEOUT seconds does the same. On GPUs a collective waiting for a dead rank does
 not return by itself: the watchdog aborts the NCCL communicator so that it does, and if the step
 is still stuck GRACE_S later, prints the line and ends the process; it does the same with a step
-that lasts longer than the collective timeout plus GRACE_S (a stuck rank: NCCL's own watchdog
-would end the process too, with a longer story). After a failure the other ranks are stopped and
-the executor refuses further steps.
+that lasts longer than the collective timeout (a stuck rank, which NCCL's own watchdog would
+notice later and end the process with a longer story). After a failure the other ranks are
+stopped and the executor refuses further steps.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from trtc.errors import TrtcError
-from trtc.runtime.distributed import START_TIMEOUT_S, TIMEOUT_ENV, RankGroup, collective_timeout
+from trtc.runtime.distributed import START_TIMEOUT_S, TIMEOUT_ENV, RankGroup, collective_timeout, error_line
 from trtc.runtime.launch import check_world, external_launch
 from trtc.runtime.step import Step, send_step
 from trtc.runtime.worker import READY_KEY, RankOptions, run_rank
@@ -223,7 +222,7 @@ class Ranks:
         text = str(error)
         if not any(word in text for word in ("gloo", "NCCL", "nccl", "c10d", "Connection closed", "Timed out")):
             return None
-        first = re.sub(r"^\[[^\]]*\]\s*", "", next(line for line in text.splitlines() if line.strip()).strip())  # no source path
+        first = error_line(error)
         if "timed out" in text.lower() or "timeout" in text.lower():
             return (f"a collective waited more than {collective_timeout():g} s for the other ranks ({TIMEOUT_ENV}): "
                     f"a rank hangs or died ({first}); the run is stopped")
@@ -238,9 +237,14 @@ class Ranks:
                     self.failure, failed_at = message, now
                     if self.busy and self.group.device.type == "cuda":
                         self.group.abort()
-            if self.failure is None and self.busy == "step" and now - self._busy_since > timeout + GRACE_S:
+            if self.failure is None and self.busy == "step" and now - self._busy_since > timeout:
                 self.failure, failed_at = (f"a step waited more than {timeout:g} s for the other ranks ({TIMEOUT_ENV}): "
-                                           "a rank hangs; the run is stopped"), now - GRACE_S
+                                           "a rank hangs; the run is stopped"), now
+                if self.group.device.type == "cuda":
+                    self.group.abort()
             if self.failure is not None and self.busy and now - failed_at > GRACE_S:
                 print(f"Error: {self.failure}", file=sys.stderr, flush=True)
+                if self.processes is not None:
+                    for proc in self.processes.procs.values():
+                        proc.kill()  # a stopped or stuck rank too
                 os._exit(1)

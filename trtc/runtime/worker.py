@@ -18,6 +18,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 from trtc.errors import TrtcError
 from trtc.runtime.attention_metadata import AttentionMetadata
 from trtc.runtime.cuda_graphs import DecodeCudaGraphs
-from trtc.runtime.distributed import START_TIMEOUT_S, RankGroup
+from trtc.runtime.distributed import START_TIMEOUT_S, RankGroup, error_line
 from trtc.runtime.engine import Engine
 from trtc.runtime.kv_cache import num_kv_blocks
 from trtc.runtime.model_runner import ModelRunner
@@ -140,12 +142,19 @@ def run_rank(engine: Engine | str | Path, device: torch.device, group: RankGroup
         group.close(abort=True)
         return 1
     except (TrtcError, RuntimeError) as e:  # a lost rank 0, a failed collective
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        print(f"[trtc rank {group.rank}] stopped: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
+        print(f"[trtc rank {group.rank}] stopped: {error_line(e)}", file=sys.stderr)
         group.close(abort=True)
         return 1
     group.close()
     return 0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this rank when rank 0, its parent, is gone, even while it waits inside a collective
+    that will not return (NCCL waits on the GPU)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":  # the ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))  # as ranks.cpu_share
     device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     options = RankOptions(args.kv_cache_max_tokens, args.free_gpu_memory_fraction, not args.no_cuda_graphs)
     try:
         import torch.distributed as dist
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         store.set(READY_KEY.format(rank=args.rank), "1")
         group = RankGroup.join(args.rank, args.world_size, device, store)
     except (TrtcError, RuntimeError) as e:
-        print(f"[trtc rank {args.rank}] could not start: {e}", file=sys.stderr)
+        print(f"[trtc rank {args.rank}] could not start: {error_line(e)}", file=sys.stderr)
         return 1
     return run_rank(args.engine_dir, device, group, options)
 
