@@ -71,6 +71,10 @@ class Worker:
             blocks = num_kv_blocks(self.engine, device, options.kv_cache_max_tokens, options.free_gpu_memory_fraction)
         except TrtcError as e:
             error = str(e)
+        except torch.cuda.OutOfMemoryError as e:  # reported by rank 0 like any start-up error
+            error = (f"out of memory on {device} loading engine {getattr(engine, 'directory', engine)} "
+                     f"({error_line(e)}); free the GPU, "
+                     "or split the model over more GPUs (a larger --tp)")
         self.num_blocks = _agree(group, error, build, blocks)
         bc = self.engine.build_config
         use_graphs = options.enable_cuda_graphs and device.type == "cuda" and self.runner.graph_capturable()
