@@ -187,13 +187,6 @@ def test_engine_for_another_gpu(engine_copy):
     assert_one_line_error(cli("run", "--engine_dir", engine_copy, "--input_text", "w1"), "compute capability 9.0", "rebuild")
 
 
-def test_engine_of_another_world_size(engines, tmp_path):
-    hf_dir, _ = engines["llama3_gqa"]
-    assert cli("build", "--model_dir", hf_dir, "--output_dir", tmp_path / "tp2", "--tp", 2).exit_code == 0
-    assert (tmp_path / "tp2" / "rank1.engine").is_file()
-    assert_one_line_error(cli("run", "--engine_dir", tmp_path / "tp2", "--input_text", "w1"), "2 ranks", "1 process")
-
-
 def test_build_bad_input(engines, tmp_path):
     hf_dir, _ = engines["llama3_gqa"]
     assert_one_line_error(cli("build", "--checkpoint_dir", tmp_path / "nope", "--output_dir", tmp_path / "o"), "does not exist")

@@ -160,7 +160,8 @@ def test_shape_contradicts_config(hf_dir, tmp_path):
 
 
 def test_tp_not_dividing_heads(hf_dir, tmp_path):
-    assert_one_line_error(run("--model_dir", hf_dir, "--output_dir", tmp_path / "o", "--tp", 3), "--tp 3", "4 attention heads")
+    assert_one_line_error(run("--model_dir", hf_dir, "--output_dir", tmp_path / "o", "--tp", 3), "--tp 3", "4 attention heads",
+                          "valid --tp values for this model: 1, 2, 4")
     assert not (tmp_path / "o").exists()
 
 

@@ -28,9 +28,11 @@ from trtc.compiler.build_config import BuildConfig
 from trtc.converters.convert import convert
 from trtc.plugins.gemm import linear
 from trtc.quantization.quantize import calibrate, export
+from trtc.llm import LLM
 from trtc.runtime.executor import Executor
 from trtc.runtime.perplexity import prompt_logprobs
 from trtc.runtime.reference import ReferenceModel
+from trtc.runtime.sampling_params import SamplingParams
 
 GROUP = 64  # the tiny model's in-features are 128 and 256
 TINY = dict(hidden_size=128, intermediate_size=256)  # 4 heads of 32, 2 KV heads
@@ -206,6 +208,22 @@ def test_tensor_parallel_split_of_quantized_tensors(case, quantized, tiny, tmp_p
     prompt = tiny[3]
     a, b = one.forward(prompt, one.new_cache()), two.forward(prompt, two.new_cache())
     assert rel(b, a) < (1e-5 if case == "int4_awq" else 0.05)
+
+
+@pytest.mark.parametrize("case", ["fp8_kv", "int4_awq"])
+def test_tensor_parallel_quantized_engine_gives_the_tokens_of_tp1(case, quantized, tmp_path):
+    """The same ModelOpt export converted for tp 1 and tp 2: the tp 2 engine, run as two processes
+    (gloo), gives the greedy tokens of the tp 1 engine (FP8 weights, activations and KV cache; INT4)."""
+    ckpt = quantized[case][0]
+    convert(ckpt.parent / "hf", tmp_path / "tp2", tp_size=2, progress=False)
+    config = BuildConfig(tokens_per_block=4, max_num_tokens=16, max_seq_len=128)
+    prompts = [[1, *range(5, 35)], [1, *range(40, 52)], [1, 7]]
+    tokens = []
+    for tp, checkpoint in ((1, ckpt), (2, tmp_path / "tp2")):
+        engine = build(checkpoint, tmp_path / f"engine{tp}", config, progress=False)
+        with LLM(engine, kv_cache_max_tokens=256) as llm:
+            tokens.append([o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=16, end_id=-1))])
+    assert tokens[0] == tokens[1]
 
 
 def test_quantize_build_run_eval_cli(tiny, tmp_path):

@@ -267,11 +267,14 @@ def bench(engine_dir, isl, osl, num_requests, concurrency, latency, batch_size, 
     from trtc.runtime.executor import Executor
 
     ex = Executor(engine_dir, free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
-    bc = ex.engine.build_config
-    if isl + osl > bc.max_seq_len:
-        raise TrtcError(f"--isl {isl} + --osl {osl} exceeds the engine's max_seq_len {bc.max_seq_len}; "
-                        "use shorter requests or rebuild with a larger --max_seq_len")
-    result = run_bench(ex, isl, osl, num_requests, concurrency, latency, batch_size)
+    try:
+        bc = ex.engine.build_config
+        if isl + osl > bc.max_seq_len:
+            raise TrtcError(f"--isl {isl} + --osl {osl} exceeds the engine's max_seq_len {bc.max_seq_len}; "
+                            "use shorter requests or rebuild with a larger --max_seq_len")
+        result = run_bench(ex, isl, osl, num_requests, concurrency, latency, batch_size)
+    finally:
+        ex.close()
     result.load_seconds = ex.load_seconds
     click.echo(format_result(result))
     if output_json:

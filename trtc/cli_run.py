@@ -43,11 +43,11 @@ def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, sto
         params = SamplingParams(max_tokens=max_output_len, seed=random_seed, stop=stop_words, **sampling)
     except ValueError as e:
         raise TrtcError(f"invalid sampling value: {e}") from None
-    llm = LLM(engine_dir, kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction)
-    if streaming:
-        outputs = [_stream(llm, i, p, params, len(prompts)) for i, p in enumerate(prompts)]
-    else:
-        outputs = llm.generate(prompts, params)
+    with LLM(engine_dir, kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction) as llm:
+        if streaming:
+            outputs = [_stream(llm, i, p, params, len(prompts)) for i, p in enumerate(prompts)]
+        else:
+            outputs = llm.generate(prompts, params)
     ok = True
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         if out.error is not None:

@@ -35,6 +35,10 @@ class LLM:
 
     `model` is an engine directory, or an HF model directory that is built (with `tp_size`,
     `dtype`, `build_config`) into a cache directory keyed by its content and the flags, and reused.
+
+    A tensor-parallel engine starts its other ranks as processes (one GPU each); `close()`, the
+    end of a `with LLM(...) as llm:` block, or the end of the program stops them. Under torchrun
+    or mpirun, ranks other than 0 serve rank 0 inside `LLM(...)` and end there.
     """
 
     def __init__(
@@ -62,6 +66,16 @@ class LLM:
         self._tokenizer = None
         self._has_tokenizer = any((self.engine_dir / "tokenizer" / f).is_file() for f in TOKENIZER_MODEL_FILES)
         self._stop_strings: dict[int, list[str]] = {}  # request id -> stop strings, while it runs
+
+    def close(self) -> None:
+        """Free the engine's memory and stop its other ranks; the LLM is unusable after."""
+        self.executor.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

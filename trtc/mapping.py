@@ -28,24 +28,11 @@ class Mapping:
         return {"world_size": self.world_size, "tp_size": self.tp_size, "pp_size": self.pp_size}
 
     def validate(self, graph: ModelGraph) -> None:
-        """Raise a TrtcError if `graph` cannot be split `tp_size` ways."""
-        tp = self.tp_size
-        for i, layer in enumerate(graph.layers):
-            a = layer.attention
-            if a.num_heads % tp:
-                raise TrtcError(
-                    f"--tp {tp} does not divide the {a.num_heads} attention heads; "
-                    f"use a tp that divides {a.num_heads}"
-                )
-            if a.num_kv_heads % tp and tp % a.num_kv_heads:
-                raise TrtcError(
-                    f"--tp {tp} neither divides nor is a multiple of the {a.num_kv_heads} KV heads; "
-                    f"use a tp that divides {a.num_kv_heads} or a multiple of it"
-                )
-            if layer.mlp.intermediate_size % tp:
-                raise TrtcError(
-                    f"--tp {tp} does not divide the MLP size {layer.mlp.intermediate_size} of layer {i}"
-                )
+        """Raise a TrtcError if `graph` cannot be split `tp_size` ways; it names the tp values that work."""
+        problem = split_problem(graph, self.tp_size)
+        if problem is not None:
+            valid = ", ".join(str(t) for t in valid_tp_sizes(graph))
+            raise TrtcError(f"--tp {self.tp_size} {problem}; valid --tp values for this model: {valid}")
 
     # Per-rank sizes ---------------------------------------------------------------------------
     def local_heads(self, a: AttentionConfig) -> int:
@@ -65,3 +52,22 @@ class Mapping:
 
     def local_vocab(self, vocab_size: int) -> int:
         return self.padded_vocab(vocab_size) // self.tp_size
+
+
+def split_problem(graph: ModelGraph, tp: int) -> str | None:
+    """Why `graph` cannot be split `tp` ways (heads, KV heads, MLP size), or None if it can."""
+    for i, layer in enumerate(graph.layers):
+        a = layer.attention
+        if a.num_heads % tp:
+            return f"does not divide the {a.num_heads} attention heads"
+        if a.num_kv_heads % tp and tp % a.num_kv_heads:
+            return f"neither divides nor is a multiple of the {a.num_kv_heads} KV heads"
+        if layer.mlp.intermediate_size % tp:
+            return f"does not divide the MLP size {layer.mlp.intermediate_size} of layer {i}"
+    return None
+
+
+def valid_tp_sizes(graph: ModelGraph, at_most: int | None = None) -> list[int]:
+    """Every tp the graph splits into (up to `at_most`, default the heads of the first layer)."""
+    top = graph.layers[0].attention.num_heads if at_most is None else at_most
+    return [tp for tp in range(1, top + 1) if split_problem(graph, tp) is None]

@@ -1,9 +1,11 @@
 """`trtc build`: checkpoint -> engine directory.
 
     ENGINE/config.json       format version, trtc version, backend, pretrained_config (the layer
-                             graph, mapping, dtype, quantization), build_config, target, tactics
+                             graph, mapping, dtype, quantization), build_config, target, tactics,
+                             build_id (trtc/compiler/build_id.py)
     ENGINE/rank{N}.engine    that rank's weights in the kernels' layout (a safetensors container,
-                             loaded without copies, straight onto the device)
+                             loaded without copies, straight onto the device; its metadata
+                             carries the build_id)
     ENGINE/tokenizer/
 
 That is the cuda backend's directory; the tensorrt backend's (ONNX graphs, TensorRT plans) is
@@ -27,6 +29,7 @@ from trtc import __version__
 from trtc.checkpoint import CheckpointConfig, rank_file, torch_dtype
 from trtc.compiler.autotune import autotune
 from trtc.compiler.build_config import BuildConfig
+from trtc.compiler.build_id import METADATA_KEY, build_fingerprint
 from trtc.compiler.rank_tensors import checkpoint_rank
 from trtc.errors import TrtcError
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
@@ -95,10 +98,11 @@ def build(
         "target": detect_target(),
         "tactics": {},
     }
+    engine_config["build_id"] = build_id = build_fingerprint(engine_config, checkpoint_dir, world)
     with atomic_output_dir(output_dir, overwrite) as tmp:
         if backend == "cuda":
             for rank in range(world):
-                _build_rank(checkpoint_dir, tmp, rank, ckpt, progress)
+                _build_rank(checkpoint_dir, tmp, rank, ckpt, progress, build_id)
             engine_config["tactics"] = autotune(tmp, ckpt.graph, ckpt.mapping, config, torch_dtype(ckpt.dtype),
                                                 engine_config["target"], log=print if progress is not False else _quiet)
         else:
@@ -120,10 +124,13 @@ def _quiet(*_: object) -> None:
     pass
 
 
-def _build_rank(checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConfig, progress: bool | None) -> None:
+def _build_rank(
+    checkpoint_dir: Path, out: Path, rank: int, ckpt: CheckpointConfig, progress: bool | None, build_id: str
+) -> None:
     with checkpoint_rank(checkpoint_dir, rank, ckpt.graph) as source:
         disable = None if progress is None else not progress
-        with SafetensorsWriter(rank_file(out, rank, "engine"), source.entries, {"format": "pt"}) as writer:
+        metadata = {"format": "pt", METADATA_KEY: build_id}
+        with SafetensorsWriter(rank_file(out, rank, "engine"), source.entries, metadata) as writer:
             bar = tqdm(source.read(), total=len(source.entries), desc=f"build rank {rank}", unit="tensor", disable=disable)
             for name, tensor in bar:
                 writer.write(name, tensor)

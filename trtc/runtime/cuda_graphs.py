@@ -3,6 +3,8 @@
 A decode-only batch of B requests is padded up to the nearest captured size: padding rows feed
 token 0 at position 0, write their K/V into a scratch block outside the scheduler's pool, and
 their logits are dropped. Applied from outside the model: the runner's forward is captured as is.
+With tensor parallelism every rank captures the same sizes in the same order (the all-reduces are
+inside the graphs) and replays the graph rank 0 picks for the step (trtc/runtime/step.py).
 """
 
 from __future__ import annotations
@@ -78,13 +80,13 @@ class DecodeCudaGraphs:
         torch.cuda.synchronize()
 
     def can_run(self, batch) -> bool:
-        b = len(batch.request_ids)
+        b = len(batch.context_lens)
         return (b > 0 and int(batch.num_prefill_tokens) == 0 and b <= self.sizes[-1]
                 and np.asarray(batch.block_tables).shape[1] <= self.width)
 
     def run(self, batch) -> torch.Tensor:
-        """Logits [B, vocab] f32 of a decode-only batch."""
-        b = len(batch.request_ids)
+        """Logits [B, vocab] f32 of a decode-only batch (a ScheduledBatch or a Step)."""
+        b = len(batch.context_lens)
         bs = next(s for s in self.sizes if s >= b)
         tables = np.asarray(batch.block_tables, dtype=np.int32)
         ids_pos_slot, block_tables, ctx = (self.host_ids_pos_slot.numpy(), self.host_block_tables.numpy(),

@@ -10,6 +10,7 @@ import torch
 from trtc.checkpoint import CheckpointConfig, load_weights_file, rank_file
 from trtc.compiler.build import ENGINE_FORMAT, ENGINE_VERSION, detect_target
 from trtc.compiler.build_config import BuildConfig
+from trtc.compiler.build_id import read_build_id
 from trtc.errors import TrtcError
 from trtc.utils.config_json import check_format, read_config_json
 
@@ -23,6 +24,7 @@ class Engine:
     backend: str
     tactics: dict = field(default_factory=dict)  # the kernel tactics tuned at build (compiler/autotune.py)
     tensorrt: dict | None = None  # backend tensorrt: the plans' build record; None while only the ONNX exists
+    build_id: str | None = None  # None: built before engines carried one
 
     @property
     def graph(self):
@@ -41,17 +43,13 @@ class Engine:
         try:
             pretrained = CheckpointConfig.from_dict(d["pretrained_config"])
             return cls(directory, pretrained, BuildConfig(**d["build_config"]), d["target"], d["backend"],
-                       d.get("tactics") or {}, d.get("tensorrt"))
+                       d.get("tactics") or {}, d.get("tensorrt"), d.get("build_id"))
         except (KeyError, TypeError) as e:
             raise TrtcError(f"{directory / 'config.json'} is incomplete ({e}); {fix}") from None
 
-    def check_runtime(self, world_size: int, device: torch.device) -> None:
-        """Refuse to run on another world size or another GPU architecture than built for."""
-        if world_size != self.mapping.world_size:
-            raise TrtcError(
-                f"engine {self.directory} was built for {self.mapping.world_size} ranks (tp "
-                f"{self.mapping.tp_size}) but {world_size} process(es) were started; rebuild with --tp {world_size}"
-            )
+    def check_runtime(self, device: torch.device) -> None:
+        """Refuse to run on another GPU architecture than built for (the world size is checked
+        where the ranks start: trtc/runtime/launch.py)."""
         built = self.target.get("device")
         if built == "cuda":
             here = detect_target()
@@ -73,4 +71,12 @@ class Engine:
                 )
 
     def load_weights(self, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return load_weights_file(rank_file(self.directory, rank, "engine"), device, "the engine is damaged, rebuild it")
+        path = rank_file(self.directory, rank, "engine")
+        if self.build_id is not None and path.is_file():
+            found = read_build_id(path)
+            if found != self.build_id:
+                raise TrtcError(
+                    f"{path.name} in {self.directory} comes from another build (build id {found}, config.json's "
+                    f"is {self.build_id}); rebuild the engine directory"
+                )
+        return load_weights_file(path, device, "the engine is damaged, rebuild it")

@@ -3,10 +3,15 @@
 The C++ scheduler decides each step's batch (in-flight batching, chunked prefill, preemption,
 prefix reuse); the model runner computes the logits; sampling happens on the device; the
 scheduler's update finishes requests. Streaming callbacks fire from postprocess.
+
+A tensor-parallel engine runs one process per rank (trtc/runtime/ranks.py): this executor is
+rank 0; it owns the scheduler, sends each step's model inputs to the other ranks before running
+them itself, and alone samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -19,14 +24,13 @@ import torch
 
 from trtc.errors import TrtcError
 from trtc.plugins.sampling.reference import SamplingBatch, make_generator, sample
-from trtc.runtime.attention_metadata import AttentionMetadata
-from trtc.runtime.cuda_graphs import DecodeCudaGraphs
 from trtc.runtime.engine import Engine
-from trtc.runtime.kv_cache import num_kv_blocks
 from trtc.runtime.outputs import TokenEvent
-from trtc.runtime.runners import make_runner
+from trtc.runtime.ranks import start_ranks
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.scheduler import Scheduler
+from trtc.runtime.step import Step
+from trtc.runtime.worker import RankOptions, Worker
 
 log = logging.getLogger("trtc")
 
@@ -53,6 +57,10 @@ def default_device() -> torch.device:
 
 
 class Executor:
+    """device: "cuda" or "cpu" (default: cuda if there is a GPU). A tensor-parallel engine runs its
+    rank r on cuda:r (cuda:LOCAL_RANK under torchrun / mpirun). Call close() to stop its ranks
+    before the process ends."""
+
     def __init__(
         self,
         engine: Engine | str | Path,
@@ -64,23 +72,20 @@ class Executor:
     ) -> None:
         start = time.perf_counter()
         self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
-        self.device = torch.device(device) if device is not None else default_device()
-        self.engine.check_runtime(world_size=1, device=self.device)
+        options = RankOptions(kv_cache_max_tokens, free_gpu_memory_fraction, enable_cuda_graphs)
+        device = torch.device(device) if device is not None else default_device()
+        self.engine.check_runtime(device)
+        self.ranks, self.device = start_ranks(self.engine, device, options)  # rank 0 from here on
+        with self._guard("start-up"):
+            self.worker = Worker(self.engine, self.device, self.ranks.group if self.ranks else None, options)
+        self.runner, self.cuda_graphs, self.num_blocks = self.worker.runner, self.worker.cuda_graphs, self.worker.num_blocks
         bc = self.engine.build_config
-        self.runner = make_runner(self.engine, self.device)  # weights first: the pool takes what is left
-        self.num_blocks = num_kv_blocks(self.engine, self.device, kv_cache_max_tokens, free_gpu_memory_fraction)
-        self.cuda_graphs = None
-        use_graphs = enable_cuda_graphs and self.device.type == "cuda" and self.runner.graph_capturable()
-        self.runner.allocate_kv_cache(self.num_blocks + (1 if use_graphs else 0))  # + a scratch block for padding
-        if use_graphs:
-            self.cuda_graphs = DecodeCudaGraphs(
-                self.runner, bc.cuda_graph_batch_sizes, -(-bc.max_seq_len // bc.tokens_per_block), self.num_blocks
-            )
         self.load_seconds = time.perf_counter() - start
         log.info(
-            "loaded %s on %s in %.1f s: weights %.2f GiB; KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)",
+            "loaded %s on %s in %.1f s: weights %.2f GiB; KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)%s",
             self.engine.directory, self.device, self.load_seconds, self.runner.weight_bytes() / 2**30, self.num_blocks,
             bc.tokens_per_block, self.num_blocks * bc.tokens_per_block, self.runner.kv_cache_bytes() / 2**30,
+            f" per rank, {self.engine.mapping.world_size} ranks" if self.ranks else "",
         )
         self.scheduler = Scheduler(
             self.num_blocks, bc.tokens_per_block, bc.max_batch_size, bc.max_num_tokens, bc.max_seq_len,
@@ -114,13 +119,16 @@ class Executor:
         return rid
 
     def close(self) -> None:
-        """Give the device memory back now (CUDA graphs, KV cache, weights); the executor is unusable after."""
-        if self.cuda_graphs is not None:
-            self.cuda_graphs.release()
-            self.cuda_graphs = None
-        self.runner.k_cache, self.runner.v_cache, self.runner.w = [], [], {}
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """Give the device memory back now (CUDA graphs, KV cache, weights) and stop the other
+        ranks; the executor is unusable after."""
+        self.worker.close()
+        self.cuda_graphs = None
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def _guard(self, section: str = "step"):
+        """Around work the ranks do together: a rank's failure becomes one TrtcError."""
+        return self.ranks.guard(section) if self.ranks is not None else contextlib.nullcontext()
 
     def cancel(self, request_id: int) -> bool:
         return self.scheduler.cancel(request_id)
@@ -130,9 +138,11 @@ class Executor:
 
     # The step -------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        batch = self.scheduler.schedule()
-        tokens, logprobs = self._run(batch)
-        return self._postprocess(self.scheduler.update(tokens), logprobs)
+        with self._guard():
+            batch = self.scheduler.schedule()
+            tokens, logprobs = self._run(batch)
+            updates = self.scheduler.update(tokens)
+        return self._postprocess(updates, logprobs)
 
     def _run(self, batch) -> tuple[list[int], dict[int, float]]:
         """Forward the batch and sample a token for every request whose chunk reached its end.
@@ -145,21 +155,24 @@ class Executor:
         rids = np.asarray(batch.request_ids)
         keep = [i for i, rid in enumerate(rids) if self.requests[int(rid)].prompt_logits is not None]
         if self.cuda_graphs is not None and not keep and len(sample_rows) == len(rids) and self.cuda_graphs.can_run(batch):
-            logits = self.cuda_graphs.run(batch)  # [B, vocab]: a decode-only batch samples every row
+            logits = self._execute(Step.from_batch(batch, None, cuda_graph=True))  # [B, vocab]: every row samples
             return self._sample(rids, logits)
         index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
-        input_ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(self.device)
-        meta = AttentionMetadata.from_batch(batch, self.device)
-        logits = self.runner.forward(input_ids, meta, torch.from_numpy(index).to(self.device))  # [len(index), vocab]
+        logits = self._execute(Step.from_batch(batch, index, cuda_graph=False))  # [len(index), vocab]
         offset = len(sample_rows)
         for i in keep:  # rows written by position: a recompute after preemption writes the same rows again
             n = int(query_lens[i])
-            positions = meta.positions[ends[i] - n + 1 : ends[i] + 1]
-            self.requests[int(rids[i])].prompt_logits[positions] = logits[offset : offset + n]
+            positions = torch.from_numpy(np.asarray(batch.positions[ends[i] - n + 1 : ends[i] + 1], dtype=np.int64))
+            self.requests[int(rids[i])].prompt_logits[positions.to(self.device)] = logits[offset : offset + n]
             offset += n
         if len(sample_rows) == 0:
             return [], {}
         return self._sample(rids[sample_rows], logits[: len(sample_rows)])
+
+    def _execute(self, step: Step) -> torch.Tensor:
+        if self.ranks is not None:
+            self.ranks.send(step)  # the other ranks run it alongside
+        return self.worker.execute(step)
 
     def _sample(self, request_ids: np.ndarray, logits: torch.Tensor) -> tuple[list[int], dict[int, float]]:
         """One token per request from its logits [S, vocab], on the device."""

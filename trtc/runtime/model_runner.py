@@ -1,5 +1,10 @@
 """The model runner: the layer graph executed over the paged KV cache, for one rank.
 
+With tensor parallelism each rank holds its shard (trtc/converters/tp.py): the partial outputs of
+the row-parallel o and down projections and of the vocab-parallel embedding are summed over the
+ranks (all-reduce), and the vocab-parallel LM head's logits are gathered, so that every rank ends
+with the logits of the whole vocabulary.
+
 Every op goes through its plugin's dispatch (`trtc.plugins.*`): Triton kernels for CUDA tensors,
 the PyTorch references on a machine without a GPU. Tokens of all scheduled sequences travel
 flattened: [T, ...]. The residual stream is carried beside the hidden state so that each norm
@@ -24,12 +29,15 @@ from trtc.plugins.gemm import linear
 from trtc.plugins.gemm.tactics import TACTICS
 from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
 from trtc.runtime.attention_metadata import AttentionMetadata
+from trtc.runtime.distributed import RankGroup
 from trtc.runtime.engine import Engine
 
 
 class ModelRunner:
-    def __init__(self, engine: Engine, device: torch.device, rank: int = 0) -> None:
+    def __init__(self, engine: Engine, device: torch.device, rank: int = 0, group: RankGroup | None = None) -> None:
+        """group: the tensor-parallel ranks (None: one rank)."""
         self.graph, self.mapping, self.device, self.rank = engine.graph, engine.mapping, device, rank
+        self.group = group
         self.build_config = engine.build_config
         self.w = engine.load_weights(rank, device)  # straight onto the device
         self.dtype = self.w["embedding.weight"].dtype
@@ -87,7 +95,7 @@ class ModelRunner:
         return self.dtype in (torch.bfloat16, torch.float16) and kv_dtype in (self.dtype, FP8) and not dynamic
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x  # one rank: the partial result is the result
+        return x if self.group is None else self.group.all_reduce(x)  # one rank: the partial result is the result
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,10 @@ class ModelRunner:
                 h = h + w[p + "mlp.down.bias"]
         h, _ = self._add_norm(h[logits_indices], residual[logits_indices], self.graph.final_norm, "final_norm")
         head = w["embedding.weight"] if self.graph.tie_word_embeddings else w["lm_head.weight"]
-        return F.linear(h, head)[:, : self.graph.vocab_size].float()
+        logits = F.linear(h, head)  # [S, local_vocab]
+        if self.group is not None and logits.shape[0] > 0:
+            logits = self.group.all_gather_vocab(logits)  # [S, padded_vocab]
+        return logits[:, : self.graph.vocab_size].float()
 
     def _add_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, cfg: NormConfig, name: str, next_linear: str | None = None

@@ -1,0 +1,197 @@
+"""One rank's share of a model, and the loop of the ranks other than 0.
+
+`Worker` is what every rank holds and does alike: its weights (the rank's engine file), a KV-cache
+pool of the same number of blocks on every rank (the fewest that fit on any of them), the decode
+CUDA graphs (captured on every rank at the same sizes in the same order, since collectives are
+inside them), and the forward of a `Step`. Rank 0's executor owns one; every other rank runs
+`serve`: receive rank 0's step, run it, until rank 0 says stop.
+
+A rank that rank 0 started runs this module:
+
+    python -m trtc.runtime.worker --engine_dir E --rank R --world_size N --store HOST:PORT --device cpu|cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trtc.errors import TrtcError
+from trtc.runtime.attention_metadata import AttentionMetadata
+from trtc.runtime.cuda_graphs import DecodeCudaGraphs
+from trtc.runtime.distributed import START_TIMEOUT_S, RankGroup, error_line
+from trtc.runtime.engine import Engine
+from trtc.runtime.kv_cache import num_kv_blocks
+from trtc.runtime.runners import make_runner
+from trtc.runtime.step import Step, receive_step
+
+READY_KEY = "trtc/ready/{rank}"
+
+
+@dataclass
+class RankOptions:
+    """How every rank sizes its share (rank 0's executor arguments, passed on to the others)."""
+
+    kv_cache_max_tokens: int | None = None
+    free_gpu_memory_fraction: float = 0.9
+    enable_cuda_graphs: bool = True
+
+    def to_args(self) -> list[str]:
+        args = ["--free_gpu_memory_fraction", repr(self.free_gpu_memory_fraction)]
+        if self.kv_cache_max_tokens is not None:
+            args += ["--kv_cache_max_tokens", str(self.kv_cache_max_tokens)]
+        return args + ([] if self.enable_cuda_graphs else ["--no_cuda_graphs"])
+
+
+class RankStopped(Exception):
+    """This rank stops; rank 0 reports why (a start-up error of some rank, or rank 0 stopped)."""
+
+
+class Worker:
+    def __init__(self, engine: Engine | str | Path, device: torch.device, group: RankGroup | None,
+                 options: RankOptions) -> None:
+        rank = group.rank if group is not None else 0
+        self.device, error, blocks, build = device, None, 0, None
+        try:
+            self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
+            self.engine.check_runtime(device)
+            build = (self.engine.build_id, str(self.engine.directory))
+            self.runner = make_runner(self.engine, device, rank, group)  # weights first: the pool takes what is left
+            blocks = num_kv_blocks(self.engine, device, options.kv_cache_max_tokens, options.free_gpu_memory_fraction)
+        except TrtcError as e:
+            error = str(e)
+        except torch.cuda.OutOfMemoryError as e:  # reported by rank 0 like any start-up error
+            error = (f"out of memory on {device} loading engine {getattr(engine, 'directory', engine)} "
+                     f"({error_line(e)}); free the GPU, "
+                     "or split the model over more GPUs (a larger --tp)")
+        self.num_blocks = _agree(group, error, build, blocks)
+        bc = self.engine.build_config
+        use_graphs = options.enable_cuda_graphs and device.type == "cuda" and self.runner.graph_capturable()
+        self.runner.allocate_kv_cache(self.num_blocks + (1 if use_graphs else 0))  # + a scratch block for padding
+        self.cuda_graphs = None
+        if use_graphs:
+            self.cuda_graphs = DecodeCudaGraphs(
+                self.runner, bc.cuda_graph_batch_sizes, -(-bc.max_seq_len // bc.tokens_per_block), self.num_blocks
+            )
+
+    def execute(self, step: Step) -> torch.Tensor:
+        """Logits [S, vocab] f32 of the step's logits rows (a CUDA-graph step: of every sequence)."""
+        if step.cuda_graph:
+            return self.cuda_graphs.run(step)
+        input_ids = torch.from_numpy(np.asarray(step.input_ids, dtype=np.int64)).to(self.device)
+        meta = AttentionMetadata.from_batch(step, self.device)
+        index = torch.from_numpy(np.asarray(step.logits_indices, dtype=np.int64)).to(self.device)
+        return self.runner.forward(input_ids, meta, index)
+
+    def close(self) -> None:
+        """Give the device memory back now (CUDA graphs, KV cache, weights)."""
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.release()
+            self.cuda_graphs = None
+        self.runner.k_cache, self.runner.v_cache, self.runner.w = [], [], {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _agree(group: RankGroup | None, error: str | None, build: tuple | None, blocks: int) -> int:
+    """Every rank's start-up outcome, on every rank: the first error ends all of them (rank 0
+    raises it, the others stop); the ranks must run one build; the pool is the smallest one."""
+    if group is None:
+        if error is not None:
+            raise TrtcError(error)
+        return blocks
+    results = group.exchange((error, build, blocks))
+    for r, (err, _, _) in enumerate(results):
+        if err is not None:
+            if group.rank != 0:
+                raise RankStopped(err)
+            raise TrtcError(err if r == 0 else f"rank {r}: {err}")
+    ours, directory = results[0][1]
+    for r, (_, (theirs, their_dir), _) in enumerate(results):
+        if theirs != ours:
+            if group.rank != 0:
+                raise RankStopped("another build")
+            raise TrtcError(
+                f"rank {r} runs build {theirs} ({their_dir}) but rank 0 runs build {ours} ({directory}); "
+                "give every rank the same engine directory"
+            )
+    return min(b for _, _, b in results)
+
+
+def serve(worker: Worker, group: RankGroup) -> None:
+    """A rank other than 0: run rank 0's steps until it sends stop."""
+    while (step := receive_step(group)) is not None:
+        worker.execute(step)  # its logits are rank 0's to sample
+        if worker.device.type == "cuda":  # the graphs' pinned inputs are rewritten by the next step
+            torch.cuda.current_stream().synchronize()
+
+
+def run_rank(engine: Engine | str | Path, device: torch.device, group: RankGroup, options: RankOptions) -> int:
+    """A rank other than 0, from its start-up to rank 0's stop; returns the process's exit code.
+    Errors are rank 0's to report: this rank prints one line at most."""
+    try:
+        serve(Worker(engine, device, group, options), group)
+    except RankStopped:
+        group.close(abort=True)
+        return 1
+    except (TrtcError, RuntimeError) as e:  # a lost rank 0, a failed collective
+        print(f"[trtc rank {group.rank}] stopped: {error_line(e)}", file=sys.stderr)
+        group.close(abort=True)
+        return 1
+    group.close()
+    return 0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this rank when rank 0, its parent, is gone, even while it waits inside a collective
+    that will not return (NCCL waits on the GPU)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trtc.runtime.worker", description="A tensor-parallel rank that rank 0 started.")
+    ap.add_argument("--engine_dir", required=True)
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world_size", type=int, required=True)
+    ap.add_argument("--store", required=True, help="HOST:PORT of rank 0's TCPStore")
+    ap.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    ap.add_argument("--kv_cache_max_tokens", type=int, default=None)
+    ap.add_argument("--free_gpu_memory_fraction", type=float, default=0.9)
+    ap.add_argument("--no_cuda_graphs", action="store_true")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to rank 0, which stops this rank
+    logging.basicConfig(level=logging.WARNING, format=f"[trtc rank {args.rank}] %(message)s")
+    if args.device == "cpu":  # the ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))  # as ranks.cpu_share
+    device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    options = RankOptions(args.kv_cache_max_tokens, args.free_gpu_memory_fraction, not args.no_cuda_graphs)
+    try:
+        import torch.distributed as dist
+
+        host, port = args.store.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), args.world_size, is_master=False,
+                              timeout=timedelta(seconds=START_TIMEOUT_S))
+        store.set(READY_KEY.format(rank=args.rank), "1")
+        group = RankGroup.join(args.rank, args.world_size, device, store)
+    except (TrtcError, RuntimeError) as e:
+        print(f"[trtc rank {args.rank}] could not start: {error_line(e)}", file=sys.stderr)
+        return 1
+    return run_rank(args.engine_dir, device, group, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
