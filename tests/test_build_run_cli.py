@@ -8,26 +8,12 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from models import CASES, add_word_tokenizer, load_hf, make_hf_model, text_of
-from trtc.cli import main
+from cli_helpers import assert_one_line_error, cli
 
 NEW_TOKENS = 32
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip() and line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def hf_greedy(hf_dir, prompt_ids, n=NEW_TOKENS):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from models import make_hf_model
 from trtc.cli import main
+from cli_helpers import assert_one_line_error as _assert_error
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +22,12 @@ def hf_dir(tmp_path_factory):
     return make_hf_model(tmp_path_factory.mktemp("hf") / "llama", "llama3_gqa")
 
 
+def assert_one_line_error(result, *words):
+    _assert_error(result, *words, whole_output=True)
+
+
 def run(*args):
     return CliRunner().invoke(main, ["convert", *map(str, args)])
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_convert_writes_checkpoint(hf_dir, tmp_path):

@@ -18,11 +18,9 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
 from models import WORDS, add_word_tokenizer, load_hf, make_hf_model
-from trtc.cli import main
 from trtc.compiler.build import build
 from trtc.compiler.build_config import BuildConfig
 from trtc.converters.convert import convert
@@ -33,6 +31,7 @@ from trtc.runtime.executor import Executor
 from trtc.runtime.perplexity import prompt_logprobs
 from trtc.runtime.reference import ReferenceModel
 from trtc.runtime.sampling_params import SamplingParams
+from cli_helpers import assert_one_line_error, cli
 
 GROUP = 64  # the tiny model's in-features are 128 and 256
 TINY = dict(hidden_size=128, intermediate_size=256)  # 4 heads of 32, 2 KV heads
@@ -45,10 +44,6 @@ HF_LINEARS = {"self_attn.q_proj": "attention.q", "self_attn.k_proj": "attention.
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def resmooth(model) -> None:
@@ -257,15 +252,6 @@ def test_build_shortcut_quantizes(tiny, tmp_path):
     pretrained = json.loads((tmp_path / "e" / "config.json").read_text())["pretrained_config"]
     assert pretrained["quantization"]["quant_algo"] == "W4A16_GPTQ"
     assert pretrained["quantization"]["calibration"]["algorithm"] == "gptq (layerwise)"
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_bad_quantize_input(tiny, tmp_path):

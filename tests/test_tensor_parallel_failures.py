@@ -10,29 +10,15 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
 
-from trtc.cli import main
 from trtc.errors import TrtcError
 from trtc.llm import LLM
 from trtc.runtime.engine import Engine
 from trtc.runtime.launch import Launch, check_world, external_launch
 from trtc.runtime.sampling_params import SamplingParams
+from cli_helpers import assert_one_line_error, cli
 
 LONG = SamplingParams(max_tokens=80, end_id=-1)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip() and line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_killed_rank_ends_the_run_with_one_line(tp_engines):
