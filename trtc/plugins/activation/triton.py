@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trtc.plugins.fp8_triton import fp8_saturate
+
 
 @triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, out_scale_ptr, stride_in, stride_out, inter, QUANT: tl.constexpr,
@@ -24,7 +26,7 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, out_scale_ptr, stride_in, stride_
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
     y = (act * up.to(tl.float32)).to(gate.dtype)
     if QUANT:  # fp8(y / scale), the input of an FP8 GEMM
-        y = tl.minimum(tl.maximum(y.to(tl.float32) / tl.load(out_scale_ptr), -448.0), 448.0)
+        y = fp8_saturate(y, tl.load(out_scale_ptr))
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

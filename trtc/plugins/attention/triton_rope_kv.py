@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trtc.plugins.fp8_triton import fp8_saturate
+
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_xh, out_ptr, stride_oh, cos1, sin1, cos2, sin2, n_heads,
@@ -62,10 +64,10 @@ def _rope_write_kv_kernel(
     if KV_FP8:  # an FP8 pool holds fp8(k / k_scale), fp8(v / v_scale)
         ks = tl.load(k_scale_ptr)
         vs = tl.load(v_scale_ptr)
-        k1 = tl.minimum(tl.maximum(k1.to(tl.float32) / ks, -448.0), 448.0)
-        k2 = tl.minimum(tl.maximum(k2.to(tl.float32) / ks, -448.0), 448.0)
-        v1 = tl.minimum(tl.maximum(v1.to(tl.float32) / vs, -448.0), 448.0)
-        v2 = tl.minimum(tl.maximum(v2.to(tl.float32) / vs, -448.0), 448.0)
+        k1 = fp8_saturate(k1, ks)
+        k2 = fp8_saturate(k2, ks)
+        v1 = fp8_saturate(v1, vs)
+        v2 = fp8_saturate(v2, vs)
     tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=kmask)
     tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kmask)
     vc = v_cache_ptr + slot * stride_vslot + h * stride_vch + d

@@ -9,17 +9,17 @@ import torch
 import triton
 import triton.language as tl
 
-from trtc.quantization.layout import FP8, FP8_MAX, quantize_fp8
+from trtc.plugins.fp8_triton import fp8_saturate
+from trtc.quantization.layout import FP8, quantize_fp8
 
 
 @triton.jit
-def _quantize_fp8_kernel(x_ptr, scale_ptr, out_ptr, stride_x, stride_out, n_cols, FP8_LIMIT: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _quantize_fp8_kernel(x_ptr, scale_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(x / tl.load(scale_ptr), -FP8_LIMIT), FP8_LIMIT)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    q = fp8_saturate(x, tl.load(scale_ptr))
     tl.store(out_ptr + row * stride_out + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -31,6 +31,6 @@ def quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     block = min(2048, triton.next_power_of_2(x.shape[-1]))
     if x.shape[0]:
         _quantize_fp8_kernel[(x.shape[0], triton.cdiv(x.shape[-1], block))](
-            x, scale, out, x.stride(0), out.stride(0), x.shape[-1], FP8_LIMIT=FP8_MAX, BLOCK=block, num_warps=4
+            x, scale, out, x.stride(0), out.stride(0), x.shape[-1], BLOCK=block, num_warps=4
         )
     return out

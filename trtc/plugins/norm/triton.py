@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trtc.plugins.fp8_triton import fp8_saturate
+
 
 @triton.jit
 def _add_rms_norm_kernel(
@@ -37,7 +39,7 @@ def _add_rms_norm_kernel(
         w = (w.to(tl.float32) + offset).to(w.dtype)
     normed = (w.to(tl.float32) * y).to(x.dtype)
     if QUANT:  # fp8(normed / scale), the input of an FP8 GEMM
-        normed = tl.minimum(tl.maximum(normed.to(tl.float32) / tl.load(out_scale_ptr), -448.0), 448.0)
+        normed = fp8_saturate(normed, tl.load(out_scale_ptr))
     tl.store(out_ptr + row * stride_out + cols, normed.to(out_ptr.dtype.element_ty), mask=mask)
 
 
