@@ -19,7 +19,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from trtc.compiler.autotune import _gemm_fn, cold_copies, gemm_candidates, time_cold
+from trtc.compiler.autotune import cold_copies, gemm_candidates, time_cold
+from trtc.plugins.gemm.linear import run_tactic
 from trtc.plugins.gemm.tactics import gemm_key
 from trtc.plugins.gemm.triton_quant import split_k_locks
 from trtc.runtime.bench import measure_bandwidth
@@ -31,7 +32,7 @@ def best(key: str, m: int, k: int, x: torch.Tensor, copies: list[dict]) -> tuple
     times = []
     for t in gemm_candidates(key, m, k):
         try:
-            times.append((time_cold([_gemm_fn(t, x, w, torch.bfloat16) for w in copies]), t))
+            times.append((time_cold([lambda w=w, t=t: run_tactic(t, x, w, torch.bfloat16) for w in copies]), t))
         except Exception:  # noqa: BLE001 (a configuration this GPU cannot run)
             pass
     ms, t = min(times, key=lambda p: p[0])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from trtc.plugins.gemm import linear
+from trtc.plugins.gemm.linear import run_tactic
 from trtc.plugins.gemm.fp8 import fp8_linear
 from trtc.plugins.gemm.tactics import TACTICS, Tactic, bucket, default_tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
@@ -50,29 +51,18 @@ def close(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> None:
 
 
 def check_int4(m, n, k, group, zero, pqs, perm, tactic, dtype, device, seed=0):
-    from trtc.plugins.gemm.triton_quant import launch
-
     w = make_int4(n, k, group, zero, pqs, perm, seed, device)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
-    y = launch(x, w["weight"], w["weight_scale"], out_dtype=dtype, weight_zero=w.get("weight_zero"),
-               pre_quant_scale=w.get("pre_quant_scale"), input_perm=w.get("input_perm"), **tactic.launch_args())
+    y = run_tactic(tactic, x, w, dtype)
     pqs_rounded = w["pre_quant_scale"].to(dtype).float() if pqs else None  # as the bf16 reference rounds it
     ref = w4a16_linear(x.float(), w["weight"], w["weight_scale"], w.get("weight_zero"), pqs_rounded, w.get("input_perm"))
     close(y, ref)
 
 
 def check_fp8(m, n, k, per_channel, tactic, dtype, device, seed=0):
-    from trtc.plugins.gemm.linear import scaled_mm
-    from trtc.plugins.gemm.triton_quant import launch
-
     w = make_fp8(n, k, per_channel, seed, device)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
-    xq = quantize_fp8(x, w["input_scale"])
-    if tactic.impl == "scaled_mm":
-        y = scaled_mm(xq, w["weight"], w["input_scale"], w["weight_scale"], None, dtype)
-    else:
-        y = launch(xq, w["weight"], w["weight_scale"], out_dtype=dtype, input_scale=w["input_scale"],
-                   **tactic.launch_args())
+    y = run_tactic(tactic, quantize_fp8(x, w["input_scale"]), w, dtype)
     close(y, fp8_linear(x.float(), w["weight"], w["weight_scale"], w["input_scale"]))
 
 

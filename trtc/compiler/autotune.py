@@ -23,9 +23,6 @@ from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
 from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, gemm_key, to_config
 
-_LINEAR_TENSORS = ("weight", "weight_scale", "weight_zero", "pre_quant_scale", "input_perm", "input_scale")
-
-
 def gemm_candidates(key: str, m: int, k: int) -> list[Tactic]:
     fp8 = key.startswith("fp8")
     group = int(key.rsplit(":g", 1)[1]) if not fp8 else 0
@@ -79,25 +76,10 @@ def time_cold(fns: list, reps: int = 5) -> float:
     return start.elapsed_time(end) / (reps * len(fns))
 
 
-def _gemm_fn(t: Tactic, x: torch.Tensor, w: dict[str, torch.Tensor], dtype: torch.dtype):
-    from trtc.plugins.gemm.linear import scaled_mm
-    from trtc.plugins.gemm.triton_quant import launch
-
-    if t.impl == "scaled_mm":
-        return lambda: scaled_mm(x, w["weight"], w["input_scale"], w["weight_scale"], None, dtype)
-    if t.impl == "dequant_mm":
-        from trtc.plugins.gemm.w4a16 import w4a16_linear
-
-        return lambda: w4a16_linear(x, w["weight"], w["weight_scale"], w.get("weight_zero"), w.get("pre_quant_scale"),
-                                    w.get("input_perm"))
-    return lambda: launch(x, w["weight"], w["weight_scale"], out_dtype=dtype, weight_zero=w.get("weight_zero"),
-                          pre_quant_scale=w.get("pre_quant_scale"), input_perm=w.get("input_perm"),
-                          input_scale=w.get("input_scale"), **t.launch_args())
-
-
 def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=print) -> dict:
     from safetensors import safe_open
 
+    from trtc.plugins.gemm.linear import QUANT_TENSORS, run_tactic
     from trtc.plugins.gemm.triton_quant import split_k_locks
 
     device = torch.device("cuda")
@@ -111,7 +93,7 @@ def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=pr
             base = name[: -len(".weight_scale")]
             key = gemm_key(f.get_slice(base + ".weight"), f.get_slice(name))
             if key not in shapes:
-                shapes[key] = {t: f.get_tensor(f"{base}.{t}") for t in _LINEAR_TENSORS if f"{base}.{t}" in names}
+                shapes[key] = {t: f.get_tensor(f"{base}.{t}") for t in QUANT_TENSORS if f"{base}.{t}" in names}
     tuned: dict[str, dict[int, Tactic]] = {}
     for key, w in shapes.items():
         copies = cold_copies(w)
@@ -128,11 +110,10 @@ def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=pr
             timings = []
             for t in gemm_candidates(key, m, k):
                 try:
-                    timings.append((time_cold([_gemm_fn(t, x, c, dtype) for c in copies]), t))
+                    timings.append((time_cold([lambda c=c, t=t: run_tactic(t, x, c, dtype) for c in copies]), t))
                 except Exception as e:  # a configuration this GPU cannot run (shared memory): not a candidate
                     log(f"  {key} M={m}: {t} skipped ({type(e).__name__})")
-            best_ms, best = min(timings, key=lambda p: p[0])
-            tuned[key][m] = best
+            tuned[key][m] = min(timings, key=lambda p: p[0])[1]
         del copies
         log(f"tuned {key}: {len(tuned[key])} row buckets in {time.perf_counter() - start:.1f} s")
     return to_config(tuned)

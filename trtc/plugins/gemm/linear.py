@@ -19,9 +19,13 @@ import torch.nn.functional as F
 
 from trtc.plugins.dispatch import triton_available
 from trtc.plugins.gemm.fp8 import fp8_linear
-from trtc.plugins.gemm.tactics import TACTICS, gemm_key
+from trtc.plugins.gemm.tactics import TACTICS, Tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
 from trtc.quantization.layout import FP8
+
+
+QUANT_TENSORS = ("weight", "weight_scale", "input_scale", "weight_zero", "pre_quant_scale", "input_perm")
+DEQUANT_MM = Tactic("dequant_mm")
 
 
 def linear(
@@ -31,50 +35,47 @@ def linear(
     """x: [..., in] -> [..., out]. Row-parallel layers pass bias=False: their bias is added once,
     after the all-reduce of the partial results. out_dtype: the output dtype when x is FP8."""
     b = weights.get(name + ".bias") if bias else None
-    scale = weights.get(name + ".weight_scale")
-    if scale is None:
+    if name + ".weight_scale" not in weights:
         return F.linear(x, weights[name + ".weight"], b)
-    weight = weights[name + ".weight"]
+    w = {t: weights[f"{name}.{t}"] for t in QUANT_TENSORS if f"{name}.{t}" in weights}
     out_dtype = out_dtype or x.dtype
-    fp8 = name + ".input_scale" in weights
     if x.is_cuda and triton_available() and out_dtype in (torch.bfloat16, torch.float16):
-        return _quantized_cuda(x, weights, name, weight, scale, b, out_dtype, fp8)
-    if fp8:
-        return fp8_linear(x, weight, scale, weights[name + ".input_scale"], b, out_dtype)
-    return w4a16_linear(
-        x, weight, scale, weights.get(name + ".weight_zero"), weights.get(name + ".pre_quant_scale"),
-        weights.get(name + ".input_perm"), b,
-    )
+        return _quantized_cuda(x, w, b, out_dtype)
+    if "input_scale" in w:
+        return fp8_linear(x, w["weight"], w["weight_scale"], w["input_scale"], b, out_dtype)
+    return run_tactic(DEQUANT_MM, x, w, out_dtype, b)
 
 
-def _quantized_cuda(x, weights, name, weight, scale, bias, out_dtype, fp8) -> torch.Tensor:
-    from trtc.plugins.gemm import triton_quant
+def _quantized_cuda(x: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> torch.Tensor:
     from trtc.plugins.gemm.act_quant import quantize_activation
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    tactic = TACTICS.choose(gemm_key(weight, scale), x2.shape[0])
-    if fp8:
-        input_scale = weights[name + ".input_scale"]
-        if x2.dtype != FP8:
-            x2 = quantize_activation(x2, input_scale)
-        if tactic.impl == "scaled_mm":
-            y = scaled_mm(x2, weight, input_scale, scale, bias, out_dtype)
-        else:
-            y = triton_quant.launch(x2, weight, scale, out_dtype=out_dtype, input_scale=input_scale, bias=bias,
-                                    **tactic.launch_args())
-    elif tactic.impl == "dequant_mm":
-        y = w4a16_linear(x2, weight, scale, weights.get(name + ".weight_zero"), weights.get(name + ".pre_quant_scale"),
-                         weights.get(name + ".input_perm"), bias)
-    else:
-        y = triton_quant.launch(
-            x2, weight, scale, out_dtype=out_dtype, weight_zero=weights.get(name + ".weight_zero"),
-            pre_quant_scale=weights.get(name + ".pre_quant_scale"), input_perm=weights.get(name + ".input_perm"),
-            bias=bias, **tactic.launch_args(),
-        )
+    if "input_scale" in w and x2.dtype != FP8:
+        x2 = quantize_activation(x2, w["input_scale"])
+    y = run_tactic(TACTICS.choose(gemm_key(w["weight"], w["weight_scale"]), x2.shape[0]), x2, w, out_dtype, bias)
     return y.view(*lead, y.shape[-1])
+
+
+def run_tactic(tactic: Tactic, x: torch.Tensor, w: dict[str, torch.Tensor], out_dtype: torch.dtype,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A quantized layer's GEMM by one tactic. x: [M, K] (an FP8 layer's already quantized with its
+    input_scale); w: the layer's tensors by their QUANT_TENSORS names. -> [M, N] out_dtype."""
+    if tactic.impl == "scaled_mm":
+        return scaled_mm(x, w["weight"], w["input_scale"], w["weight_scale"], bias, out_dtype)
+    if tactic.impl == "dequant_mm":  # INT4 only
+        return w4a16_linear(x, w["weight"], w["weight_scale"], w.get("weight_zero"), w.get("pre_quant_scale"),
+                            w.get("input_perm"), bias)
+    from trtc.plugins.gemm import triton_quant
+
+    return triton_quant.launch(
+        x, w["weight"], w["weight_scale"], out_dtype=out_dtype, weight_zero=w.get("weight_zero"),
+        pre_quant_scale=w.get("pre_quant_scale"), input_perm=w.get("input_perm"), input_scale=w.get("input_scale"),
+        bias=bias, **tactic.launch_args(),
+    )
 
 
 def scaled_mm(
