@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from trtc.plugins.attention.triton_prefill import prefill_attention  # noqa: E40
 from trtc.plugins.attention.triton_rope_kv import rope_and_write_kv  # noqa: E402
 from trtc.plugins.norm import reference as norm_ref  # noqa: E402
 from trtc.plugins.norm.triton import fused_add_rms_norm  # noqa: E402
+from trtc.utils.gpu_timing import copies_past_l2, timed  # noqa: E402
 
 HQ, HKV, D, HIDDEN, INTER, TPB = 32, 8, 128, 4096, 14336, 16
 DT = torch.bfloat16
@@ -48,45 +48,6 @@ PREFILL_CASES = {  # name: [(query_len, context_len)] per sequence
     "64x128": [(128, 128)] * 64, "4x2048": [(2048, 2048)] * 4, "chunk 512 @ ctx 2048": [(512, 2048)],
 }
 SWEEP_PREFILL = ("1x2048", "64x128")
-
-
-def timed(calls, reps: int = 10, graph: bool = True) -> tuple[float, str]:
-    """Median microseconds per call over `reps` replays of all `calls` (zero-argument callables)."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    run, how = None, "eager"
-    if graph:
-        try:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for c in calls:
-                    c()
-            g.replay()
-            torch.cuda.synchronize()
-            run, how = g.replay, "graph"
-        except Exception as e:  # noqa: BLE001 - a peer that cannot be captured is timed eagerly
-            torch.cuda.synchronize()
-            print(f"  (capture failed, eager: {type(e).__name__}: {str(e)[:80]})")
-    if run is None:
-        def run():
-            for c in calls:
-                c()
-    run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times), how
-
-
-def n_sets(bytes_per_set: float, cap: int = 32) -> int:
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(1, min(cap, math.ceil(4 * l2 / max(bytes_per_set, 1))))
 
 
 def ceilings() -> tuple[float, float]:
@@ -136,7 +97,7 @@ def bench_decode(pool: Pool, copy_gbs: float, sweep: bool) -> None:
         for ctx in DECODE_CONTEXTS:
             kv_bytes = batch * ctx * HKV * D * 2 * 2
             io_bytes = 2 * batch * HQ * D * 2
-            tables = pool.tables(batch, ctx, n_sets(kv_bytes), width=4096 // TPB)
+            tables = pool.tables(batch, ctx, copies_past_l2(kv_bytes), width=4096 // TPB)
             qs = [torch.randn(batch, HQ, D, device=DEV, dtype=DT) for _ in tables]
             lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
             calls = [lambda q=q, t=t: decode_attention(q, pool.k, pool.v, t, lens, scale) for q, t in zip(qs, tables)]
@@ -177,7 +138,7 @@ def prefill_case(pool: Pool, chunks: list[tuple[int, int]], tiles=None, peers=Tr
     qsl = torch.tensor([0] + list(torch.tensor([q for q, _ in chunks]).cumsum(0)), dtype=torch.int32, device=DEV)
     lens = torch.tensor([c for _, c in chunks], dtype=torch.int32, device=DEV)
     kv_bytes = sum(c for _, c in chunks) * HKV * D * 2 * 2
-    tables = pool.tables(batch, max_ctx, n_sets(kv_bytes, cap=8), width=-(-max_ctx // TPB))
+    tables = pool.tables(batch, max_ctx, copies_past_l2(kv_bytes, cap=8), width=-(-max_ctx // TPB))
     qs = [torch.randn(t_tokens, HQ, D, device=DEV, dtype=DT) for _ in tables]
     max_q = max(q for q, _ in chunks)
     calls = [lambda q=q, t=t: prefill_attention(q, pool.k, pool.v, t, qsl, lens, 0, batch, max_q, scale, tiles=tiles)
@@ -218,14 +179,14 @@ def bench_small_ops() -> None:
     for t in SMALL_TOKENS:
         # fused add + RMSNorm
         nbytes = t * HIDDEN * 2 * 4 + HIDDEN * 2
-        sets = [(torch.randn(t, HIDDEN, device=DEV, dtype=DT), torch.randn(t, HIDDEN, device=DEV, dtype=DT)) for _ in range(n_sets(nbytes))]
+        sets = [(torch.randn(t, HIDDEN, device=DEV, dtype=DT), torch.randn(t, HIDDEN, device=DEV, dtype=DT)) for _ in range(copies_past_l2(nbytes))]
         w = torch.rand(HIDDEN, device=DEV, dtype=DT)
         us, how = timed([lambda x=x, r=r: fused_add_rms_norm(x, r, w, 1e-5) for x, r in sets] * max(1, 32 // len(sets)))
         ref_us, _ = timed([lambda x=x, r=r: norm_ref.fused_add_rms_norm(x, r, w, 1e-5) for x, r in sets])
         row("fused_add_rms_norm", f"T={t} hidden={HIDDEN}", us, how, nbytes, ref_us=ref_us)
         # SwiGLU
         nbytes = t * INTER * 2 * 3
-        sets = [torch.randn(t, 2 * INTER, device=DEV, dtype=DT) for _ in range(n_sets(nbytes))]
+        sets = [torch.randn(t, 2 * INTER, device=DEV, dtype=DT) for _ in range(copies_past_l2(nbytes))]
         us, how = timed([lambda x=x: silu_and_mul(x) for x in sets] * max(1, 32 // len(sets)))
         ref_us, _ = timed([lambda x=x: act_ref.silu_and_mul(x) for x in sets])
         row("silu_and_mul", f"T={t} I={INTER}", us, how, nbytes, ref_us=ref_us)
@@ -237,7 +198,7 @@ def bench_small_ops() -> None:
         kc = torch.randn(blocks, TPB, HKV, D, device=DEV, dtype=DT)
         vc = torch.randn_like(kc)
         sets = []
-        for _ in range(n_sets(nbytes)):
+        for _ in range(copies_past_l2(nbytes)):
             qkv = torch.randn(t, (HQ + 2 * HKV) * D, device=DEV, dtype=DT)
             q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
             pos = torch.randint(0, 8192, (t,), device=DEV)

@@ -7,7 +7,7 @@ times cuBLAS bf16 (`F.linear`), trtc's W4A16 kernel (AWQ layout, group 128, with
 scale), FP8 W8A8 (the better of trtc's Triton kernel and cuBLASLt `_scaled_mm`, per-channel weight
 scales), each with the best of the candidates the build's autotuner tries (compiler/autotune.py),
 all timed the same way: back to back in a CUDA graph, each call on its own copy of the weights
-(so nothing comes from L2), as in the decode graph (compiler/autotune.py `time_cold`). Prints per-shape speed-ups,
+(so nothing comes from L2), as in the decode graph (trtc/utils/gpu_timing.py). Prints per-shape speed-ups,
 the achieved bandwidth of the W4A16 kernel against the GPU's measured copy bandwidth, and the
 speed-up of one decoder layer's four GEMMs together.
 """
@@ -19,10 +19,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from trtc.compiler.autotune import cold_copies, gemm_candidates, time_cold
+from trtc.compiler.autotune import cold_copies, gemm_candidates
 from trtc.plugins.gemm.linear import run_tactic
 from trtc.plugins.gemm.tactics import gemm_key
 from trtc.plugins.gemm.triton_quant import split_k_locks
+from trtc.utils.gpu_timing import timed
 from trtc.runtime.bench import measure_bandwidth
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -32,12 +33,13 @@ def best(key: str, m: int, k: int, x: torch.Tensor, copies: list[dict]) -> tuple
     times = []
     for t in gemm_candidates(key, m, k):
         try:
-            times.append((time_cold([lambda w=w, t=t: run_tactic(t, x, w, torch.bfloat16) for w in copies]), t))
+            times.append((timed([lambda w=w, t=t: run_tactic(t, x, w, torch.bfloat16) for w in copies], reps=5,
+                                eager_fallback=False)[0], t))
         except Exception:  # noqa: BLE001 (a configuration this GPU cannot run)
             pass
-    ms, t = min(times, key=lambda p: p[0])
+    us, t = min(times, key=lambda p: p[0])
     desc = "scaled_mm" if t.impl == "scaled_mm" else f"{t.block_m}x{t.block_n}x{t.block_k}/s{t.split_k}"
-    return ms, desc
+    return us, desc
 
 
 def main() -> None:
@@ -66,13 +68,13 @@ def main() -> None:
         for name, (n, k) in SHAPES.items():
             bf16, w4, f8 = weights[name]
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
-            t_bf16 = time_cold([lambda w=w: F.linear(x, w["w"]) for w in bf16])
+            t_bf16 = timed([lambda w=w: F.linear(x, w["w"]) for w in bf16], reps=5)[0]
             t_w4, d_w4 = best(gemm_key(w4[0]["weight"], w4[0]["weight_scale"]), m, k, x, w4)
             xq = (x / f8[0]["input_scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
             t_f8, d_f8 = best(gemm_key(f8[0]["weight"], f8[0]["weight_scale"]), m, k, xq, f8)
             w4_bytes = n * k / 2 + n * k / 128 * 4 + m * (k + n) * 2
-            print(f"{m:>3} {name:<8} {1e3 * t_bf16:>8.1f} {1e3 * t_w4:>9.1f} {t_bf16 / t_w4:>5.2f}x "
-                  f"{w4_bytes / (t_w4 / 1e3) / 1e9:>8,.0f} {d_w4:<16} {1e3 * t_f8:>7.1f} {t_bf16 / t_f8:>5.2f}x {d_f8:<16}",
+            print(f"{m:>3} {name:<8} {t_bf16:>8.1f} {t_w4:>9.1f} {t_bf16 / t_w4:>5.2f}x "
+                  f"{w4_bytes / (t_w4 / 1e6) / 1e9:>8,.0f} {d_w4:<16} {t_f8:>7.1f} {t_bf16 / t_f8:>5.2f}x {d_f8:<16}",
                   flush=True)
             tot = [tot[0] + t_bf16, tot[1] + t_w4, tot[2] + t_f8]
         summary.append((m, *tot))
@@ -82,7 +84,7 @@ def main() -> None:
           f"{sum(n * k for n, k in SHAPES.values()) / bw * 1e6:.1f} us)")
     print(f"{'M':>3} {'bf16 us':>8} {'w4a16 us':>9} {'w4a16 x':>8} {'fp8 us':>7} {'fp8 x':>6}")
     for m, b, w, f in summary:
-        print(f"{m:>3} {1e3 * b:>8.1f} {1e3 * w:>9.1f} {b / w:>7.2f}x {1e3 * f:>7.1f} {b / f:>5.2f}x")
+        print(f"{m:>3} {b:>8.1f} {w:>9.1f} {b / w:>7.2f}x {f:>7.1f} {b / f:>5.2f}x")
 
 
 if __name__ == "__main__":

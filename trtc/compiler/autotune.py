@@ -4,7 +4,7 @@ For every quantized GEMM shape of the engine (trtc/plugins/gemm/tactics.py: kind
 every tuned row bucket M up to --max_num_tokens, the candidates (trtc's Triton kernel with its launch
 configurations; cuBLASLt `_scaled_mm` for FP8) run on the engine's own weights of the first layer
 that has the shape, timed as they run in decode: back to back in one CUDA graph, each call reading
-a different copy of the weights so that none comes from L2 (`time_cold`). Decode attention is tuned
+a different copy of the weights so that none comes from L2 (trtc/utils/gpu_timing.py). Decode attention is tuned
 per CUDA-graph batch size at a context of min(max_seq_len, 2048) tokens (`triton.testing.do_bench`). The winners go to
 config.json "tactics"; a CPU build has none (the references have nothing to choose).
 """
@@ -22,6 +22,7 @@ from trtc.compiler.build_config import BuildConfig, kv_cache_torch_dtype
 from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
 from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, gemm_key, to_config
+from trtc.utils.gpu_timing import copies_past_l2, timed
 
 def gemm_candidates(key: str, m: int, k: int) -> list[Tactic]:
     fp8 = key.startswith("fp8")
@@ -49,31 +50,10 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
-def cold_copies(w: dict[str, torch.Tensor], min_bytes: int = 256 << 20) -> list[dict[str, torch.Tensor]]:
-    """w and clones of it, together >= min_bytes (several times the L2 cache), at most 16."""
+def cold_copies(w: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """w and clones of it, together four times the L2 cache (at most 16 sets)."""
     nbytes = sum(t.numel() * t.element_size() for t in w.values())
-    n = max(2, min(16, -(-min_bytes // nbytes)))
-    return [w] + [{k: v.clone() for k, v in w.items()} for _ in range(n - 1)]
-
-
-def time_cold(fns: list, reps: int = 5) -> float:
-    """Milliseconds per call of back-to-back calls replayed from one CUDA graph, each fn reading its
-    own weights (cold_copies): what a GEMM costs inside the decode graph, launch gaps included."""
-    for f in fns:  # compile, pick cuBLAS algorithms, outside the capture
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (reps * len(fns))
+    return [w] + [{k: v.clone() for k, v in w.items()} for _ in range(copies_past_l2(nbytes, cap=16) - 1)]
 
 
 def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=print) -> dict:
@@ -110,7 +90,9 @@ def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=pr
             timings = []
             for t in gemm_candidates(key, m, k):
                 try:
-                    timings.append((time_cold([lambda c=c, t=t: run_tactic(t, x, c, dtype) for c in copies]), t))
+                    us, _ = timed([lambda c=c, t=t: run_tactic(t, x, c, dtype) for c in copies], reps=5,
+                                  eager_fallback=False)
+                    timings.append((us, t))
                 except Exception as e:  # a configuration this GPU cannot run (shared memory): not a candidate
                     log(f"  {key} M={m}: {t} skipped ({type(e).__name__})")
             tuned[key][m] = min(timings, key=lambda p: p[0])[1]
