@@ -103,6 +103,7 @@ def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=pr
 
 def tune_decode_attention(graph: ModelGraph, mapping: Mapping, config: BuildConfig, dtype: torch.dtype) -> dict:
     """{key: {batch: {"block_n": .., "num_warps": ..}}} for the decode attention kernel."""
+    from trtc.plugins.attention import decode_tactic_key
     from trtc.plugins.attention.triton_decode import decode_attention
 
     a = graph.layers[0].attention
@@ -111,7 +112,7 @@ def tune_decode_attention(graph: ModelGraph, mapping: Mapping, config: BuildConf
     ctx = min(config.max_seq_len, 2048)
     tpb = config.tokens_per_block
     blocks_per_seq = -(-ctx // tpb)
-    key = f"decode:hq{hq}:hkv{hkv}:d{a.head_dim}:{str(kv_dtype).removeprefix('torch.')}"
+    key = decode_tactic_key(hq, hkv, a.head_dim, kv_dtype)
     out: dict[str, dict] = {}
     for bs in sorted(config.cuda_graph_batch_sizes):
         num_blocks = bs * blocks_per_seq

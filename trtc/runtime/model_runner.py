@@ -128,7 +128,8 @@ class ModelRunner:
         linear layer that reads the norm is FP8, the norm's output is quantized for it in the same kernel."""
         weight = self.w[name + ".weight"]
         if cfg.kind == "rms" and not cfg.bias:
-            return fused_add_rms_norm(x, residual, weight, cfg.eps, cfg.offset, self.w.get(f"{next_linear}.input_scale"))
+            out_scale = self.w.get(f"{next_linear}.input_scale") if next_linear else None
+            return fused_add_rms_norm(x, residual, weight, cfg.eps, cfg.offset, out_scale)
         h = x if residual is None else x + residual
         return norm(h, cfg, weight, self.w.get(name + ".bias")), h
 

@@ -30,10 +30,13 @@ def install_decode_tactics(tactics: dict[str, dict[str, dict]]) -> None:
         DECODE_TACTICS.setdefault(key, {}).update({int(b): cfg for b, cfg in per_batch.items()})
 
 
+def decode_tactic_key(q_heads: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> str:
+    return f"decode:hq{q_heads}:hkv{kv_heads}:d{head_dim}:{str(kv_dtype).removeprefix('torch.')}"
+
+
 def _decode_tactic(q: torch.Tensor, k_cache: torch.Tensor, batch: int) -> dict:
     """The tuned {"block_n", "num_warps"} of the smallest tuned batch size >= batch, or {}."""
-    dtype = str(k_cache.dtype).removeprefix("torch.")
-    per_batch = DECODE_TACTICS.get(f"decode:hq{q.shape[1]}:hkv{k_cache.shape[2]}:d{q.shape[2]}:{dtype}")
+    per_batch = DECODE_TACTICS.get(decode_tactic_key(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.dtype))
     if not per_batch:
         return {}
     return per_batch[min((b for b in per_batch if b >= batch), default=max(per_batch))]

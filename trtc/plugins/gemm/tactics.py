@@ -9,11 +9,8 @@ serving. A shape without a stored tactic (an engine built on a CPU) gets `defaul
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import asdict, dataclass
 
-
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 TUNED_BUCKETS = (1, 16, 32, 64, 128, 512, 2048, 8192, 32768)  # the build times these; M between two takes the larger
 
 
@@ -45,13 +42,9 @@ def gemm_key(weight, weight_scale) -> str:
     return f"fp8:n{shape[0]}:k{shape[1]}"
 
 
-def bucket(m: int) -> int:
-    i = bisect.bisect_left(M_BUCKETS, m)
-    return M_BUCKETS[min(i, len(M_BUCKETS) - 1)]
-
-
 def default_tactic(key: str, m: int) -> Tactic:
-    """Measured-good configurations for when the build did not tune (H200, benchmarks/kernels.py)."""
+    """Configurations for an engine whose build did not tune (built on a CPU): among the winners of
+    benchmarks/quant_gemm.py on the H200; dequantize + cuBLAS past 64 rows."""
     if key.startswith("fp8"):
         return Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=2) if m <= 16 else Tactic("scaled_mm")
     if m <= 16:
@@ -62,7 +55,7 @@ def default_tactic(key: str, m: int) -> Tactic:
 
 
 class TacticTable:
-    """key -> sorted [(bucket, Tactic)]: the tactics of the engines loaded in this process."""
+    """key -> {tuned bucket: Tactic}: the tactics of the engines loaded in this process."""
 
     def __init__(self) -> None:
         self._table: dict[str, dict[int, Tactic]] = {}
