@@ -77,7 +77,7 @@ class Compare:
 def run_compared(engine_dir, others, vocab: int, prompt_len: int = 30, max_tokens: int = 6) -> Compare:
     """Three requests (one longer than a step's token budget, one sharing its first blocks) to the end."""
     ex = Executor(engine_dir, kv_cache_max_tokens=256)
-    ex.runner = ex.worker.runner = Compare(ex.runner, others)  # the worker runs rank 0's forward
+    ex.worker.runner = Compare(ex.runner, others)  # the worker runs rank 0's forward
     ex.runner.allocate_kv_cache(ex.num_blocks)
     g = torch.Generator().manual_seed(0)
     long = [1] + torch.randint(3, vocab, (prompt_len - 1,), generator=g).tolist()

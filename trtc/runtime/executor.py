@@ -78,7 +78,6 @@ class Executor:
         self.ranks, self.device = start_ranks(self.engine, device, options)  # rank 0 from here on
         with self._guard("start-up"):
             self.worker = Worker(self.engine, self.device, self.ranks.group if self.ranks else None, options)
-        self.runner, self.cuda_graphs, self.num_blocks = self.worker.runner, self.worker.cuda_graphs, self.worker.num_blocks
         bc = self.engine.build_config
         self.load_seconds = time.perf_counter() - start
         log.info(
@@ -118,11 +117,23 @@ class Executor:
         self.requests[rid] = RequestState(rid, list(prompt_ids), params, make_generator(params.seed, self.device), on_event)
         return rid
 
+    @property
+    def runner(self):
+        """Rank 0's model runner (the worker's)."""
+        return self.worker.runner
+
+    @property
+    def cuda_graphs(self):
+        return self.worker.cuda_graphs
+
+    @property
+    def num_blocks(self) -> int:
+        return self.worker.num_blocks
+
     def close(self) -> None:
         """Give the device memory back now (CUDA graphs, KV cache, weights) and stop the other
         ranks; the executor is unusable after."""
         self.worker.close()
-        self.cuda_graphs = None
         if self.ranks is not None:
             self.ranks.close()
 
