@@ -1,23 +1,41 @@
 #!/usr/bin/env bash
-# On a GPU machine: install trtc (no downloads needed), run the GPU tests, then the
-# bf16 engine benchmark against HF transformers; with two GPUs or more, also the tensor-parallel
-# tests and the tp 1 vs tp 2 benchmark. Fixtures are read from $TRTC_FIXTURES.
-#   bash benchmarks/gpu_all.sh [quick]
+# On a GPU machine: install trtc (no downloads needed; ModelOpt from .whl/ when that folder is there),
+# then run the named parts, by default the GPU tests, the bf16 engine benchmark against HF
+# transformers and, with two GPUs or more, the tensor-parallel tests and the tp 1 vs tp 2 benchmark.
+# Fixtures are read from $TRTC_FIXTURES.
+#   bash benchmarks/gpu_all.sh [quick] [tests] [bench] [tp] [kernels] [gemm] [engines]
+#   kernels: the quantized-GEMM kernel tests; gemm: benchmarks/quant_gemm.py (rows $GEMM_M);
+#   engines: the bf16, FP8 and INT4-AWQ 8B engines against HF transformers
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRTC_FIXTURES=${TRTC_FIXTURES:-$PWD/.carry/fixtures}
 OUT=${OUT:-/tmp/trtc-out}
 mkdir -p "$OUT"
+QUICK=
+if [ "${1:-}" = quick ]; then QUICK=--quick; shift; fi
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests bench tp)
+WHL=${WHL:-$(ls -d .whl ../../.whl 2>/dev/null | head -1)}
+if [ -n "$WHL" ] && ls "$WHL"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHL"/*.whl 2>&1 | tail -1
+  export PYTHONPATH=/tmp/site
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning | tail -3
 python3 -c "import torch, triton, trtc._core; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-if [ "${1:-}" = quick ]; then
-  python3 benchmarks/gpu_engine.py --quick --skip_compile --skip_long 2>&1 | tee "$OUT/bench.log" | grep -v -E "Loading weights|Writing model" | tail -40
-else
-  python3 benchmarks/gpu_engine.py 2>&1 | tee "$OUT/bench.log" | grep -v -E "Loading weights|Writing model" | tail -60
-fi
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
-if [ "$GPUS" -ge 2 ]; then
-  python3 -m pytest -q -m multi_gpu tests -p no:cacheprovider -s 2>&1 | tee "$OUT/multi_gpu_tests.log" | tail -25
-  python3 benchmarks/tp_gpu.py ${1:+--quick} --output_json "$OUT/tp_bench.json" 2>&1 | tee "$OUT/tp_bench.log" \
-    | grep -v -E "Loading weights|Writing model" | tail -30
-fi
+SHOW='Loading weights|Writing model|it/s\]'
+for part in "${PARTS[@]}"; do case $part in
+  tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+  kernels) python3 -m pytest -q -m gpu -p no:cacheprovider tests/plugins/test_quant_gemm_kernels.py 2>&1 \
+             | tee "$OUT/gpu_kernel_tests.log" | tail -25 ;;
+  bench) if [ -n "$QUICK" ]; then ARGS=(--quick --skip_compile --skip_long); else ARGS=(); fi
+         python3 benchmarks/gpu_engine.py "${ARGS[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v -E "$SHOW" | tail -60 ;;
+  engines) python3 benchmarks/gpu_engine.py $QUICK --skip_compile --skip_long --engines bf16,fp8,int4_awq 2>&1 \
+             | tee "$OUT/bench_engines.log" | grep -v -E "$SHOW" | tail -60 ;;
+  gemm) python3 benchmarks/quant_gemm.py --m "${GEMM_M:-1,4,16,64}" 2>&1 | tee "$OUT/quant_gemm.log" ;;
+  tp) if [ "$GPUS" -ge 2 ]; then
+        python3 -m pytest -q -m multi_gpu tests -p no:cacheprovider -s 2>&1 | tee "$OUT/multi_gpu_tests.log" | tail -25
+        python3 benchmarks/tp_gpu.py $QUICK --output_json "$OUT/tp_bench.json" 2>&1 | tee "$OUT/tp_bench.log" \
+          | grep -v -E "$SHOW" | tail -30
+      fi ;;
+  *) echo "unknown part $part"; exit 2 ;;
+esac; done
