@@ -19,10 +19,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from trtc.compiler.autotune import cold_copies, gemm_candidates
-from trtc.plugins.gemm.linear import run_tactic
+from trtc.compiler.autotune import cold_copies, fastest
 from trtc.plugins.gemm.tactics import gemm_key
 from trtc.plugins.gemm.triton_quant import split_k_locks
+from trtc.quantization.layout import quantize_fp8
 from trtc.utils.gpu_timing import timed
 from trtc.runtime.bench import measure_bandwidth
 
@@ -30,16 +30,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 
 
 def best(key: str, m: int, k: int, x: torch.Tensor, copies: list[dict]) -> tuple[float, str]:
-    times = []
-    for t in gemm_candidates(key, m, k):
-        try:
-            times.append((timed([lambda w=w, t=t: run_tactic(t, x, w, torch.bfloat16) for w in copies], reps=5,
-                                eager_fallback=False)[0], t))
-        except Exception:  # noqa: BLE001 (a configuration this GPU cannot run)
-            pass
-    us, t = min(times, key=lambda p: p[0])
-    desc = "scaled_mm" if t.impl == "scaled_mm" else f"{t.block_m}x{t.block_n}x{t.block_k}/s{t.split_k}"
-    return us, desc
+    us, t = fastest(key, m, k, x, copies, torch.bfloat16, log=lambda *_: None)
+    return us, (t.impl if t.impl != "triton" else f"{t.block_m}x{t.block_n}x{t.block_k}/s{t.split_k}")
 
 
 def main() -> None:
@@ -70,7 +62,7 @@ def main() -> None:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
             t_bf16 = timed([lambda w=w: F.linear(x, w["w"]) for w in bf16], reps=5)[0]
             t_w4, d_w4 = best(gemm_key(w4[0]["weight"], w4[0]["weight_scale"]), m, k, x, w4)
-            xq = (x / f8[0]["input_scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
+            xq = quantize_fp8(x, f8[0]["input_scale"])
             t_f8, d_f8 = best(gemm_key(f8[0]["weight"], f8[0]["weight_scale"]), m, k, xq, f8)
             w4_bytes = n * k / 2 + n * k / 128 * 4 + m * (k + n) * 2
             print(f"{m:>3} {name:<8} {t_bf16:>8.1f} {t_w4:>9.1f} {t_bf16 / t_w4:>5.2f}x "

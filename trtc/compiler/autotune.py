@@ -22,6 +22,7 @@ from trtc.compiler.build_config import BuildConfig, kv_cache_torch_dtype
 from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
 from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, gemm_key, to_config
+from trtc.quantization.layout import quantize_fp8
 from trtc.utils.gpu_timing import copies_past_l2, timed
 
 def gemm_candidates(key: str, m: int, k: int) -> list[Tactic]:
@@ -56,10 +57,26 @@ def cold_copies(w: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return [w] + [{k: v.clone() for k, v in w.items()} for _ in range(copies_past_l2(nbytes, cap=16) - 1)]
 
 
+def fastest(key: str, m: int, k: int, x: torch.Tensor, copies: list[dict[str, torch.Tensor]], dtype: torch.dtype,
+            log=print) -> tuple[float, Tactic]:
+    """The fastest of the candidates for x [M, K] (quantized for an FP8 layer) over the weight copies,
+    and its microseconds per call. A candidate this GPU cannot run (shared memory) is skipped."""
+    from trtc.plugins.gemm.linear import run_tactic
+
+    timings = []
+    for t in gemm_candidates(key, m, k):
+        try:
+            us, _ = timed([lambda c=c, t=t: run_tactic(t, x, c, dtype) for c in copies], reps=5, eager_fallback=False)
+            timings.append((us, t))
+        except Exception as e:  # noqa: BLE001
+            log(f"  {key} M={m}: {t} skipped ({type(e).__name__})")
+    return min(timings, key=lambda p: p[0])
+
+
 def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=print) -> dict:
     from safetensors import safe_open
 
-    from trtc.plugins.gemm.linear import QUANT_TENSORS, run_tactic
+    from trtc.plugins.gemm.linear import QUANT_TENSORS
     from trtc.plugins.gemm.triton_quant import split_k_locks
 
     device = torch.device("cuda")
@@ -86,16 +103,8 @@ def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=pr
         for m in buckets:
             x = torch.randn(m, k, device=device, dtype=dtype)
             if fp8:
-                x = (x / w["input_scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
-            timings = []
-            for t in gemm_candidates(key, m, k):
-                try:
-                    us, _ = timed([lambda c=c, t=t: run_tactic(t, x, c, dtype) for c in copies], reps=5,
-                                  eager_fallback=False)
-                    timings.append((us, t))
-                except Exception as e:  # a configuration this GPU cannot run (shared memory): not a candidate
-                    log(f"  {key} M={m}: {t} skipped ({type(e).__name__})")
-            tuned[key][m] = min(timings, key=lambda p: p[0])[1]
+                x = quantize_fp8(x, w["input_scale"])
+            tuned[key][m] = fastest(key, m, k, x, copies, dtype, log)[1]
         del copies
         log(f"tuned {key}: {len(tuned[key])} row buckets in {time.perf_counter() - start:.1f} s")
     return to_config(tuned)
