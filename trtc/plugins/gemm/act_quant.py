@@ -1,6 +1,6 @@
 """Static FP8 quantization of activations: fp8(x / input_scale) with the calibrated scale, before an
 FP8 GEMM whose input no norm or activation kernel quantized already (the attention output before o).
-Triton on CUDA, `quantize_fp8` (trtc/quantization/layout.py) elsewhere. bytes = T * K * (2 + 1).
+Triton; its reference is `quantize_fp8` (trtc/quantization/layout.py). bytes = T * K * (2 + 1).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from trtc.plugins.fp8_triton import fp8_saturate
-from trtc.quantization.layout import FP8, quantize_fp8
+from trtc.quantization.layout import FP8
 
 
 @triton.jit
@@ -25,8 +25,6 @@ def _quantize_fp8_kernel(x_ptr, scale_ptr, out_ptr, stride_x, stride_out, n_cols
 
 def quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: [T, K] (last dim contiguous); scale: float32 [] on x's device -> float8_e4m3fn [T, K]."""
-    if not x.is_cuda:
-        return quantize_fp8(x, scale)
     out = torch.empty(x.shape, dtype=FP8, device=x.device)
     block = min(2048, triton.next_power_of_2(x.shape[-1]))
     if x.shape[0]:
