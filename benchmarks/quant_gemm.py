@@ -3,9 +3,9 @@
     python benchmarks/quant_gemm.py [--m 1,2,4,8,16,32,64]
 
 For each shape (N x K: qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336) and rows M,
-times cuBLAS bf16 (`F.linear`), trtc's W4A16 kernel (AWQ layout, group 128, with the pre-quant
-scale), FP8 W8A8 (the better of trtc's Triton kernel and cuBLASLt `_scaled_mm`, per-channel weight
-scales), each with the best of the candidates the build's autotuner tries (compiler/autotune.py),
+times cuBLAS bf16 (`F.linear`), trtc's W4A16 kernels (AWQ layout, group 128, with the pre-quant
+scale; CUDA C++ up to 64 rows, Triton, dequantize + cuBLAS), FP8 W8A8 (the better of trtc's Triton
+kernel and cuBLASLt `_scaled_mm`, per-channel weight scales), each with the best of the candidates the build's autotuner tries (compiler/autotune.py),
 all timed the same way: back to back in a CUDA graph, each call on its own copy of the weights
 (so nothing comes from L2), as in the decode graph (trtc/utils/gpu_timing.py). Prints per-shape speed-ups,
 the achieved bandwidth of the W4A16 kernel against the GPU's measured copy bandwidth, and the
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from trtc.compiler.autotune import cold_copies, fastest
 from trtc.plugins.gemm.tactics import gemm_key
 from trtc.plugins.gemm.triton_quant import split_k_locks
+from trtc.plugins.gemm.w4a16_packed import available, pack_layer
 from trtc.quantization.layout import quantize_fp8
 from trtc.utils.gpu_timing import timed
 from trtc.runtime.bench import measure_bandwidth
@@ -31,6 +32,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 
 def best(key: str, m: int, k: int, x: torch.Tensor, copies: list[dict]) -> tuple[float, str]:
     us, t = fastest(key, m, k, x, copies, torch.bfloat16, log=lambda *_: None)
+    if t.impl == "cuda":
+        return us, f"cuda/{t.block_n // 16} tiles"
     return us, (t.impl if t.impl != "triton" else f"{t.block_m}x{t.block_n}x{t.block_k}/s{t.split_k}")
 
 
@@ -41,7 +44,8 @@ def main() -> None:
     dev = torch.device("cuda")
     split_k_locks(dev)
     bw = measure_bandwidth(dev)
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:,.0f} GB/s")
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:,.0f} GB/s; CUDA W4A16 kernel: "
+          f"{'compiled' if available(dev) else 'UNAVAILABLE'}")
     g = torch.Generator(device=dev).manual_seed(0)
     weights = {}
     for name, (n, k) in SHAPES.items():
@@ -49,6 +53,7 @@ def main() -> None:
         w4 = {"weight": torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8, generator=g),
               "weight_scale": torch.rand(n, k // 128, device=dev, generator=g) * 0.01,
               "pre_quant_scale": torch.rand(k, device=dev, generator=g) + 0.5}
+        pack_layer(w4, torch.bfloat16)  # the CUDA kernel's layout, as the runtime adds it at load
         f8 = {"weight": (torch.randn(n, k, device=dev, generator=g) * 30).to(torch.float8_e4m3fn),
               "weight_scale": torch.rand(n, device=dev, generator=g) * 0.001, "input_scale": torch.tensor(0.02, device=dev)}
         weights[name] = (cold_copies({"w": bf16}), cold_copies(w4), cold_copies(f8))
@@ -64,7 +69,7 @@ def main() -> None:
             t_w4, d_w4 = best(gemm_key(w4[0]["weight"], w4[0]["weight_scale"]), m, k, x, w4)
             xq = quantize_fp8(x, f8[0]["input_scale"])
             t_f8, d_f8 = best(gemm_key(f8[0]["weight"], f8[0]["weight_scale"]), m, k, xq, f8)
-            w4_bytes = n * k / 2 + n * k / 128 * 4 + m * (k + n) * 2
+            w4_bytes = n * k / 2 + n * k / 128 * 2 + m * (k + n) * 2
             print(f"{m:>3} {name:<8} {t_bf16:>8.1f} {t_w4:>9.1f} {t_bf16 / t_w4:>5.2f}x "
                   f"{w4_bytes / (t_w4 / 1e6) / 1e9:>8,.0f} {d_w4:<16} {t_f8:>7.1f} {t_bf16 / t_f8:>5.2f}x {d_f8:<16}",
                   flush=True)

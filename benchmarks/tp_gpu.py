@@ -4,9 +4,9 @@
 
 Makes a random-weight HF checkpoint of Llama-3.1-8B shape from a config (no download), builds
 bf16 engines for tp 1 and tp 2, calibrates FP8 once with ModelOpt on random tokens (the weights
-are random too) and converts that one export for tp 1 and tp 2, then measures each engine with
-`trtc bench`'s code: batch-1 TPOT (ISL 128 / OSL 128, latency mode; MBU per GPU) and throughput
-(ISL/OSL 128/128, concurrency 256). Each engine is deleted once measured, and the work directory
+are random too) and converts that one export for tp 1 and tp 2, then measures each engine, in a
+process of its own, with `trtc bench`'s code: batch-1 TPOT (ISL 128 / OSL 128, latency mode; MBU
+per GPU) and throughput (ISL/OSL 128/128, concurrency 256). Each engine is deleted once measured, and the work directory
 at the end unless --keep. Prints one table last. Needs two GPUs; 6-8 minutes on 2 x H200.
 --quick: a ~1.5B model of the same family and fewer requests (a smoke run of the whole path).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,18 @@ def build_fp8(export_dir: Path, engine: Path, tp: int) -> None:
     shutil.rmtree(ckpt)
 
 
+def measure_in_subprocess(engine: Path, requests: int) -> dict:
+    """`measure` in a process of its own, which gives all of the GPUs' memory back when it ends."""
+    out = engine.parent / f"{engine.name}-result.json"
+    code = subprocess.run([sys.executable, __file__, "--measure", str(engine), "--requests", str(requests),
+                           "--output_json", str(out)]).returncode
+    if not out.is_file():
+        raise SystemExit(f"measuring {engine.name} failed (exit code {code})")
+    if code:  # its results were written: a crash while the process ends does not void them
+        print(f"warning: the process that measured {engine.name} exited with code {code} after writing its results")
+    return json.loads(out.read_text())
+
+
 def measure(engine: Path, requests: int) -> dict:
     """Load, batch-1 latency, throughput; the engine is closed (its ranks stopped) after."""
     from trtc.runtime.bench import bench, format_result
@@ -92,7 +105,7 @@ def run(args, work: Path) -> dict:
         engine = work / f"bf16_tp{tp}"
         build_s = timed(build_from_hf, hf_dir, engine, tp_size=tp, dtype="bfloat16", build_config=CONFIG, progress=False)
         print(f"bf16 tp {tp}: built in {build_s:.1f} s", flush=True)
-        results[f"bf16 tp{tp}"] = {"build_s": build_s, **measure(engine, requests)}
+        results[f"bf16 tp{tp}"] = {"build_s": build_s, **measure_in_subprocess(engine, requests)}
         shutil.rmtree(engine)
     if not args.skip_fp8:
         export_dir = work / "fp8_hf"
@@ -101,7 +114,7 @@ def run(args, work: Path) -> dict:
             engine = work / f"fp8_tp{tp}"
             build_s = timed(build_fp8, export_dir, engine, tp)
             print(f"fp8 tp {tp}: converted and built in {build_s:.1f} s", flush=True)
-            results[f"fp8 tp{tp}"] = {"build_s": build_s, **measure(engine, requests // 2)}
+            results[f"fp8 tp{tp}"] = {"build_s": build_s, **measure_in_subprocess(engine, requests // 2)}
             shutil.rmtree(engine)
     return results
 
@@ -130,7 +143,12 @@ def main() -> None:
     ap.add_argument("--skip_fp8", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (the HF checkpoint)")
     ap.add_argument("--output_json", default=None)
+    ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one engine, in a subprocess
+    ap.add_argument("--requests", type=int, default=512, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure:
+        Path(args.output_json).write_text(json.dumps(measure(Path(args.measure), args.requests)))
+        return
     if torch.cuda.device_count() < 2:
         sys.exit(f"tp_gpu.py needs two GPUs, {torch.cuda.device_count()} found")
     work = Path(args.work_dir or f"/tmp/trtc-tp-bench-{'quick' if args.quick else '8b'}")

@@ -9,7 +9,8 @@ bf16 and FP8 sum the ranks' partial results in bf16, which rounds differently fr
 GEMM: a greedy step where tp 1's two best tokens are within that rounding (a near tie) may go
 either way, and the sequences differ from there on. Tokens must be equal up to the first near
 tie (top-2 margin below NEAR_TIE of the logits' range in tp 1's own teacher-forced logits) and
-teacher-forced top-1 agreement must be >= 99%.
+teacher-forced top-1 tokens must agree at >= 97% of positions, and differ only at near ties (bf16 on
+books-16M, 2 x H200: 1513 of 1536).
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def books():
     if not hf_dir.is_dir():
         pytest.skip(f"{hf_dir} is absent")
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    ids = tok((FIXTURES / "text" / "alice_in_wonderland.txt").read_text()[5000:40000]).input_ids
+    ids = tok((FIXTURES / "text" / "alice_in_wonderland.txt").read_text()[5000:80000]).input_ids
     prompts = [ids[i : i + n] for i, n in ((0, 8), (1000, 40), (3000, 120), (6000, 300))]
     windows = [[1] + ids[i : i + 511] for i in range(10000, 10000 + 3 * 511, 511)]
+    assert all(len(w) == 512 for w in windows), len(ids)
     return hf_dir, prompts, windows
 
 
@@ -79,10 +81,19 @@ def assert_greedy_agrees(tp1_engine, prompts, tp1, tp2) -> None:
 
 
 def assert_top1_agreement(tp1_engine, tp2_engine, windows) -> None:
+    """Teacher-forced top-1 tokens of tp 2 equal tp 1's at >= 97% of the positions, and wherever they
+    differ tp 1's logits of the two tokens are a near tie."""
     a, b = teacher_forced(tp1_engine, windows), teacher_forced(tp2_engine, windows)
-    agree = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b))
+    agree = 0
+    for x, y in zip(a, b):
+        top_x, top_y = x.argmax(-1), y.argmax(-1)
+        agree += int((top_x == top_y).sum())
+        rows = x[top_x != top_y]  # tp 1's logits where the two disagree
+        margin = rows.gather(1, top_x[top_x != top_y, None]) - rows.gather(1, top_y[top_x != top_y, None])
+        spread = rows.max(-1, keepdim=True).values - rows.min(-1, keepdim=True).values
+        assert (margin <= NEAR_TIE * spread).all(), f"top-1 differs by more than a near tie: {(margin / spread).max():.4f}"
     total = sum(len(w) for w in windows)
-    assert total >= 1000 and agree / total >= 0.99, f"top-1 agreement {agree}/{total}"
+    assert total >= 1000 and agree / total >= 0.97, f"top-1 agreement {agree}/{total}"
 
 
 def test_fp32_tp2_greedy_equals_tp1(books, tmp_path):

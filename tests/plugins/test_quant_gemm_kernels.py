@@ -1,4 +1,4 @@
-"""The quantized GEMM kernels (Triton W4A16 and FP8, cuBLASLt FP8) and the FP8 activation
+"""The quantized GEMM kernels (CUDA C++ and Triton W4A16, Triton and cuBLASLt FP8) and the FP8 activation
 quantization fused into the norm and SwiGLU kernels, against their references on fresh random inputs.
 
 Tolerances: GEMM outputs within max|y - ref| <= 1e-2 * max|ref| of the reference evaluated in float32
@@ -18,6 +18,7 @@ from trtc.plugins.gemm.linear import run_tactic
 from trtc.plugins.gemm.fp8 import fp8_linear
 from trtc.plugins.gemm.tactics import TACTICS, Tactic, default_tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
+from trtc.plugins.gemm.w4a16_packed import pack, pack_layer, unpack
 from trtc.quantization.layout import pack_int4, quantize_fp8
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -52,6 +53,8 @@ def close(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> None:
 
 def check_int4(m, n, k, group, zero, pqs, perm, tactic, dtype, device, seed=0):
     w = make_int4(n, k, group, zero, pqs, perm, seed, device)
+    if tactic.impl == "cuda":
+        assert pack_layer(w, dtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
     y = run_tactic(tactic, x, w, dtype)
     pqs_rounded = w["pre_quant_scale"].to(dtype).float() if pqs else None  # as the bf16 reference rounds it
@@ -86,6 +89,89 @@ def test_w4a16_awq_shapes(m, tactic, n, k):
 @pytest.mark.parametrize("tactic", [SMALL, SPLIT], ids=["small", "split4"])
 def test_w4a16_gptq_variants(group, zero, perm, tactic):
     check_int4(7, 1024, 2048, group, zero=zero, pqs=False, perm=perm, tactic=tactic, dtype=torch.bfloat16, device="cuda")
+
+
+def cuda_tactic(tiles: int) -> Tactic:
+    return Tactic("cuda", block_n=16 * tiles)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33, 64])
+@pytest.mark.parametrize("tiles", [1, 2, 4])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (208, 384)])  # 208: 13 n-tiles, a partial block
+def test_w4a16_cuda_kernel_awq_shapes(m, tiles, n, k):
+    check_int4(m, n, k, 128, zero=False, pqs=True, perm=False, tactic=cuda_tactic(tiles), dtype=torch.bfloat16,
+               device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("group,zero,perm,pqs", [(128, True, True, False), (64, True, False, False), (256, False, True, True),
+                                                 (128, False, False, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w4a16_cuda_kernel_variants(group, zero, perm, pqs, dtype):
+    check_int4(5, 1024, 2048, group, zero=zero, pqs=pqs, perm=perm, tactic=cuda_tactic(2), dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+def test_w4a16_cuda_kernel_bias_graphs_and_determinism():
+    """Bias is added once; a CUDA graph replays the same bytes as eager launches, which repeat exactly."""
+    w = make_int4(4096, 4096, 128, True, True, False, 5, "cuda")
+    assert pack_layer(w, torch.bfloat16)
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    tactic = cuda_tactic(1)
+    first = run_tactic(tactic, x, w, torch.bfloat16, bias)
+    ref = w4a16_linear(x.float(), w["weight"], w["weight_scale"], w["weight_zero"],
+                       w["pre_quant_scale"].to(torch.bfloat16).float(), bias=bias.float())
+    close(first, ref)
+    assert all(torch.equal(run_tactic(tactic, x, w, torch.bfloat16, bias), first) for _ in range(10))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run_tactic(tactic, x, w, torch.bfloat16, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
+
+
+@pytest.mark.parametrize("n,k,group", [(16, 64, 64), (48, 384, 128), (32, 512, 256)])
+def test_w4a16_packed_layout_is_what_the_kernel_reads(n, k, group):
+    """`unpack` reads the packed words by the kernel's register rules: it must give back the weight,
+    and the scale / zero pairs must be rows (g, g + 8) of each 16-row tile, in the model dtype."""
+    w = make_int4(n, k, group, True, True, False, n + k, "cpu")
+    from trtc.quantization.layout import unpack_int4
+
+    p = pack(w["weight"], w["weight_scale"], w["weight_zero"], w["pre_quant_scale"], None, torch.bfloat16)
+    assert p["packed_weight"].shape == (n // 16, k // 64, 32, 4) and p["packed_weight"].dtype == torch.int32
+    assert torch.equal(unpack(p["packed_weight"]), unpack_int4(w["weight"]))
+    scale = p["packed_scale"].view(torch.bfloat16).view(n // 16, k // group, 8, 2)  # [nt, q, g, h]
+    zero = p["packed_zero"].view(torch.bfloat16).view(n // 16, k // group, 8, 2)
+    for nt, q, g, h in [(0, 0, 0, 0), (n // 16 - 1, k // group - 1, 7, 1), (0, k // group - 1, 3, 1)]:
+        row = 16 * nt + 8 * h + g
+        assert scale[nt, q, g, h] == w["weight_scale"][row, q].to(torch.bfloat16)
+        assert zero[nt, q, g, h] == -(128 + w["weight_zero"][row, q].float())
+    assert torch.equal(p["packed_pqs"], w["pre_quant_scale"].to(torch.bfloat16))
+    assert "packed_pqs" not in pack(w["weight"], w["weight_scale"], None, w["pre_quant_scale"],
+                                    torch.arange(k, dtype=torch.int32), torch.float16)
+
+
+def test_w4a16_cuda_source_compiles_with_nvrtc():
+    """The kernel source compiles for Ampere and Hopper and every instantiation the launcher names
+    exists (skipped without NVRTC: it comes with PyTorch's CUDA builds)."""
+    from trtc.errors import TrtcError
+    from trtc.plugins import cuda_jit
+    from trtc.plugins.gemm import w4a16_packed
+
+    try:
+        cuda_jit._nvrtc()
+    except TrtcError:
+        pytest.skip("NVRTC is absent")
+    names = w4a16_packed._module().names
+    for arch in ("80", "90"):
+        cubin, lowered = cuda_jit.compile_cubin(w4a16_packed.SOURCE.read_text(), names, arch)
+        assert cubin[:4] == b"\x7fELF" and set(lowered) == set(names)
 
 
 @pytest.mark.gpu
@@ -171,7 +257,8 @@ def test_tactic_table_and_defaults():
     assert gemm_key(torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 2)) == "w4a16:n64:k256:g128"
     assert gemm_key(torch.zeros(8, 32, dtype=torch.float8_e4m3fn), torch.zeros(())) == "fp8:n8:k32"
     assert default_tactic("fp8:n8:k32", 1000).impl == "scaled_mm"
-    assert default_tactic("w4a16:n64:k256:g128", 1).impl == "triton"
+    assert default_tactic("w4a16:n64:k256:g128", 1) == Tactic("cuda", block_n=16)
+    assert default_tactic("w4a16:n64:k256:g128", 1, packed=False).impl == "triton"
     assert default_tactic("w4a16:n64:k256:g128", 4096).impl == "dequant_mm"
     TACTICS.install({"w4a16:n7:k256:g128": {"1": {"impl": "triton", "split_k": 8},
                                             "16": {"impl": "triton", "block_n": 128, "split_k": 2}}})

@@ -1,9 +1,9 @@
 """Build-time autotuning: time each candidate tactic once on the build GPU, keep the fastest.
 
 For every quantized GEMM shape of the engine (trtc/plugins/gemm/tactics.py: kind, N, K, group) and
-every tuned row bucket M up to --max_num_tokens, the candidates (trtc's Triton kernel with its launch
-configurations; cuBLASLt `_scaled_mm` for FP8) run on the engine's own weights of the first layer
-that has the shape, timed as they run in decode: back to back in one CUDA graph, each call reading
+every tuned row bucket M up to --max_num_tokens, the candidates (trtc's CUDA C++ W4A16 kernel up to
+64 rows, its Triton kernel with its launch configurations; cuBLASLt `_scaled_mm` for FP8) run on
+the engine's own weights of the first layer that has the shape, timed as they run in decode: back to back in one CUDA graph, each call reading
 a different copy of the weights so that none comes from L2 (trtc/utils/gpu_timing.py). Decode attention is tuned
 per CUDA-graph batch size at a context of min(max_seq_len, 2048) tokens (`triton.testing.do_bench`). The winners go to
 config.json "tactics"; a CPU build has none (the references have nothing to choose).
@@ -22,13 +22,17 @@ from trtc.compiler.build_config import BuildConfig, kv_cache_torch_dtype
 from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
 from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, gemm_key, to_config
+from trtc.plugins.gemm.w4a16_packed import BLOCK_TILES, MAX_M, available, pack_layer
 from trtc.quantization.layout import quantize_fp8
 from trtc.utils.gpu_timing import copies_past_l2, timed
 
-def gemm_candidates(key: str, m: int, k: int) -> list[Tactic]:
+def gemm_candidates(key: str, m: int, k: int, packed: bool = False) -> list[Tactic]:
+    """packed: the INT4 layer has the CUDA kernel's layout (w4a16_packed.py)."""
     fp8 = key.startswith("fp8")
     group = int(key.rsplit(":g", 1)[1]) if not fp8 else 0
     out = [Tactic("scaled_mm")] if fp8 else [Tactic("dequant_mm")] if m > 16 else []
+    if packed and m <= MAX_M:
+        out += [Tactic("cuda", block_n=16 * r) for r in BLOCK_TILES]
     if m <= 64:
         block_ms = [max(16, m)]
         block_ns, splits, block_ks = [32, 64, 128] if fp8 else [64, 128], [1, 2, 4, 8], [128, 256]
@@ -64,7 +68,7 @@ def fastest(key: str, m: int, k: int, x: torch.Tensor, copies: list[dict[str, to
     from trtc.plugins.gemm.linear import run_tactic
 
     timings = []
-    for t in gemm_candidates(key, m, k):
+    for t in gemm_candidates(key, m, k, packed="packed_weight" in copies[0]):
         try:
             us, _ = timed([lambda c=c, t=t: run_tactic(t, x, c, dtype) for c in copies], reps=5, eager_fallback=False)
             timings.append((us, t))
@@ -92,7 +96,10 @@ def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=pr
             if key not in shapes:
                 shapes[key] = {t: f.get_tensor(f"{base}.{t}") for t in QUANT_TENSORS if f"{base}.{t}" in names}
     tuned: dict[str, dict[int, Tactic]] = {}
+    packs = available(device)
     for key, w in shapes.items():
+        if packs and key.startswith("w4a16"):
+            pack_layer(w, dtype)  # as the runtime does at load
         copies = cold_copies(w)
         fp8 = key.startswith("fp8")
         k = w["weight"].shape[1] * (1 if fp8 else 2)

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from trtc import __version__
 from trtc.compiler.build import build_from_hf, detect_target
 from trtc.compiler.build_config import BuildConfig
+from trtc.utils.cache import cache_home
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TRTC_CACHE_DIR", Path.home() / ".cache" / "trtc")) / "engines"
+    return cache_home() / "engines"
 
 
 def cache_key(model_dir: Path, flags: dict) -> str:

@@ -46,8 +46,10 @@ class ModelRunner:
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         if device.type == "cuda":
             from trtc.plugins.gemm.triton_quant import split_k_locks
+            from trtc.plugins.gemm.w4a16_packed import prepare_weights
 
             split_k_locks(device)  # before any CUDA graph capture
+            prepare_weights(self.w, self.dtype, device)  # INT4 layers: the CUDA kernel's layout beside the engine's
         TACTICS.install(engine.tactics.get("gemm", {}))
         install_decode_tactics(engine.tactics.get("decode_attention", {}))
         fp8_kv = self.build_config.kv_cache_dtype == "fp8"  # per-layer (k, v) scales of an FP8 pool

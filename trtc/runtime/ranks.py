@@ -186,9 +186,9 @@ class Ranks:
             send_step(self.group, None)
         except RuntimeError:
             pass  # a rank is gone already
+        self.group.close()  # with the other ranks: NCCL's orderly destroy waits for all of them
         if self.processes is not None:
             self.processes.stop(timeout=30)
-        self.group.close()
         torch.set_num_threads(self._threads)
 
     # Failures -------------------------------------------------------------------------------------
@@ -228,6 +228,11 @@ class Ranks:
                     f"a rank hangs or died ({first}); the run is stopped")
         return f"a collective failed ({first}); the run is stopped"
 
+    def _abort(self) -> None:
+        """Abort the NCCL communicator from a thread of its own: an abort can itself wait on the GPU,
+        and the watchdog must still end the process GRACE_S later."""
+        threading.Thread(target=self.group.abort, name="trtc-nccl-abort", daemon=True).start()
+
     def _watch(self) -> None:
         failed_at, timeout = None, collective_timeout()
         while not self._closed.wait(POLL_S):
@@ -236,12 +241,12 @@ class Ranks:
                 if (message := self.processes.first_exit()) is not None:
                     self.failure, failed_at = message, now
                     if self.busy and self.group.device.type == "cuda":
-                        self.group.abort()
+                        self._abort()
             if self.failure is None and self.busy == "step" and now - self._busy_since > timeout:
                 self.failure, failed_at = (f"a step waited more than {timeout:g} s for the other ranks ({TIMEOUT_ENV}): "
                                            "a rank hangs; the run is stopped"), now
                 if self.group.device.type == "cuda":
-                    self.group.abort()
+                    self._abort()
             if self.failure is not None and self.busy and now - failed_at > GRACE_S:
                 print(f"Error: {self.failure}", file=sys.stderr, flush=True)
                 if self.processes is not None:

@@ -141,7 +141,9 @@ def run_rank(engine: Engine | str | Path, device: torch.device, group: RankGroup
     """A rank other than 0, from its start-up to rank 0's stop; returns the process's exit code.
     Errors are rank 0's to report: this rank prints one line at most."""
     try:
-        serve(Worker(engine, device, group, options), group)
+        worker = Worker(engine, device, group, options)
+        serve(worker, group)
+        worker.close()  # NCCL's orderly destroy hangs while CUDA graphs holding its collectives are alive
     except RankStopped:
         group.close(abort=True)
         return 1

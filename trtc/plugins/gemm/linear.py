@@ -5,8 +5,9 @@ weights go to cuBLAS through torch (on a GPU) or to torch's CPU GEMM. A quantize
 (trtc/quantization/layout.py) is recognised by its tensors: `name.input_scale` means FP8 W8A8,
 `name.weight_scale` without it means INT4 weight-only (W4A16). So the forwards that call `linear`
 know nothing of quantization. On CUDA the quantized GEMMs run the tactic the build chose for
-their shape (tactics.py): trtc's Triton kernels (triton_quant.py) or, for FP8, cuBLASLt through
-`torch._scaled_mm`; elsewhere the PyTorch references (fp8.py, w4a16.py).
+their shape (tactics.py): trtc's CUDA C++ W4A16 kernel for decode-sized M (w4a16_packed.py), its
+Triton kernels (triton_quant.py) or, for FP8, cuBLASLt through `torch._scaled_mm`; elsewhere the
+PyTorch references (fp8.py, w4a16.py).
 
 FP8 activations may arrive already quantized (float8_e4m3fn x, by the norm or activation kernel
 before the GEMM, with this layer's input_scale); the output is then in `out_dtype`.
@@ -19,12 +20,13 @@ import torch.nn.functional as F
 
 from trtc.plugins.dispatch import triton_available
 from trtc.plugins.gemm.fp8 import fp8_linear
-from trtc.plugins.gemm.tactics import TACTICS, Tactic, gemm_key
+from trtc.plugins.gemm.tactics import TACTICS, Tactic, default_tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
+from trtc.plugins.gemm.w4a16_packed import MAX_M, PACKED_TENSORS
 from trtc.quantization.layout import FP8
 
 
-QUANT_TENSORS = ("weight", "weight_scale", "input_scale", "weight_zero", "pre_quant_scale", "input_perm")
+QUANT_TENSORS = ("weight", "weight_scale", "input_scale", "weight_zero", "pre_quant_scale", "input_perm", *PACKED_TENSORS)
 DEQUANT_MM = Tactic("dequant_mm")
 
 
@@ -56,7 +58,11 @@ def _quantized_cuda(x: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Ten
         x2 = x2.contiguous()
     if "input_scale" in w and x2.dtype != FP8:
         x2 = quantize_activation(x2, w["input_scale"])
-    y = run_tactic(TACTICS.choose(gemm_key(w["weight"], w["weight_scale"]), x2.shape[0]), x2, w, out_dtype, bias)
+    m, key = x2.shape[0], gemm_key(w["weight"], w["weight_scale"])
+    tactic = TACTICS.choose(key, m)
+    if tactic.impl == "cuda" and ("packed_weight" not in w or m > MAX_M):  # no NVRTC here, or M past the kernel
+        tactic = default_tactic(key, m, packed=False)
+    y = run_tactic(tactic, x2, w, out_dtype, bias)
     return y.view(*lead, y.shape[-1])
 
 
@@ -66,6 +72,10 @@ def run_tactic(tactic: Tactic, x: torch.Tensor, w: dict[str, torch.Tensor], out_
     input_scale); w: the layer's tensors by their QUANT_TENSORS names. -> [M, N] out_dtype."""
     if tactic.impl == "scaled_mm":
         return scaled_mm(x, w["weight"], w["input_scale"], w["weight_scale"], bias, out_dtype)
+    if tactic.impl == "cuda":  # INT4, packed at load (w4a16_packed.py)
+        from trtc.plugins.gemm import w4a16_packed
+
+        return w4a16_packed.gemm(x, w, bias, block_tiles=tactic.block_n // 16)
     if tactic.impl == "dequant_mm":  # INT4 only
         return w4a16_linear(x, w["weight"], w["weight_scale"], w.get("weight_zero"), w.get("pre_quant_scale"),
                             w.get("input_perm"), bias)

@@ -16,7 +16,8 @@ TUNED_BUCKETS = (1, 16, 32, 64, 128, 512, 2048, 8192, 32768)  # the build times 
 
 @dataclass(frozen=True)
 class Tactic:
-    impl: str  # "triton" (trtc/plugins/gemm/triton_quant.py), "scaled_mm" (cuBLASLt FP8 through torch), or
+    impl: str  # "cuda" (INT4, M <= 64: trtc/plugins/gemm/w4a16_packed.py; block_n / 16 n-tiles a block),
+    # "triton" (trtc/plugins/gemm/triton_quant.py), "scaled_mm" (cuBLASLt FP8 through torch), or
     # "dequant_mm" (INT4: the weight dequantized to the model dtype, then cuBLAS: for large M, compute-bound)
     block_m: int = 16
     block_n: int = 64
@@ -42,11 +43,14 @@ def gemm_key(weight, weight_scale) -> str:
     return f"fp8:n{shape[0]}:k{shape[1]}"
 
 
-def default_tactic(key: str, m: int) -> Tactic:
+def default_tactic(key: str, m: int, packed: bool = True) -> Tactic:
     """Configurations for an engine whose build did not tune (built on a CPU): among the winners of
-    benchmarks/quant_gemm.py on the H200; dequantize + cuBLAS past 64 rows."""
+    benchmarks/quant_gemm.py on the H200; dequantize + cuBLAS past 64 rows. packed: the INT4 layer
+    has the CUDA kernel's layout (it has wherever the kernel compiles)."""
     if key.startswith("fp8"):
         return Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=2) if m <= 16 else Tactic("scaled_mm")
+    if packed and m <= 64:
+        return Tactic("cuda", block_n=16 if m <= 16 else 32)
     if m <= 16:
         return Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=2)
     if m <= 64:
