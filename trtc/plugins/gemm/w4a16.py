@@ -36,8 +36,14 @@ def w4a16_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: [..., in] -> [..., out] in x's dtype."""
+    x = w4a16_input(x, pre_quant_scale, input_perm)
+    return F.linear(x, dequantize_int4(weight, weight_scale, weight_zero, x.dtype), bias)
+
+
+def w4a16_input(x: torch.Tensor, pre_quant_scale: torch.Tensor | None, input_perm: torch.Tensor | None) -> torch.Tensor:
+    """x' = (x * pre_quant_scale)[..., input_perm], each factor only if the layer has it."""
     if pre_quant_scale is not None:
         x = x * pre_quant_scale.to(x.dtype)
     if input_perm is not None:
         x = x[..., input_perm.long()]
-    return F.linear(x, dequantize_int4(weight, weight_scale, weight_zero, x.dtype), bias)
+    return x

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from trtc.plugins.gemm.w4a16 import w4a16_input
 from trtc.quantization.layout import unpack_int4
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,8 @@ def gemm(x: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Tensor | None,
     m, k = x.shape
     packed = w["packed_weight"]
     n = packed.shape[0] * 16
-    if "input_perm" in w:
-        if "pre_quant_scale" in w:
-            x = x * w["pre_quant_scale"].to(x.dtype)
-        x = x[:, w["input_perm"].long()]
+    if "input_perm" in w:  # without one the kernel applies pre_quant_scale itself (packed_pqs)
+        x = w4a16_input(x, w.get("pre_quant_scale"), w["input_perm"])
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous()
     group_size = k // w["packed_scale"].shape[1]
