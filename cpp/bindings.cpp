@@ -56,13 +56,14 @@ std::vector<int64_t> to_vector(const nb::ndarray<const T, nb::ndim<1>, nb::devic
 }
 
 nb::list outputs_to_list(const std::vector<trtc::StepOutput>& outputs) {
-  static const nb::str names[] = {nb::str(""), nb::str("end_id"), nb::str("stop_words"), nb::str("length"),
-                                  nb::str("cancelled")};
+  // Plain strings, not static Python objects: those would be released after the interpreter has
+  // ended (Python >= 3.12 frees its allocator then, and the process crashes at exit).
+  static const char* const names[] = {"", "end_id", "stop_words", "length", "cancelled"};
   nb::list out;
   for (const trtc::StepOutput& o : outputs) {
     nb::object reason = o.finish_reason == trtc::FinishReason::kNone
                             ? nb::none()
-                            : nb::object(names[static_cast<int>(o.finish_reason)]);
+                            : nb::object(nb::str(names[static_cast<int>(o.finish_reason)]));
     out.append(nb::make_tuple(o.request_id, o.token, reason));
   }
   return out;

@@ -3,6 +3,8 @@ core and its pure-Python twin through the same random workload and checks invari
 
 import gc
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -272,6 +274,18 @@ def test_batch_arrays_own_their_memory():
     assert b.input_ids.tolist() == [1, 2, 3] and b.block_tables.tolist() == [[0]]
     empty = _core.Scheduler(4, 4, 4, 4, 8).schedule()
     assert empty.block_tables.shape == (0, 0) and empty.input_ids.shape == (0,) and len(empty) == 0
+
+
+def test_process_ends_cleanly_after_finish_reasons():
+    """The core holds no Python object past the interpreter's end: one that did (a static string of
+    a finish reason) crashed every process at exit that had finished a request (Python >= 3.12)."""
+    code = ("from trtc import _core\n"
+            "s = _core.Scheduler(16, 4, 8, 256, 64)\n"
+            "s.add_request(0, [1, 2, 3], 1)\n"
+            "s.schedule()\n"
+            "print(s.update([7]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[(0, 7, 'length')]", (result.returncode, result.stderr)
 
 
 BAD_REQUESTS = [
