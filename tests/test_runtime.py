@@ -163,3 +163,18 @@ def test_prompt_logits_are_teacher_forced_hf_logits(engine, hf_model):
         expected = hf_model(torch.tensor([p])).logits[0]
     assert logits.shape == expected.shape
     assert float((logits - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
+def test_largest_step_runs_over_its_scratch_pool(engine, hf_model):
+    """The step the GPU runtime measures its activation memory with (max_num_tokens prompt tokens,
+    max_batch_size logits rows) is a valid batch: its logits are HF's for that prompt."""
+    from trtc.runtime.engine import Engine
+    from trtc.runtime.model_runner import ModelRunner
+
+    runner = ModelRunner(Engine.load(engine), torch.device("cpu"))
+    input_ids, meta, rows = runner.largest_step()
+    assert len(input_ids) == 24 and rows.tolist() == list(range(8))
+    logits = runner.forward(input_ids, meta, rows)  # [8, vocab]
+    with torch.no_grad():
+        expected = hf_model(input_ids[None]).logits[0, :8]
+    assert float((logits - expected).abs().max() / expected.abs().max()) < 1e-4

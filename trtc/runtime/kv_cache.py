@@ -24,11 +24,12 @@ def num_kv_blocks(
     device: torch.device,
     max_tokens: int | None = None,
     free_gpu_memory_fraction: float = 0.9,
-    weight_bytes: int = 0,
+    activation_bytes: int = 0,
 ) -> int:
     """Blocks in the pool: `max_tokens` if given, else what fits in the free memory (GPU: that
-    fraction of what is free after the weights; CPU: a quarter of the available RAM), never more
-    than max_batch_size full-length sequences need."""
+    fraction of what is free after the weights and `activation_bytes`, the peak a forward of
+    max_num_tokens needs; CPU: a quarter of the available RAM), never more than max_batch_size
+    full-length sequences need."""
     bc = engine.build_config
     tpb, per_block = bc.tokens_per_block, kv_bytes_per_token(engine) * bc.tokens_per_block
     ceiling = -(-bc.max_batch_size * bc.max_seq_len // tpb)
@@ -40,7 +41,7 @@ def num_kv_blocks(
         raise TrtcError(f"--kv_cache_free_gpu_memory_fraction must be in (0, 1], got {free_gpu_memory_fraction}")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * free_gpu_memory_fraction)
+        budget = int(max(free - activation_bytes, 0) * free_gpu_memory_fraction)
     else:
         budget = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * CPU_KV_CACHE_FRACTION)
     blocks = min(budget // per_block, ceiling)

@@ -68,6 +68,45 @@ class ModelRunner:
             self.k_cache.append(torch.zeros(shape, dtype=kv_dtype, device=self.device))
             self.v_cache.append(torch.zeros(shape, dtype=kv_dtype, device=self.device))
 
+    def activation_peak_bytes(self) -> int:
+        """GPU memory a step of max_num_tokens new tokens needs besides the weights and the pool
+        (activations, workspaces, logits of max_batch_size rows), measured by running one on a
+        scratch pool that is freed after; 0 on CPU. Each rank measures its own, without collectives."""
+        if self.device.type != "cuda":
+            return 0
+        group, self.group = self.group, None  # one rank's memory; the other ranks need not take part
+        try:
+            step = self.largest_step()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.forward(*step)
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        finally:
+            self.group = group
+            self.k_cache, self.v_cache = [], []
+            torch.cuda.empty_cache()
+
+    def largest_step(self) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """The forward's arguments for a step of max_num_tokens prompt tokens (sequences of up to
+        max_seq_len) and logits of max_batch_size rows, over a scratch pool it allocates."""
+        bc = self.build_config
+        tokens, tpb = bc.max_num_tokens, bc.tokens_per_block
+        seq = min(tokens, bc.max_seq_len)
+        lens = [seq] * (tokens // seq) + ([tokens % seq] if tokens % seq else [])
+        per_seq = -(-seq // tpb)
+        self.allocate_kv_cache(len(lens) * per_seq)
+        dev = self.device
+        tables = torch.arange(len(lens) * per_seq, dtype=torch.int32, device=dev).view(len(lens), per_seq)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])  # [T]
+        seq_of = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))  # [T]
+        slots = tables[seq_of, positions // tpb].long() * tpb + positions % tpb  # [T]
+        meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=tables, query_lens=lens,
+                                 context_lens=lens)
+        input_ids = torch.zeros(tokens, dtype=torch.long, device=dev)
+        return input_ids, meta, torch.arange(min(tokens, bc.max_batch_size), device=dev)
+
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.w.values())
 

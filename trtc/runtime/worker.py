@@ -68,7 +68,9 @@ class Worker:
             self.engine.check_runtime(device)
             build = (self.engine.build_id, str(self.engine.directory))
             self.runner = make_runner(self.engine, device, rank, group)  # weights first: the pool takes what is left
-            blocks = num_kv_blocks(self.engine, device, options.kv_cache_max_tokens, options.free_gpu_memory_fraction)
+            activations = self.runner.activation_peak_bytes() if options.kv_cache_max_tokens is None else 0
+            blocks = num_kv_blocks(self.engine, device, options.kv_cache_max_tokens, options.free_gpu_memory_fraction,
+                                   activations)
         except TrtcError as e:
             error = str(e)
         except torch.cuda.OutOfMemoryError as e:  # reported by rank 0 like any start-up error
