@@ -109,3 +109,36 @@ def test_external_launchers_are_read_from_the_environment():
     assert external_launch({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"}) == Launch(2, 4, 0, "mpirun")
     with pytest.raises(TrtcError, match="not integers"):
         external_launch({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_a_hanging_nccl_abort_runs_once_and_is_waited_for_a_bounded_time(monkeypatch):
+    """NCCL's abort can hang (seen with CUDA graphs that captured its collectives alive): the
+    watchdog's abort and the failing step's share one call, the step waits GRACE_S at most and
+    still fails, and the process is set to end at exit instead of waiting on NCCL's teardown."""
+    import torch
+    import torch.distributed as dist
+
+    from trtc.runtime import ranks as ranks_module
+    from trtc.runtime.distributed import RankGroup
+
+    calls, release = [], threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: (calls.append(1), release.wait(30)))
+    at_exit = []
+    monkeypatch.setattr(ranks_module.atexit, "register", lambda fn, *args: at_exit.append((fn, args)))
+    monkeypatch.setattr(ranks_module.atexit, "unregister", lambda fn: None)
+    monkeypatch.setattr(ranks_module, "GRACE_S", 0.5)
+    group = RankGroup(0, 2, torch.device("cuda"), None, None, owns_default_group=True)
+    ranks = ranks_module.Ranks(group, None)
+    try:
+        ranks._abort()  # the watchdog's, on seeing a dead rank
+        start = time.monotonic()
+        with pytest.raises(TrtcError, match="rank 1 exited"):
+            with ranks.guard():
+                ranks.failure = "rank 1 exited with code -9 (SIGKILL); the run is stopped"
+        assert 0.4 < time.monotonic() - start < 5
+        assert len(calls) == 1 and not group.aborted.is_set()
+        assert (ranks_module._exit_now, (1,)) in at_exit
+    finally:
+        release.set()
+    assert group.aborted.wait(5)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from datetime import timedelta
 
 import torch
@@ -55,6 +56,8 @@ class RankGroup:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.control, self.startup = control, startup
         self._owns = owns_default_group
+        self._abort_lock, self._aborting = threading.Lock(), False
+        self.aborted = threading.Event()  # set when `abort` has returned
 
     @classmethod
     def join(cls, rank: int, world_size: int, device: torch.device, store: dist.Store | None = None) -> "RankGroup":
@@ -114,20 +117,34 @@ class RankGroup:
         return out
 
     def abort(self) -> None:
-        """Abort the data plane's communicator (NCCL): the collectives in flight return at once,
-        with garbage. For a rank that waits on a dead one."""
-        if dist.is_initialized():
-            dist.group.WORLD.abort()
+        """NCCL: abort the communicators without waiting for the other ranks (the collectives in
+        flight return at once, with garbage) and leave the groups; a group the program made itself
+        has only its data plane aborted. For a rank that waits on a dead or stuck one. It runs
+        once, whichever threads call it; `aborted` is set when it has returned (an abort can
+        itself hang: callers wait for it with a time limit)."""
+        with self._abort_lock:
+            if self._aborting:
+                return
+            self._aborting = True
+        try:
+            if dist.is_initialized():
+                abort_all = getattr(dist.distributed_c10d, "_abort_process_group", None)
+                if self._owns and abort_all is not None:
+                    abort_all()
+                    self._owns = False
+                else:
+                    dist.group.WORLD.abort()
+        finally:
+            self.aborted.set()
 
     def close(self, abort: bool = False) -> None:
         """Leave the groups (a group the program made itself is left to it). abort: the other
         ranks may be dead or stuck (NCCL's orderly destroy would wait for them)."""
+        if abort and self.device.type == "cuda":
+            self.abort()
+            return
         if self._owns and dist.is_initialized():
-            abort_all = getattr(dist.distributed_c10d, "_abort_process_group", None)
-            if abort and abort_all is not None and self.device.type == "cuda":
-                abort_all()
-            else:
-                dist.destroy_process_group()
+            dist.destroy_process_group()
         self._owns = False
 
 

@@ -17,7 +17,9 @@ not return by itself: the watchdog aborts the NCCL communicator so that it does,
 is still stuck GRACE_S later, prints the line and ends the process; it does the same with a step
 that lasts longer than the collective timeout (a stuck rank, which NCCL's own watchdog would
 notice later and end the process with a longer story). After a failure the other ranks are
-stopped and the executor refuses further steps.
+stopped and the executor refuses further steps. NCCL's abort can itself hang: it runs once, in a
+thread, and is waited for GRACE_S at most; if it has not returned, the failure is still raised,
+and the process ends at exit without the interpreter's teardown (which would wait on NCCL).
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ from trtc.runtime.worker import READY_KEY, RankOptions, run_rank
 
 POLL_S = 0.2  # how often the watchdog looks at the other ranks' processes
 GRACE_S = 10.0  # a step still stuck this long after a rank died ends the process
+
+
+def _exit_now(code: int) -> None:
+    """End the process at exit without the interpreter's teardown (which would wait on NCCL)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def start_ranks(engine, device: torch.device, options: RankOptions) -> tuple["Ranks | None", torch.device]:
@@ -201,7 +210,12 @@ class Ranks:
             atexit.unregister(self.close)
             if self.processes is not None:
                 self.processes.stop(timeout=0)
-            self.group.close(abort=True)
+            if self.group.device.type == "cuda":
+                self._abort()  # once: the watchdog's, if it began one already
+                if not self.group.aborted.wait(GRACE_S):  # NCCL's abort hangs: this process cannot end normally
+                    atexit.register(_exit_now, 1)
+            else:
+                self.group.close(abort=True)
             torch.set_num_threads(self._threads)
 
     def _explain(self, error: BaseException) -> str | None:
@@ -229,8 +243,8 @@ class Ranks:
         return f"a collective failed ({first}); the run is stopped"
 
     def _abort(self) -> None:
-        """Abort the NCCL communicator from a thread of its own: an abort can itself wait on the GPU,
-        and the watchdog must still end the process GRACE_S later."""
+        """Abort the NCCL communicators from a thread of its own: an abort can itself hang, and
+        neither the watchdog nor a failing step may wait for it longer than GRACE_S."""
         threading.Thread(target=self.group.abort, name="trtc-nccl-abort", daemon=True).start()
 
     def _watch(self) -> None:
