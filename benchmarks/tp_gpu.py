@@ -1,6 +1,6 @@
 """Tensor parallelism on GPUs: tp 1 against tp 2 on Llama-3.1-8B shapes, bf16 and FP8, in one run.
 
-    python benchmarks/tp_gpu.py [--work_dir DIR] [--quick] [--skip_fp8] [--keep] [--output_json F]
+    python benchmarks/tp_gpu.py [--work_dir DIR] [--quick] [--dtypes bf16,fp8] [--keep] [--output_json F]
 
 Makes a random-weight HF checkpoint of Llama-3.1-8B shape from a config (no download), builds
 bf16 engines for tp 1 and tp 2, calibrates FP8 once with ModelOpt on random tokens (the weights
@@ -101,20 +101,21 @@ def run(args, work: Path) -> dict:
     print(f"checkpoint: {n / 1e9:.2f}B parameters, ready in {time.perf_counter() - start:.0f} s", flush=True)
     requests = 128 if args.quick else 512
     results = {"model": "quick (~1.5B)" if args.quick else "Llama-3.1-8B shape", "params": n}
-    for tp in (1, 2):
+    dtypes = args.dtypes.split(",")
+    for tp in (1, 2) if "bf16" in dtypes else ():
         engine = work / f"bf16_tp{tp}"
         build_s = timed(build_from_hf, hf_dir, engine, tp_size=tp, dtype="bfloat16", build_config=CONFIG, progress=False)
         print(f"bf16 tp {tp}: built in {build_s:.1f} s", flush=True)
         results[f"bf16 tp{tp}"] = {"build_s": build_s, **measure_in_subprocess(engine, requests)}
         shutil.rmtree(engine)
-    if not args.skip_fp8:
+    if "fp8" in dtypes:
         export_dir = work / "fp8_hf"
         results["fp8_calibration_s"] = fp8_export(hf_dir, export_dir, shape["vocab_size"])
-        for tp in (1, 2):  # the FP8 GEMM is trtc's PyTorch reference: fewer requests
+        for tp in (1, 2):
             engine = work / f"fp8_tp{tp}"
             build_s = timed(build_fp8, export_dir, engine, tp)
             print(f"fp8 tp {tp}: converted and built in {build_s:.1f} s", flush=True)
-            results[f"fp8 tp{tp}"] = {"build_s": build_s, **measure_in_subprocess(engine, requests // 2)}
+            results[f"fp8 tp{tp}"] = {"build_s": build_s, **measure_in_subprocess(engine, requests)}
             shutil.rmtree(engine)
     return results
 
@@ -140,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work_dir", default=None, help="[default: /tmp/trtc-tp-bench-8b, or -quick]")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip_fp8", action="store_true")
+    ap.add_argument("--dtypes", default="bf16,fp8", help="engines to measure: bf16, fp8 or both")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (the HF checkpoint)")
     ap.add_argument("--output_json", default=None)
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one engine, in a subprocess

@@ -10,7 +10,10 @@ GEMM: a greedy step where tp 1's two best tokens are within that rounding (a nea
 either way, and the sequences differ from there on. Tokens must be equal up to the first near
 tie (top-2 margin below NEAR_TIE of the logits' range in tp 1's own teacher-forced logits) and
 teacher-forced top-1 tokens must agree at >= 97% of positions, and differ only at near ties (bf16 on
-books-16M, 2 x H200: 1513 of 1536).
+books-16M, 2 x H200: 1513 of 1536). FP8 rounds every GEMM input to 3 mantissa bits with the same
+static scales on both: where the partial sums' rounding moves an activation across an FP8 rounding
+step it changes by 1/16 of itself, so FP8's near tie and agreement are wider (NEAR_TIE_FP8, 93%;
+FP8 on books-16M, 2 x H200: 1457 of 1536, every difference within 0.033 of the logits' range).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ if torch.cuda.device_count() < 2:
 
 NEW_TOKENS = 48
 NEAR_TIE = 0.02
+NEAR_TIE_FP8 = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,7 @@ def teacher_forced(engine, sequences) -> list[torch.Tensor]:
         return [t.cpu() for t in llm.executor.prompt_logits(sequences)]
 
 
-def assert_greedy_agrees(tp1_engine, prompts, tp1, tp2) -> None:
+def assert_greedy_agrees(tp1_engine, prompts, tp1, tp2, near_tie: float = NEAR_TIE) -> None:
     """tp2's tokens equal tp1's, or first differ where tp1's best two tokens are a near tie."""
     diverged = [(i, next(j for j, (a, b) in enumerate(zip(x, y)) if a != b)) for i, (x, y) in enumerate(zip(tp1, tp2)) if x != y]
     if not diverged:
@@ -75,14 +79,15 @@ def assert_greedy_agrees(tp1_engine, prompts, tp1, tp2) -> None:
     for (i, j), lg in zip(diverged, logits):
         row = lg[len(prompts[i]) + j - 1]  # predicts tp1[i][j]
         margin = float(row[tp1[i][j]] - row[tp2[i][j]])
-        assert margin <= NEAR_TIE * float(row.max() - row.min()), (
+        print(f"prompt {i}: first differs at step {j}, margin {margin / float(row.max() - row.min()):.4f} of the spread")
+        assert margin <= near_tie * float(row.max() - row.min()), (
             f"prompt {i}: tp 2 leaves tp 1's tokens at step {j} ({tp2[i][j]} for {tp1[i][j]}) by a margin of "
             f"{margin:.4f}, not a near tie")
 
 
-def assert_top1_agreement(tp1_engine, tp2_engine, windows) -> None:
-    """Teacher-forced top-1 tokens of tp 2 equal tp 1's at >= 97% of the positions, and wherever they
-    differ tp 1's logits of the two tokens are a near tie."""
+def assert_top1_agreement(tp1_engine, tp2_engine, windows, near_tie: float = NEAR_TIE, least: float = 0.97) -> None:
+    """Teacher-forced top-1 tokens of tp 2 equal tp 1's at >= `least` of the positions, and wherever
+    they differ tp 1's logits of the two tokens are a near tie."""
     a, b = teacher_forced(tp1_engine, windows), teacher_forced(tp2_engine, windows)
     agree = 0
     for x, y in zip(a, b):
@@ -91,9 +96,12 @@ def assert_top1_agreement(tp1_engine, tp2_engine, windows) -> None:
         rows = x[top_x != top_y]  # tp 1's logits where the two disagree
         margin = rows.gather(1, top_x[top_x != top_y, None]) - rows.gather(1, top_y[top_x != top_y, None])
         spread = rows.max(-1, keepdim=True).values - rows.min(-1, keepdim=True).values
-        assert (margin <= NEAR_TIE * spread).all(), f"top-1 differs by more than a near tie: {(margin / spread).max():.4f}"
+        if len(rows):
+            print(f"top-1 differs at {len(rows)} positions, by at most {float((margin / spread).max()):.4f} of the spread")
+        assert (margin <= near_tie * spread).all(), f"top-1 differs by more than a near tie: {(margin / spread).max():.4f}"
     total = sum(len(w) for w in windows)
-    assert total >= 1000 and agree / total >= 0.97, f"top-1 agreement {agree}/{total}"
+    print(f"top-1 agreement {agree}/{total}")
+    assert total >= 1000 and agree / total >= least, f"top-1 agreement {agree}/{total}"
 
 
 def test_fp32_tp2_greedy_equals_tp1(books, tmp_path):
@@ -136,8 +144,8 @@ def test_fp8_tp2_greedy_agrees_with_tp1(books, tmp_path):
         engines.append(build(tmp_path / f"ckpt{tp}", tmp_path / f"engine{tp}", progress=False))
     tp1, _ = generate(engines[0], prompts)
     tp2, _ = generate(engines[1], prompts)
-    assert_greedy_agrees(engines[0], prompts, tp1, tp2)
-    assert_top1_agreement(engines[0], engines[1], windows)
+    assert_greedy_agrees(engines[0], prompts, tp1, tp2, NEAR_TIE_FP8)
+    assert_top1_agreement(engines[0], engines[1], windows, NEAR_TIE_FP8, 0.93)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs four CUDA GPUs")
@@ -161,7 +169,8 @@ def run_and_break_rank1(engine, how: str, timeout_s: int, env: dict | None = Non
     its own process: if NCCL's abort did not free the stuck step, trtc's watchdog ends the process
     (with the same line), which must not end pytest."""
     code = textwrap.dedent(f"""
-        import os, signal, threading, time
+        import faulthandler, os, signal, threading, time
+        faulthandler.dump_traceback_later({timeout_s - 30}, exit=True)  # a hang shows where, then ends
         from trtc.errors import TrtcError
         from trtc.llm import LLM
         from trtc.runtime.sampling_params import SamplingParams
