@@ -50,6 +50,9 @@ class TensorRTRunner:
             for l in self.graph.layers
         ]
 
+    def activation_peak_bytes(self) -> int:
+        return 0  # the execution context allocated its activation memory when it was created
+
     def weight_bytes(self) -> int:
         return self.plan_bytes
 
