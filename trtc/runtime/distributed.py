@@ -139,7 +139,7 @@ class RankGroup:
 
     def close(self, abort: bool = False) -> None:
         """Leave the groups (a group the program made itself is left to it). abort: the other
-        ranks may be dead or stuck (NCCL's orderly destroy would wait for them)."""
+        ranks may be dead or stuck (NCCL's orderly destroy would wait for them): on GPUs, `abort`."""
         if abort and self.device.type == "cuda":
             self.abort()
             return
