@@ -3,8 +3,9 @@
 # then run the named parts, by default the GPU tests, the bf16 engine benchmark against HF
 # transformers and, with two GPUs or more, the tensor-parallel tests and the tp 1 vs tp 2 benchmark.
 # Fixtures are read from $TRTC_FIXTURES.
-#   bash benchmarks/gpu_all.sh [quick] [tests] [bench] [tp] [kernels] [gemm] [engines]
+#   bash benchmarks/gpu_all.sh [quick] [tests] [bench] [tp] [kernels] [gemm] [variants] [engines]
 #   kernels: the quantized-GEMM kernel tests; gemm: benchmarks/quant_gemm.py (rows $GEMM_M);
+#   variants: benchmarks/w4a16_variants.py (rows $GEMM_M, block shapes $W4A16_VARIANTS);
 #   engines: the bf16, FP8 and INT4-AWQ 8B engines against HF transformers
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRTC_FIXTURES=${TRTC_FIXTURES:-$PWD/.carry/fixtures}
@@ -32,6 +33,8 @@ for part in "${PARTS[@]}"; do case $part in
   engines) python3 benchmarks/gpu_engine.py $QUICK --skip_compile --skip_long --engines bf16,fp8,int4_awq 2>&1 \
              | tee "$OUT/bench_engines.log" | grep -v -E "$SHOW" | tail -60 ;;
   gemm) python3 benchmarks/quant_gemm.py --m "${GEMM_M:-1,4,16,64}" 2>&1 | tee "$OUT/quant_gemm.log" ;;
+  variants) python3 benchmarks/w4a16_variants.py --m "${GEMM_M:-1,4,16,32,64}" --variants "${W4A16_VARIANTS:-8x8,8x4,4x8,4x16}" \
+              2>&1 | tee "$OUT/w4a16_variants.log" ;;
   tp) if [ "$GPUS" -ge 2 ]; then
         python3 -m pytest -q -m multi_gpu tests -p no:cacheprovider -s 2>&1 | tee "$OUT/multi_gpu_tests.log" | tail -25
         python3 benchmarks/tp_gpu.py $QUICK --output_json "$OUT/tp_bench.json" 2>&1 | tee "$OUT/tp_bench.log" \

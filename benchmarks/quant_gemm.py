@@ -33,7 +33,7 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 def best(key: str, m: int, k: int, x: torch.Tensor, copies: list[dict]) -> tuple[float, str]:
     us, t = fastest(key, m, k, x, copies, torch.bfloat16, log=lambda *_: None)
     if t.impl == "cuda":
-        return us, f"cuda/{t.block_n // 16} tiles"
+        return us, f"cuda/n{t.block_n}"
     return us, (t.impl if t.impl != "triton" else f"{t.block_m}x{t.block_n}x{t.block_k}/s{t.split_k}")
 
 

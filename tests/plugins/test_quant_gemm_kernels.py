@@ -18,6 +18,7 @@ from trtc.plugins.gemm.linear import run_tactic
 from trtc.plugins.gemm.fp8 import fp8_linear
 from trtc.plugins.gemm.tactics import TACTICS, Tactic, default_tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
+from trtc.plugins.gemm import w4a16_packed
 from trtc.plugins.gemm.w4a16_packed import pack, pack_layer, unpack
 from trtc.quantization.layout import pack_int4, quantize_fp8
 
@@ -91,27 +92,29 @@ def test_w4a16_gptq_variants(group, zero, perm, tactic):
     check_int4(7, 1024, 2048, group, zero=zero, pqs=False, perm=perm, tactic=tactic, dtype=torch.bfloat16, device="cuda")
 
 
-def cuda_tactic(tiles: int) -> Tactic:
-    return Tactic("cuda", block_n=16 * tiles)
+def cuda_tactic(m: int, n_groups: int) -> Tactic:
+    return Tactic("cuda", block_n=w4a16_packed.block_n(m, n_groups))
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33, 64])
-@pytest.mark.parametrize("tiles", [1, 2, 4])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 33, 64])
+@pytest.mark.parametrize("n_groups", [1, 2, 4])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (208, 384)])  # 208: 13 n-tiles, a partial block
-def test_w4a16_cuda_kernel_awq_shapes(m, tiles, n, k):
-    check_int4(m, n, k, 128, zero=False, pqs=True, perm=False, tactic=cuda_tactic(tiles), dtype=torch.bfloat16,
+def test_w4a16_cuda_kernel_awq_shapes(m, n_groups, n, k):
+    check_int4(m, n, k, 128, zero=False, pqs=True, perm=False, tactic=cuda_tactic(m, n_groups), dtype=torch.bfloat16,
                device="cuda")
 
 
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("group,zero,perm,pqs", [(128, True, True, False), (64, True, False, False), (256, False, True, True),
-                                                 (128, False, False, False)])
+                                                 (128, False, False, False), (512, True, False, True),
+                                                 (3072, False, False, False)])  # 3072: one group (per-channel)
+@pytest.mark.parametrize("m", [5, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_w4a16_cuda_kernel_variants(group, zero, perm, pqs, dtype):
-    check_int4(5, 1024, 2048, group, zero=zero, pqs=pqs, perm=perm, tactic=cuda_tactic(2), dtype=dtype, device="cuda")
+def test_w4a16_cuda_kernel_variants(group, zero, perm, pqs, m, dtype):
+    check_int4(m, 1024, 3072, group, zero=zero, pqs=pqs, perm=perm, tactic=cuda_tactic(m, 2), dtype=dtype, device="cuda")
 
 
 @pytest.mark.gpu
@@ -122,7 +125,7 @@ def test_w4a16_cuda_kernel_bias_graphs_and_determinism():
     assert pack_layer(w, torch.bfloat16)
     x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    tactic = cuda_tactic(1)
+    tactic = cuda_tactic(4, 1)
     first = run_tactic(tactic, x, w, torch.bfloat16, bias)
     ref = w4a16_linear(x.float(), w["weight"], w["weight_scale"], w["weight_zero"],
                        w["pre_quant_scale"].to(torch.bfloat16).float(), bias=bias.float())
@@ -155,6 +158,40 @@ def test_w4a16_packed_layout_is_what_the_kernel_reads(n, k, group):
     assert torch.equal(p["packed_pqs"], w["pre_quant_scale"].to(torch.bfloat16))
     assert "packed_pqs" not in pack(w["weight"], w["weight_scale"], None, w["pre_quant_scale"],
                                     torch.arange(k, dtype=torch.int32), torch.float16)
+
+
+def test_w4a16_cuda_kernel_groups():
+    """The kernel takes groups of 64 x 2^i columns (its GS), or one group over K, and K in steps of 128
+    columns; other layers go to Triton."""
+    assert [w4a16_packed.group_shift(4096, g) for g in (64, 128, 256, 4096)] == [0, 1, 2, 6]
+    assert w4a16_packed.group_shift(14336, 14336) == 31
+    assert w4a16_packed.supports(4096, 14336, 14336) and w4a16_packed.supports(4096, 4096, 128)
+    assert not w4a16_packed.supports(4096, 3072, 192) and not w4a16_packed.supports(4096, 4096, 32)
+    assert not w4a16_packed.supports(4096, 4160, 64)
+
+
+def test_w4a16_cuda_kernel_instances_and_shared_memory():
+    """Each M up to MAX_M has its instantiation (w4a16_gemv's rows a power of two >= M), and the
+    dynamic shared memory the launcher asks for stays under the 227 KiB a Hopper or Ampere block may have."""
+    assert [w4a16_packed.gemv_rows(m) for m in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    names = set(w4a16_packed._module().names)
+    for m in range(1, w4a16_packed.MAX_M + 1):
+        for r in w4a16_packed.BLOCK_GROUPS:
+            assert w4a16_packed._kernel(True, m, r, True) in names
+        for pqs in (False, True):
+            assert 0 < w4a16_packed.shared_bytes(m, pqs) <= 227 << 10
+    assert w4a16_packed.shared_bytes(1, True) == 8 * 4 * (1152 + 272 + 256)
+
+
+def test_decode_reads_only_the_packed_copy_of_an_int4_layer():
+    """The MBU of `trtc bench --latency` counts what a decode step reads: a packed INT4 layer's
+    PACKED_TENSORS, not also the checkpoint layout kept beside them."""
+    w = make_int4(64, 256, 128, zero=True, pqs=True, perm=False, seed=0, device="cpu")
+    layer = {f"l.{n}": t for n, t in w.items()}
+    assert not w4a16_packed.decode_unread(layer)
+    assert pack_layer(w, torch.bfloat16)
+    both = {**{f"l.{n}": t for n, t in w.items()}, "m.weight": torch.zeros(4, 4)}
+    assert w4a16_packed.decode_unread(both) == {"l.weight", "l.weight_scale", "l.weight_zero", "l.pre_quant_scale"}
 
 
 def test_w4a16_cuda_source_compiles_with_nvrtc():

@@ -1,8 +1,9 @@
 """Build-time autotuning: time each candidate tactic once on the build GPU, keep the fastest.
 
 For every quantized GEMM shape of the engine (trtc/plugins/gemm/tactics.py: kind, N, K, group) and
-every tuned row bucket M up to --max_num_tokens, the candidates (trtc's CUDA C++ W4A16 kernel up to
-64 rows, its Triton kernel with its launch configurations; cuBLASLt `_scaled_mm` for FP8) run on
+every tuned row bucket M up to --max_num_tokens, the candidates (trtc's CUDA C++ W4A16 kernels up to
+64 rows where the layer is packed for them, else its Triton kernel with its launch configurations;
+dequantize + cuBLAS past 16 rows; cuBLASLt `_scaled_mm` for FP8) run on
 the engine's own weights of the first layer that has the shape, timed as they run in decode: back to back in one CUDA graph, each call reading
 a different copy of the weights so that none comes from L2 (trtc/utils/gpu_timing.py). Decode attention is tuned
 per CUDA-graph batch size at a context of min(max_seq_len, 2048) tokens (`triton.testing.do_bench`). The winners go to
@@ -22,7 +23,7 @@ from trtc.compiler.build_config import BuildConfig, kv_cache_torch_dtype
 from trtc.graph import ModelGraph
 from trtc.mapping import Mapping
 from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, gemm_key, to_config
-from trtc.plugins.gemm.w4a16_packed import BLOCK_TILES, MAX_M, available, pack_layer
+from trtc.plugins.gemm.w4a16_packed import BLOCK_GROUPS, MAX_M, available, block_n, pack_layer
 from trtc.quantization.layout import quantize_fp8
 from trtc.utils.gpu_timing import copies_past_l2, timed
 
@@ -31,8 +32,8 @@ def gemm_candidates(key: str, m: int, k: int, packed: bool = False) -> list[Tact
     fp8 = key.startswith("fp8")
     group = int(key.rsplit(":g", 1)[1]) if not fp8 else 0
     out = [Tactic("scaled_mm")] if fp8 else [Tactic("dequant_mm")] if m > 16 else []
-    if packed and m <= MAX_M:
-        out += [Tactic("cuda", block_n=16 * r) for r in BLOCK_TILES]
+    if packed and m <= MAX_M:  # trtc's CUDA kernels alone: they beat every Triton candidate on the 8B
+        return out + [Tactic("cuda", block_n=block_n(m, r)) for r in BLOCK_GROUPS]  # shapes at M = 1, 16, 64
     if m <= 64:
         block_ms = [max(16, m)]
         block_ns, splits, block_ks = [32, 64, 128] if fp8 else [64, 128], [1, 2, 4, 8], [128, 256]

@@ -86,6 +86,7 @@ def nvrtc_version() -> str:
 
 
 _libcuda: ctypes.CDLL | None = None
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
 def _driver() -> ctypes.CDLL:
@@ -93,6 +94,7 @@ def _driver() -> ctypes.CDLL:
     if _libcuda is None:
         _libcuda = ctypes.CDLL("libcuda.so.1")
         _libcuda.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+        _libcuda.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return _libcuda
 
 
@@ -107,13 +109,15 @@ class CudaModule:
     """The kernels `name_expressions` (template instantiations spelled as in C++) of one source
     file, compiled once per GPU architecture and loaded once per device."""
 
-    def __init__(self, source_path: Path, name_expressions: list[str]) -> None:
-        self.source_path, self.names = Path(source_path), list(name_expressions)
+    def __init__(self, source_path: Path, name_expressions: list[str], defines: tuple[str, ...] = ()) -> None:
+        """defines: NVRTC options such as "-DNAME=VALUE" (benchmarks compile other shapes of a kernel)."""
+        self.source_path, self.names, self.defines = Path(source_path), list(name_expressions), tuple(defines)
         self._functions: dict[int, dict[str, ctypes.c_void_p]] = {}  # device index -> name -> CUfunction
+        self._shared_allowed: dict[tuple[int | None, str], int] = {}  # (device index, name) -> dynamic shared bytes
 
     def _cubin(self, arch: str) -> tuple[bytes, dict[str, str]]:
         source = self.source_path.read_text()
-        key = hashlib.sha256("\0".join([source, *self.names, arch, nvrtc_version()]).encode()).hexdigest()[:20]
+        key = hashlib.sha256("\0".join([source, *self.names, *self.defines, arch, nvrtc_version()]).encode()).hexdigest()[:20]
         directory = cache_home() / "kernels"
         path = directory / f"{self.source_path.stem}-sm{arch}-{key}.cubin"
         names_path = path.with_suffix(".names")
@@ -121,7 +125,7 @@ class CudaModule:
             lowered = dict(line.split("\t", 1) for line in names_path.read_text().splitlines())
             if set(lowered) == set(self.names):
                 return path.read_bytes(), lowered
-        cubin, lowered = compile_cubin(source, self.names, arch)
+        cubin, lowered = compile_cubin(source, self.names, arch, self.defines)
         directory.mkdir(parents=True, exist_ok=True)
         for target, data in ((names_path, "\n".join(f"{k}\t{v}" for k, v in lowered.items()).encode()), (path, cubin)):
             fd, tmp = tempfile.mkstemp(dir=directory)  # other ranks may compile the same file at once
@@ -152,12 +156,17 @@ class CudaModule:
         self._load(device)
 
     def launch(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], args: list,
-               device: torch.device) -> None:
-        """args: tensors (or None: a null pointer) and ints (C int), in the kernel's order."""
+               device: torch.device, shared_bytes: int = 0) -> None:
+        """args: tensors (or None: a null pointer) and ints (C int), in the kernel's order;
+        shared_bytes: the kernel's dynamic shared memory (past 48 KiB it is allowed once per function)."""
         fn = self._load(device)[name]
+        if shared_bytes > self._shared_allowed.get((device.index, name), 48 << 10):
+            _check_cuda(_driver().cuFuncSetAttribute(fn, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes),
+                        f"shared memory of {name}")
+            self._shared_allowed[(device.index, name)] = shared_bytes
         values = [ctypes.c_void_p(a.data_ptr() if a is not None else 0) if (a is None or isinstance(a, torch.Tensor))
                   else ctypes.c_int(a) for a in args]
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
         stream = torch.cuda.current_stream(device).cuda_stream
-        _check_cuda(_driver().cuLaunchKernel(fn, *grid, *block, 0, stream, ctypes.cast(params, ctypes.c_void_p), None),
+        _check_cuda(_driver().cuLaunchKernel(fn, *grid, *block, shared_bytes, stream, ctypes.cast(params, ctypes.c_void_p), None),
                     f"launch of {name}")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from trtc.plugins.gemm.w4a16_packed import decode_unread
 from trtc.runtime.executor import Executor
 from trtc.runtime.kv_cache import kv_bytes_per_token
 from trtc.runtime.sampling_params import SamplingParams
@@ -119,7 +120,8 @@ def bench(
         requests_per_s=num_requests / seconds, ttft_ms=percentiles(ttft), tpot_ms=percentiles(tpot),
     )
     if latency and tpot:
-        weights = sum(t.numel() * t.element_size() for name, t in ex.runner.w.items() if name != "embedding.weight")
+        unread = {"embedding.weight", *decode_unread(ex.runner.w)}  # one row of the table; INT4 layers' packed copy alone
+        weights = sum(t.numel() * t.element_size() for name, t in ex.runner.w.items() if name not in unread)
         if ex.engine.graph.tie_word_embeddings:  # the LM head reads the whole table
             weights += ex.runner.w["embedding.weight"].numel() * ex.runner.w["embedding.weight"].element_size()
         mean_context = isl + osl / 2

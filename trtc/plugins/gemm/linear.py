@@ -75,7 +75,7 @@ def run_tactic(tactic: Tactic, x: torch.Tensor, w: dict[str, torch.Tensor], out_
     if tactic.impl == "cuda":  # INT4, packed at load (w4a16_packed.py)
         from trtc.plugins.gemm import w4a16_packed
 
-        return w4a16_packed.gemm(x, w, bias, block_tiles=tactic.block_n // 16)
+        return w4a16_packed.gemm(x, w, bias, features_per_block=tactic.block_n)
     if tactic.impl == "dequant_mm":  # INT4 only
         return w4a16_linear(x, w["weight"], w["weight_scale"], w.get("weight_zero"), w.get("pre_quant_scale"),
                             w.get("input_perm"), bias)

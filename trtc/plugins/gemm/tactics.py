@@ -16,7 +16,7 @@ TUNED_BUCKETS = (1, 16, 32, 64, 128, 512, 2048, 8192, 32768)  # the build times 
 
 @dataclass(frozen=True)
 class Tactic:
-    impl: str  # "cuda" (INT4, M <= 64: trtc/plugins/gemm/w4a16_packed.py; block_n / 16 n-tiles a block),
+    impl: str  # "cuda" (INT4, M <= 64: trtc/plugins/gemm/w4a16_packed.py; block_n output features a block),
     # "triton" (trtc/plugins/gemm/triton_quant.py), "scaled_mm" (cuBLASLt FP8 through torch), or
     # "dequant_mm" (INT4: the weight dequantized to the model dtype, then cuBLAS: for large M, compute-bound)
     block_m: int = 16

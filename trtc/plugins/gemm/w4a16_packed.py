@@ -3,8 +3,8 @@
 At load time on a GPU, each INT4 layer's checkpoint tensors (trtc/quantization/layout.py: weight
 uint8 [N, K/2], weight_scale [N, K/G], weight_zero) are re-packed once into the kernel's layout
 (`pack`), stored beside them under PACKED_TENSORS names; the engine files stay as they are. The
-kernel covers M <= MAX_M rows, N % 16 == 0, K % 64 == 0 and groups of a multiple of 64 columns;
-other shapes, and larger M, take the other tactics (tactics.py).
+kernel covers M <= MAX_M rows, N % 16 == 0, K % 128 == 0 and groups of 64 x 2^i columns or one group
+over K (per-channel scales); other shapes, and larger M, take the other tactics (tactics.py).
 
 Packed layout (what the kernel's lane (g = lane // 4, t = lane % 4) reads of 16-row n-tile `nt`
 and 64-column chunk `c`):
@@ -31,8 +31,10 @@ PACKED_TENSORS = ("packed_weight", "packed_scale", "packed_zero", "packed_pqs")
 INT4_TENSORS = ("weight", "weight_scale", "weight_zero", "pre_quant_scale", "input_perm")
 MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}  # 2^mantissa bits: MAGIC + u is exact for u < 16
 MAX_M = 64
-WARPS = 8  # per block, as the kernel's WARPS
-BLOCK_TILES = (1, 2, 4)  # R: 16-row n-tiles per block, the tactic's block_n / 16
+GEMV_MAX_M = 16  # rows up to which w4a16_gemv runs, w4a16_gemm past them
+WARPS = 8  # per block: the kernel's W4A16_WARPS
+RING_CHUNKS = 8  # 64-column chunks of weights in flight per warp: the kernel's W4A16_RING_CHUNKS
+BLOCK_GROUPS = (1, 2, 4)  # R: n-groups per block (the kernel's R), each of tiles_per_warp(M) 16-row n-tiles
 SOURCE = Path(__file__).parent / "csrc" / "w4a16_gemm.cu"
 
 
@@ -42,7 +44,46 @@ def _nibble_shifts() -> torch.Tensor:
 
 
 def supports(n: int, k: int, group_size: int) -> bool:
-    return n % 16 == 0 and k % 64 == 0 and group_size % 64 == 0
+    chunks = group_size // 64
+    return n % 16 == 0 and k % 128 == 0 and group_size % 64 == 0 and (chunks & (chunks - 1) == 0 or group_size == k)
+
+
+def group_shift(k: int, group_size: int) -> int:
+    """The kernel's GS: groups of 2^GS chunks of 64 columns, or 31 for one group over K."""
+    chunks = group_size // 64
+    return chunks.bit_length() - 1 if chunks & (chunks - 1) == 0 else 31
+
+
+def tiles_per_warp(m: int) -> int:
+    """The kernel's TW: 16-row n-tiles of one warp, which share its x fragments (past 16 rows)."""
+    return 2 if m > 16 else 1
+
+
+def block_n(m: int, n_groups: int) -> int:
+    """Output features of one block of `n_groups` n-groups at M rows: the cuda tactic's block_n."""
+    return 16 * tiles_per_warp(m) * n_groups
+
+
+def rows_per_tile_group(m: int) -> int:
+    """The kernels' NB: n8-tiles of x's rows, 8 rows each."""
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
+def gemv_rows(m: int) -> int:
+    """w4a16_gemv's XR (M <= GEMV_MAX_M): the power of two >= M, x's rows in a ring slot."""
+    return 1 << (m - 1).bit_length()
+
+
+def shared_bytes(m: int, pqs: bool, warps: int = WARPS, ring_chunks: int = RING_CHUNKS) -> int:
+    """The kernel's dynamic shared memory at M rows: each warp's ring (w4a16_gemv: ring_chunks / 2
+    slots of 1152 bytes, XR rows of x of 272, 256 of pre_quant_scale; w4a16_gemm: ring_chunks chunks of
+    512 bytes), or the K reduction's partial sums if larger."""
+    nb, tw = rows_per_tile_group(m), tiles_per_warp(m)
+    if m <= GEMV_MAX_M:
+        ring = ring_chunks // 2 * (1152 + gemv_rows(m) * 272 + (256 if pqs else 0))
+    else:
+        ring = ring_chunks * 512
+    return max(warps * ring, warps // 2 * tw * nb * 4 * 32 * 4)
 
 
 def _pairs(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -90,14 +131,20 @@ def unpack(packed_weight: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _module():
+def _module(warps: int = WARPS, ring_chunks: int = RING_CHUNKS):
+    """The kernels, compiled for blocks of `warps` warps with `ring_chunks` chunks in flight per warp
+    (other values than the defaults: benchmarks/w4a16_variants.py)."""
     from trtc.plugins.cuda_jit import CudaModule
 
-    return CudaModule(SOURCE, [_kernel(bf16, nb, r) for bf16 in (True, False) for nb in (1, 2, 4, 8) for r in BLOCK_TILES])
+    return CudaModule(SOURCE, [_kernel(bf16, m, r, pqs) for bf16 in (True, False) for m in (1, 2, 4, 8, 16, 32, 64)
+                               for r in BLOCK_GROUPS for pqs in (True, False)],
+                      defines=(f"-DW4A16_WARPS={warps}", f"-DW4A16_RING_CHUNKS={ring_chunks}"))
 
 
-def _kernel(bf16: bool, nb: int, r: int) -> str:
-    return f"w4a16_gemm<{'true' if bf16 else 'false'}, {nb}, {r}>"
+def _kernel(bf16: bool, m: int, r: int, pqs: bool) -> str:
+    """The instantiation that runs M rows."""
+    shape = f"gemv<{str(bf16).lower()}, {gemv_rows(m)}" if m <= GEMV_MAX_M else f"gemm<{str(bf16).lower()}, {rows_per_tile_group(m)}"
+    return f"w4a16_{shape}, {r}, {str(pqs).lower()}>"
 
 
 def available(device: torch.device) -> bool:
@@ -113,9 +160,10 @@ def available(device: torch.device) -> bool:
     return True
 
 
-def gemm(x: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Tensor | None, block_tiles: int = 1) -> torch.Tensor:
+def gemm(x: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Tensor | None, features_per_block: int = 16,
+         warps: int = WARPS, ring_chunks: int = RING_CHUNKS) -> torch.Tensor:
     """x [M, K] bf16/fp16 (M <= MAX_M); w: the layer's tensors with its PACKED_TENSORS -> [M, N] in x's dtype.
-    block_tiles: R, the 16-row n-tiles of one block (its 8 warps split K R-fold less)."""
+    features_per_block: the tactic's block_n (`block_n`); the block's warps split K the more, the fewer there are."""
     m, k = x.shape
     packed = w["packed_weight"]
     n = packed.shape[0] * 16
@@ -123,13 +171,15 @@ def gemm(x: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Tensor | None,
         x = w4a16_input(x, w.get("pre_quant_scale"), w["input_perm"])
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous()
-    group_size = k // w["packed_scale"].shape[1]
+    n_groups = min(BLOCK_GROUPS, key=lambda r: abs(block_n(m, r) - features_per_block))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    nb = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    _module().launch(
-        _kernel(x.dtype == torch.bfloat16, nb, block_tiles), (-(-n // (16 * block_tiles)), 1, 1), (WARPS * 32, 1, 1),
-        [x, packed, w["packed_scale"], w.get("packed_zero"), w.get("packed_pqs"), bias, y, m, n, k, group_size],
-        x.device,
+    pqs = "packed_pqs" in w
+    _module(warps, ring_chunks).launch(
+        _kernel(x.dtype == torch.bfloat16, m, n_groups, pqs), (-(-n // block_n(m, n_groups)), 1, 1),
+        (warps * 32, 1, 1),
+        [x, packed, w["packed_scale"], w.get("packed_zero"), w.get("packed_pqs"), bias, y, m, n, k,
+         group_shift(k, k // w["packed_scale"].shape[1])],
+        x.device, shared_bytes(m, pqs, warps, ring_chunks),
     )
     return y
 
@@ -143,6 +193,19 @@ def pack_layer(w: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
     w.update(pack(w["weight"], w["weight_scale"], w.get("weight_zero"), w.get("pre_quant_scale"), w.get("input_perm"),
                   dtype))
     return True
+
+
+def decode_unread(weights: dict[str, torch.Tensor]) -> set[str]:
+    """The names of `weights` that a decode step does not read: the checkpoint layout of every INT4
+    layer that also has the kernel's (only the packed tensors are read up to MAX_M rows)."""
+    out = set()
+    for name in weights:
+        if name.endswith(".packed_weight"):
+            p = name[: -len(".packed_weight")]
+            out |= {f"{p}.{t}" for t in ("weight", "weight_scale", "weight_zero") if f"{p}.{t}" in weights}
+            if f"{p}.packed_pqs" in weights:
+                out.add(f"{p}.pre_quant_scale")
+    return out
 
 
 def prepare_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> int:
