@@ -24,7 +24,7 @@ from trtc.plugins.gemm.w4a16 import w4a16_linear
 from trtc.runtime.bench import measure_bandwidth
 from trtc.utils.gpu_timing import timed
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+from quant_gemm import SHAPES  # benchmarks/quant_gemm.py: Llama-3.1-8B's linear shapes
 
 
 def int4_layer(n: int, k: int, g: torch.Generator, dev: torch.device) -> dict[str, torch.Tensor]:

@@ -55,8 +55,8 @@ def group_shift(k: int, group_size: int) -> int:
 
 
 def tiles_per_warp(m: int) -> int:
-    """The kernel's TW: 16-row n-tiles of one warp, which share its x fragments (past 16 rows)."""
-    return 2 if m > 16 else 1
+    """The kernels' TW: 16-row n-tiles of one warp, which share its x fragments (w4a16_gemm, past GEMV_MAX_M rows)."""
+    return 1 if m <= GEMV_MAX_M else 2
 
 
 def block_n(m: int, n_groups: int) -> int:
