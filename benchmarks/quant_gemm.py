@@ -30,6 +30,21 @@ from trtc.runtime.bench import measure_bandwidth
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
+def int4_layer(n: int, k: int, g: torch.Generator, dev: torch.device) -> dict[str, torch.Tensor]:
+    """A random AWQ layer (group 128, pre-quant scale) with the CUDA kernel's layout beside it, as the
+    runtime adds it at load."""
+    w = {"weight": torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8, generator=g),
+         "weight_scale": torch.rand(n, k // 128, device=dev, generator=g) * 0.01 + 0.001,
+         "pre_quant_scale": torch.rand(k, device=dev, generator=g) + 0.5}
+    assert pack_layer(w, torch.bfloat16)
+    return w
+
+
+def int4_bytes(n: int, k: int) -> float:
+    """What the W4A16 GEMM of an N x K layer must read: its 4-bit weights and fp32 group-128 scales."""
+    return n * k * (0.5 + 4 / 128)
+
+
 def best(key: str, m: int, k: int, x: torch.Tensor, copies: list[dict]) -> tuple[float, str]:
     us, t = fastest(key, m, k, x, copies, torch.bfloat16, log=lambda *_: None)
     if t.impl == "cuda":
@@ -50,10 +65,7 @@ def main() -> None:
     weights = {}
     for name, (n, k) in SHAPES.items():
         bf16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) * 0.02
-        w4 = {"weight": torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8, generator=g),
-              "weight_scale": torch.rand(n, k // 128, device=dev, generator=g) * 0.01,
-              "pre_quant_scale": torch.rand(k, device=dev, generator=g) + 0.5}
-        pack_layer(w4, torch.bfloat16)  # the CUDA kernel's layout, as the runtime adds it at load
+        w4 = int4_layer(n, k, g, dev)
         f8 = {"weight": (torch.randn(n, k, device=dev, generator=g) * 30).to(torch.float8_e4m3fn),
               "weight_scale": torch.rand(n, device=dev, generator=g) * 0.001, "input_scale": torch.tensor(0.02, device=dev)}
         weights[name] = (cold_copies({"w": bf16}), cold_copies(w4), cold_copies(f8))
@@ -77,7 +89,7 @@ def main() -> None:
         summary.append((m, *tot))
     print(f"\none decoder layer's four GEMMs (bandwidth limit at {bw / 1e9:,.0f} GB/s: bf16 "
           f"{sum(2 * n * k for n, k in SHAPES.values()) / bw * 1e6:.1f} us, w4a16 "
-          f"{sum(n * k * (0.5 + 4 / 128) for n, k in SHAPES.values()) / bw * 1e6:.1f} us, fp8 "
+          f"{sum(int4_bytes(n, k) for n, k in SHAPES.values()) / bw * 1e6:.1f} us, fp8 "
           f"{sum(n * k for n, k in SHAPES.values()) / bw * 1e6:.1f} us)")
     print(f"{'M':>3} {'bf16 us':>8} {'w4a16 us':>9} {'w4a16 x':>8} {'fp8 us':>7} {'fp8 x':>6}")
     for m, b, w, f in summary:

@@ -24,15 +24,7 @@ from trtc.plugins.gemm.w4a16 import w4a16_linear
 from trtc.runtime.bench import measure_bandwidth
 from trtc.utils.gpu_timing import timed
 
-from quant_gemm import SHAPES  # benchmarks/quant_gemm.py: Llama-3.1-8B's linear shapes
-
-
-def int4_layer(n: int, k: int, g: torch.Generator, dev: torch.device) -> dict[str, torch.Tensor]:
-    w = {"weight": torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8, generator=g),
-         "weight_scale": torch.rand(n, k // 128, device=dev, generator=g) * 0.01 + 0.001,
-         "pre_quant_scale": torch.rand(k, device=dev, generator=g) + 0.5}
-    assert w4a16_packed.pack_layer(w, torch.bfloat16)
-    return w
+from quant_gemm import SHAPES, int4_bytes, int4_layer  # benchmarks/quant_gemm.py: Llama-3.1-8B's linear shapes
 
 
 def check(warps: int, ring: int, dev: torch.device, g: torch.Generator) -> float:
@@ -59,7 +51,7 @@ def main() -> None:
     layers = {name: (cold_copies({"w": torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) * 0.02}),
                      cold_copies(int4_layer(n, k, g, dev))) for name, (n, k) in SHAPES.items()}
     ms = [int(m) for m in args.m.split(",")]
-    limit = sum(n * k * (0.5 + 4 / 128) for n, k in SHAPES.values()) / bw * 1e6
+    limit = sum(int4_bytes(n, k) for n, k in SHAPES.values()) / bw * 1e6
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e9:,.0f} GB/s; one layer's W4A16 bytes at that rate: {limit:.1f} us")
     bf16 = {}
     for m in ms:
@@ -80,7 +72,7 @@ def main() -> None:
                                    for c in layers[name][1]], reps=5)[0], r) for r in w4a16_packed.BLOCK_GROUPS)
                 total += best[0]
                 detail.append(f"M={m} {name} {best[0]:.1f}us R={best[1]} "
-                              f"{n * k * (0.5 + 4 / 128) / (best[0] / 1e6) / 1e9:,.0f}GB/s")
+                              f"{int4_bytes(n, k) / (best[0] / 1e6) / 1e9:,.0f}GB/s")
             per_m.append(total)
         print(f"{variant}: max err {err:.2e}; " + "; ".join(detail), flush=True)
         rows.append((variant, err, per_m))
