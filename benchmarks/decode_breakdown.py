@@ -16,8 +16,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from trtc.runtime.bench import bench, measure_bandwidth
 from trtc.runtime.executor import Executor
+from trtc.tools.bench import bench, measure_bandwidth
 
 
 def graph_ms(fn, reps: int = 50) -> float:

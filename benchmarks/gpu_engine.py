@@ -141,8 +141,8 @@ def build_engine(kind: str, hf_dir: Path, engine: Path) -> float:
 
 def trtc_part(args, hf_dir: Path, engine: Path, kind: str = "bf16") -> dict:
     """Build, load and bench the engine; the figures go to results.json for the HF part."""
-    from trtc.runtime.bench import bench, format_result
     from trtc.runtime.executor import Executor
+    from trtc.tools.bench import bench, format_result
 
     build_s = build_engine(kind, hf_dir, engine)
     free, total = torch.cuda.mem_get_info()

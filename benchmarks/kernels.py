@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trtc.graph import RopeConfig  # noqa: E402
+from trtc.formats.graph import RopeConfig  # noqa: E402
 from trtc.plugins.activation import reference as act_ref  # noqa: E402
 from trtc.plugins.activation.triton import silu_and_mul  # noqa: E402
 from trtc.plugins.attention import paged  # noqa: E402
@@ -53,7 +53,7 @@ SWEEP_PREFILL = ("1x2048", "64x128")
 def ceilings() -> tuple[float, float]:
     src = torch.randn(1 << 30, device=DEV, dtype=DT)  # 2 GiB
     dst = torch.empty_like(src)
-    us, _ = timed([lambda: dst.copy_(src)], reps=20, graph=False)
+    us, _ = timed([lambda: dst.copy_(src)], reps=20, graph=False)  # noqa: F821 (deleted after the call)
     copy_gbs = 2 * src.numel() * 2 / us / 1e3
     del src, dst
     a = torch.randn(8192, 8192, device=DEV, dtype=DT)
@@ -111,7 +111,7 @@ def bench_decode(pool: Pool, copy_gbs: float, sweep: bool) -> None:
             kc = pool.k[blocks].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()  # [B, Hkv, ctx, D]
             vc = pool.v[blocks].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
             q4 = qs[0][:, :, None, :]
-            sdpa_us, _ = timed([lambda: F.scaled_dot_product_attention(q4, kc, vc, scale=scale, enable_gqa=True)])
+            sdpa_us, _ = timed([lambda: F.scaled_dot_product_attention(q4, kc, vc, scale=scale, enable_gqa=True)])  # noqa: F821
             del kc, vc
             row("decode_attention", f"B={batch} ctx={ctx}", us, how, kv_bytes + io_bytes, ref_us=ref_us, sdpa_us=sdpa_us)
             if sweep:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the oracle forward is a test oracle
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 TEXTS = ("adventures_of_sherlock_holmes", "alice_in_wonderland")
 FORMATS = {"bf16": None, "fp8": ("fp8", False, "lite"), "fp8_kv": ("fp8", True, "lite"),
@@ -55,7 +56,7 @@ def hf_perplexity(model, ids: list[int], window_len: int = 512, batch: int = 8) 
 
 def engine_perplexity(engine: Path, ids: list[int]) -> float:
     from trtc.runtime.executor import Executor
-    from trtc.runtime.perplexity import perplexity
+    from trtc.tools.perplexity import perplexity
 
     with contextlib.redirect_stdout(io.StringIO()):
         ex = Executor(engine, kv_cache_max_tokens=16384, enable_prefix_reuse=False)
@@ -64,9 +65,10 @@ def engine_perplexity(engine: Path, ids: list[int]) -> float:
 
 def requantized_perplexity(ckpt: Path, ids: list[int]) -> float:
     """The FP8 checkpoint with every q/k/v and gate/up part requantized to the max scale of its group."""
+    from oracles.reference import ReferenceModel
+
+    from trtc.formats.quant_layout import quantize_fp8
     from trtc.quantization.calibration import token_windows
-    from trtc.quantization.layout import quantize_fp8
-    from trtc.runtime.reference import ReferenceModel
 
     ref = ReferenceModel.from_checkpoint(ckpt)
     w = ref.ranks[0]

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from trtc.compiler.autotune import cold_copies, fastest
+from trtc.formats.quant_layout import quantize_fp8
 from trtc.plugins.gemm.tactics import gemm_key
 from trtc.plugins.gemm.triton_quant import split_k_locks
 from trtc.plugins.gemm.w4a16_packed import available, pack_layer
-from trtc.quantization.layout import quantize_fp8
+from trtc.tools.bench import measure_bandwidth
 from trtc.utils.gpu_timing import timed
-from trtc.runtime.bench import measure_bandwidth
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from trtc import _core
-from trtc.runtime import py_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the Python twin is a test oracle
+from oracles import py_scheduler  # noqa: E402
 
 
 def run(make, args, num_prefills: int) -> tuple[list[float], dict]:

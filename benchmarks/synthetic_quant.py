@@ -1,6 +1,6 @@
 """A quantized trtc checkpoint of any shape, for speed measurements only: round-to-nearest
 quantization of a converted checkpoint's weights into trtc's quantized layout
-(trtc/quantization/layout.py), with activation and KV-cache scales set from the weights' scale
+(trtc/formats/quant_layout.py), with activation and KV-cache scales set from the weights' scale
 instead of calibration. Kernels read the same bytes whatever the values, so an 8B engine built
 from it runs at the speed of a calibrated one; its outputs mean nothing. Accuracy is measured on
 engines from `trtc quantize` (ModelOpt calibration): tests/test_gpu_quantized.py,
@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trtc.quantization.layout import LINEARS, QuantConfig, pack_int4, quantize_fp8
+from trtc.formats.quant_layout import LINEARS, QuantConfig, pack_int4, quantize_fp8
+
 
 def quantize_linear(w: torch.Tensor, qformat: str, prefix: str, module: str, group: int) -> dict[str, torch.Tensor]:
     """w: [out, in] -> the layout's tensors of linear `prefix`."""

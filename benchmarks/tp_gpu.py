@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_engine import LLAMA_8B, QUICK, make_checkpoint  # noqa: E402
 
 from trtc.compiler.build import build, build_from_hf  # noqa: E402
-from trtc.compiler.build_config import BuildConfig  # noqa: E402
+from trtc.formats.build_config import BuildConfig  # noqa: E402
 
 ISL = OSL = 128
 CONFIG = BuildConfig(max_batch_size=256, max_seq_len=2048, max_num_tokens=8192)
@@ -78,8 +78,8 @@ def measure_in_subprocess(engine: Path, requests: int) -> dict:
 
 def measure(engine: Path, requests: int) -> dict:
     """Load, batch-1 latency, throughput; the engine is closed (its ranks stopped) after."""
-    from trtc.runtime.bench import bench, format_result
     from trtc.runtime.executor import Executor
+    from trtc.tools.bench import bench, format_result
 
     ex = Executor(engine)
     try:

@@ -17,14 +17,13 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from quant_gemm import SHAPES, int4_bytes, int4_layer  # benchmarks/quant_gemm.py: Llama-3.1-8B's linear shapes
 
 from trtc.compiler.autotune import cold_copies
 from trtc.plugins.gemm import w4a16_packed
 from trtc.plugins.gemm.w4a16 import w4a16_linear
-from trtc.runtime.bench import measure_bandwidth
+from trtc.tools.bench import measure_bandwidth
 from trtc.utils.gpu_timing import timed
-
-from quant_gemm import SHAPES, int4_bytes, int4_layer  # benchmarks/quant_gemm.py: Llama-3.1-8B's linear shapes
 
 
 def check(warps: int, ring: int, dev: torch.device, g: torch.Generator) -> float:

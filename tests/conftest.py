@@ -23,8 +23,9 @@ def tp_engines(tmp_path_factory):
     as float32 engines for tp 1, 2 and 4 (KV heads replicated), with small blocks and a small token
     budget so that prompts are prefilled in chunks."""
     from models import add_word_tokenizer, make_hf_model
+
     from trtc.compiler.build import build_from_hf
-    from trtc.compiler.build_config import BuildConfig
+    from trtc.formats.build_config import BuildConfig
 
     root = tmp_path_factory.mktemp("tp")
     hf = add_word_tokenizer(make_hf_model(root / "hf", "llama3_gqa"))
@@ -38,8 +39,9 @@ def tp_engines(tmp_path_factory):
 def other_tp2_engine(tp_engines, tmp_path_factory):
     """A tp 2 engine of another model of the same shape: another build."""
     from models import make_hf_model
+
     from trtc.compiler.build import build_from_hf
-    from trtc.compiler.build_config import BuildConfig
+    from trtc.formats.build_config import BuildConfig
 
     root = tmp_path_factory.mktemp("tp_other")
     return build_from_hf(make_hf_model(root / "hf", "llama3_gqa", seed=1), root / "tp2", tp_size=2, dtype="float32",

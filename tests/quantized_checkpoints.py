@@ -1,5 +1,5 @@
 """Quantized trtc checkpoints made from a converted float one without calibration: weights
-quantized per trtc/quantization/layout.py with their own ranges, fixed activation and KV-cache
+quantized per trtc/formats/quant_layout.py with their own ranges, fixed activation and KV-cache
 scales. What they compute is arbitrary but exact, which is all a check of two runtimes against
 each other needs (ModelOpt calibration is tested in test_quantize.py)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trtc.quantization.layout import FP8_MAX, LINEARS, pack_int4, quantize_fp8
+from trtc.formats.quant_layout import FP8_MAX, LINEARS, pack_int4, quantize_fp8
 
 _LINEAR = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 

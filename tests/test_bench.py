@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
-
 from models import make_hf_model
+
 from trtc.cli import main
 from trtc.compiler.build import build_from_hf
-from trtc.compiler.build_config import BuildConfig
+from trtc.formats.build_config import BuildConfig
 
 
 def test_bench_throughput_and_latency(tmp_path):

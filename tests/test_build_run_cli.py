@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
-from models import CASES, add_word_tokenizer, load_hf, make_hf_model, text_of
 from cli_helpers import assert_one_line_error, cli
+from models import CASES, add_word_tokenizer, load_hf, make_hf_model, text_of
+from transformers import AutoTokenizer
 
 NEW_TOKENS = 32
 

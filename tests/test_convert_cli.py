@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import assert_one_line_error as _assert_error
 from click.testing import CliRunner
+from models import make_hf_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models import make_hf_model
 from trtc.cli import main
-from cli_helpers import assert_one_line_error as _assert_error
 
 
 @pytest.fixture(scope="module")

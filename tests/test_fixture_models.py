@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles.reference import ReferenceModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trtc.converters.convert import convert
-from trtc.runtime.reference import ReferenceModel
 
 PROMPTS = ["Once upon a time", "The little dog"]
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from models import load_hf, make_hf_model
+from oracles.reference import ReferenceModel
 from safetensors.torch import load_file, save_file
 
-from models import load_hf, make_hf_model
 from trtc.cli import main
 from trtc.converters.convert import convert
-from trtc.runtime.reference import ReferenceModel
 
 GROUP = 32
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -19,8 +19,8 @@ from trtc.compiler.build import build
 from trtc.llm import LLM
 from trtc.plugins.gemm.tactics import TACTICS
 from trtc.runtime.executor import Executor
-from trtc.runtime.perplexity import perplexity
 from trtc.runtime.sampling_params import SamplingParams
+from trtc.tools.perplexity import perplexity
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -34,13 +34,14 @@ FORMATS = {"fp8": dict(qformat="fp8", kv_cache_dtype="fp8"), "int4_awq": dict(qf
 def quantized_engine(request, tmp_path_factory):
     pytest.importorskip("modelopt")
     from conftest import FIXTURES as fixtures_dir
+
     from trtc.quantization.quantize import quantize
 
     if not fixtures_dir.is_dir():
         pytest.skip(f"fixtures not found at {fixtures_dir}")
     tmp = tmp_path_factory.mktemp(request.param)
     ckpt = quantize(fixtures_dir / "books-16M", tmp / "ckpt", calib_dataset=[fixtures_dir / "text" / "pride_and_prejudice.txt"],
-                    calib_size=16, dtype="float16", progress=False, report=False, **FORMATS[request.param])
+                    calib_size=16, dtype="float16", progress=False, **FORMATS[request.param])
     return request.param, build(ckpt, tmp / "engine", progress=False)
 
 

@@ -26,8 +26,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import FIXTURES
+
 from trtc.compiler.build import build, build_from_hf
 from trtc.llm import LLM
 from trtc.runtime.sampling_params import SamplingParams

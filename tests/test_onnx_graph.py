@@ -7,15 +7,15 @@ import json
 
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from models import make_hf_model
+from onnx import TensorProto, helper
 from quantized_checkpoints import quantize_checkpoint
-from trtc.checkpoint import CheckpointConfig
-from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.rank_tensors import checkpoint_rank
+
 from trtc.converters.convert import convert
 from trtc.errors import TrtcError
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.checkpoint import CheckpointConfig
+from trtc.formats.rank_tensors import checkpoint_rank
 from trtc.onnx.export import ALIGN, check, write_onnx_dir
 
 LIMITS = BuildConfig(tokens_per_block=4, max_seq_len=64, max_num_tokens=24, max_batch_size=4)

@@ -1,7 +1,7 @@
 """The tensorrt backend's ONNX graphs compute what the cuda backend computes.
 
 Each graph runs in onnxruntime (CPU) with its trtc nodes given their reference implementations
-(trtc/onnx/ort_runner.py), beside the cuda backend's model runner, on the exact inputs of every
+(tests/oracles/ort_runner.py), beside the cuda backend's model runner, on the exact inputs of every
 step the executor schedules: prefill chunks (max_num_tokens 24 splits the 30-token prompt), decode
 steps and both mixed, over the same paged KV-cache block tables. The model runner's logits drive
 the run; the graph's are compared with them step by step.
@@ -26,17 +26,17 @@ import json
 
 import pytest
 import torch
-
 from models import CASES, make_hf_model
+from oracles.ort_runner import OnnxRuntimeRunner, TensorParallelOnnxRuntimeRunner
 from quantized_checkpoints import quantize_checkpoint
-from trtc.checkpoint import CheckpointConfig
+
 from trtc.compiler.build import build
-from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.rank_tensors import checkpoint_rank, engine_rank
 from trtc.converters.convert import convert
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.checkpoint import CheckpointConfig
+from trtc.formats.engine import Engine
+from trtc.formats.rank_tensors import checkpoint_rank, engine_rank
 from trtc.onnx.export import write_onnx_dir
-from trtc.onnx.ort_runner import OnnxRuntimeRunner, TensorParallelOnnxRuntimeRunner
-from trtc.runtime.engine import Engine
 from trtc.runtime.executor import Executor
 from trtc.runtime.model_runner import ModelRunner
 from trtc.runtime.sampling_params import SamplingParams

@@ -1,4 +1,4 @@
-"""The trtc ONNX ops' implementations on a GPU (trtc/onnx/reference_ops.py), as the TensorRT plugins
+"""The trtc ONNX ops' implementations on a GPU (trtc/onnx/torch_ops.py), as the TensorRT plugins
 call them on a plan's buffers: PagedAttention through trtc's Triton kernels (RoPE fused with the
 KV write, varlen attention with every sequence a chunk, no host sync) on the stacked pool's views,
 against the same op on CPU in float32 (the references). Marked gpu: skipped without one."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trtc.graph import RopeConfig
-from trtc.onnx import reference_ops
+from trtc.formats.graph import RopeConfig
+from trtc.onnx import torch_ops
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
@@ -49,9 +49,9 @@ def test_paged_attention_kernels_match_reference(sliding_window, soft_cap):
     inputs, slots = mixed_step(torch.Generator().manual_seed(0), torch.bfloat16)
     attrs = dict(ATTRS, sliding_window=sliding_window, soft_cap=soft_cap)
     ref = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
-    want = reference_ops.paged_attention(**ref, **attrs)
+    want = torch_ops.paged_attention(**ref, **attrs)
     gpu = {k: v.cuda() for k, v in inputs.items()}
-    got = reference_ops.paged_attention(**gpu, **attrs)
+    got = torch_ops.paged_attention(**gpu, **attrs)
     assert float((got.float().cpu() - want).abs().max() / want.abs().max()) < 2e-2
     pool, pool_want = gpu["kv_cache_pool"].float().cpu(), ref["kv_cache_pool"]
     written = pool.flatten(1, 2)[:, slots]  # [2, T, Hkv, D]: the step's K (rotated) and V, in place
@@ -64,6 +64,6 @@ def test_fp8_pool_on_gpu_matches_cpu():
     inputs["kv_cache_pool"] = (inputs["kv_cache_pool"].float() / 0.02).clamp(-448, 448).to(torch.float8_e4m3fn)
     inputs["k_scale"], inputs["v_scale"] = torch.tensor(0.02), torch.tensor(0.03)
     attrs = dict(ATTRS, sliding_window=0, soft_cap=0.0)
-    want = reference_ops.paged_attention(**{k: v.clone() for k, v in inputs.items()}, **attrs)
-    got = reference_ops.paged_attention(**{k: v.cuda() for k, v in inputs.items()}, **attrs)
+    want = torch_ops.paged_attention(**{k: v.clone() for k, v in inputs.items()}, **attrs)
+    got = torch_ops.paged_attention(**{k: v.cuda() for k, v in inputs.items()}, **attrs)
     assert float((got.float().cpu() - want.float()).abs().max() / want.float().abs().max()) < 2e-2

@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-
 from models import WORDS, add_word_tokenizer, load_hf, make_hf_model
+
 from trtc.cli import main
 from trtc.compiler.build import build, build_from_hf
-from trtc.compiler.build_config import BuildConfig
 from trtc.converters.convert import convert
+from trtc.formats.build_config import BuildConfig
 from trtc.quantization.calibration import calibration_batches, token_windows
 from trtc.runtime.executor import Executor
-from trtc.runtime.perplexity import perplexity
+from trtc.tools.perplexity import perplexity
 
 
 def hf_perplexity(model, ids: list[int], window_len: int, bos: int | None) -> float:

@@ -1,5 +1,5 @@
 """`trtc quantize` (ModelOpt calibration -> ModelOpt's HF export -> the converter's importer) on a
-tiny random Llama: the checkpoint follows trtc/quantization/layout.py, and the reference forward
+tiny random Llama: the checkpoint follows trtc/formats/quant_layout.py, and the reference forward
 and the engine reproduce ModelOpt's fake-quantized model.
 
 Tolerances. INT4 (weight-only) is deterministic arithmetic: trtc's logits equal ModelOpt's to
@@ -18,20 +18,20 @@ import json
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, cli
+from models import WORDS, add_word_tokenizer, load_hf, make_hf_model
+from oracles.reference import ReferenceModel
 from safetensors import safe_open
 
-from models import WORDS, add_word_tokenizer, load_hf, make_hf_model
 from trtc.compiler.build import build
-from trtc.compiler.build_config import BuildConfig
 from trtc.converters.convert import convert
+from trtc.formats.build_config import BuildConfig
+from trtc.llm import LLM
 from trtc.plugins.gemm import linear
 from trtc.quantization.quantize import calibrate, export
-from trtc.llm import LLM
 from trtc.runtime.executor import Executor
-from trtc.runtime.perplexity import prompt_logprobs
-from trtc.runtime.reference import ReferenceModel
 from trtc.runtime.sampling_params import SamplingParams
-from cli_helpers import assert_one_line_error, cli
+from trtc.tools.perplexity import prompt_logprobs
 
 GROUP = 64  # the tiny model's in-features are 128 and 256
 TINY = dict(hidden_size=128, intermediate_size=256)  # 4 heads of 32, 2 KV heads

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from models import CASES, load_hf, make_hf_model
+from oracles.reference import ReferenceModel
+
 from trtc.converters.convert import convert
-from trtc.runtime.reference import ReferenceModel
 
 # relative error: max |trtc - hf| / max |hf| over the logits of one step
 REL_TOL = 1e-4

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from models import load_hf, make_hf_model
+
 from trtc.compiler.build import build_from_hf
-from trtc.compiler.build_config import BuildConfig
+from trtc.formats.build_config import BuildConfig
 from trtc.llm import LLM
 from trtc.runtime.executor import Executor
 from trtc.runtime.sampling_params import SamplingParams
@@ -168,7 +168,7 @@ def test_prompt_logits_are_teacher_forced_hf_logits(engine, hf_model):
 def test_largest_step_runs_over_its_scratch_pool(engine, hf_model):
     """The step the GPU runtime measures its activation memory with (max_num_tokens prompt tokens,
     max_batch_size logits rows) is a valid batch: its logits are HF's for that prompt."""
-    from trtc.runtime.engine import Engine
+    from trtc.formats.engine import Engine
     from trtc.runtime.model_runner import ModelRunner
 
     runner = ModelRunner(Engine.load(engine), torch.device("cpu"))

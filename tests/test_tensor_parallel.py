@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from trtc.cli import main
 from trtc.compiler.build import build_from_hf
-from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.build_id import read_build_id
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.build_id import read_build_id
 from trtc.llm import LLM
 from trtc.runtime.sampling_params import SamplingParams
 

@@ -10,13 +10,13 @@ import threading
 import time
 
 import pytest
+from cli_helpers import assert_one_line_error, cli
 
 from trtc.errors import TrtcError
+from trtc.formats.engine import Engine
 from trtc.llm import LLM
-from trtc.runtime.engine import Engine
-from trtc.runtime.launch import Launch, check_world, external_launch
+from trtc.runtime.parallel.launch import Launch, check_world, external_launch
 from trtc.runtime.sampling_params import SamplingParams
-from cli_helpers import assert_one_line_error, cli
 
 LONG = SamplingParams(max_tokens=80, end_id=-1)
 
@@ -118,8 +118,8 @@ def test_a_hanging_nccl_abort_runs_once_and_is_waited_for_a_bounded_time(monkeyp
     import torch
     import torch.distributed as dist
 
-    from trtc.runtime import ranks as ranks_module
-    from trtc.runtime.distributed import RankGroup
+    from trtc.runtime.parallel import ranks as ranks_module
+    from trtc.runtime.parallel.distributed import RankGroup
 
     calls, release = [], threading.Event()
     monkeypatch.setattr(dist, "is_initialized", lambda: True)

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from models import add_word_tokenizer, make_hf_model
+
 from trtc.backends import tensorrt
 from trtc.cli import main
 from trtc.compiler import build as build_module

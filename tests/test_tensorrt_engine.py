@@ -11,14 +11,14 @@ import json
 
 import pytest
 import torch
-
 from models import make_hf_model
 from quantized_checkpoints import quantize_checkpoint
+
 from trtc.backends import tensorrt
 from trtc.compiler.build import build
-from trtc.compiler.build_config import BuildConfig
 from trtc.compiler.build_tensorrt import build_from_onnx
 from trtc.converters.convert import convert
+from trtc.formats.build_config import BuildConfig
 from trtc.runtime.executor import Executor
 from trtc.runtime.sampling_params import SamplingParams
 

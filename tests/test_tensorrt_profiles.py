@@ -4,10 +4,11 @@ where TensorRT is absent too)."""
 from __future__ import annotations
 
 from models import make_hf_model
+
 from trtc.backends.tensorrt.profiles import optimization_profile
-from trtc.checkpoint import CheckpointConfig
-from trtc.compiler.build_config import BuildConfig
 from trtc.converters.convert import convert
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.checkpoint import CheckpointConfig
 
 
 def test_optimization_profile_from_build_limits(tmp_path):

@@ -1,8 +1,7 @@
 """trtc: an ahead-of-time compiler and runtime for large language models."""
 
-__version__ = "0.1.0"
-
-from trtc.errors import TrtcError  # noqa: E402
+from trtc.errors import TrtcError
+from trtc.version import __version__
 
 __all__ = ["LLM", "SamplingParams", "TrtcError", "__version__"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from trtc import __version__
 from trtc.errors import TrtcError
+from trtc.version import __version__
 
 DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]
 
@@ -121,12 +121,18 @@ def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, cali
              awq_block_size, awq_algorithm, batch_size, tp_size, dtype, device, eval_dataset, skip_report,
              overwrite) -> None:
     """Quantize an HF model with NVIDIA ModelOpt into a trtc checkpoint (FP8, INT4 AWQ, INT4 GPTQ)."""
+    from trtc.quantization.calibration import DEFAULT_CALIBRATION_TEXT
     from trtc.quantization.quantize import quantize as run_quantize
 
     kv = "fp8" if kv_cache_dtype == "fp8" else None
     out = run_quantize(model_dir, output_dir, qformat, list(calib_dataset), kv, calib_size, calib_max_seq_length,
-                       batch_size, awq_block_size, awq_algorithm, tp_size, dtype, device, overwrite,
-                       eval_dataset=list(eval_dataset), report=not skip_report)
+                       batch_size, awq_block_size, awq_algorithm, tp_size, dtype, device, overwrite)
+    if not skip_report:
+        from trtc.quantization.quantize import load_tokenizer
+        from trtc.tools.quant_report import quant_report
+
+        quant_report(Path(model_dir), out, load_tokenizer(Path(model_dir)), list(eval_dataset),
+                     list(calib_dataset) or [DEFAULT_CALIBRATION_TEXT])
     click.echo(f"wrote {out} ({qformat}{' + fp8 KV cache' if kv else ''}, tp {tp_size})")
 
 
@@ -149,8 +155,9 @@ def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, cali
 def build(checkpoint_dir, model_dir, from_onnx, output_dir, tp_size, dtype, qformats, calib_dataset, calib_size,
           calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, **limits) -> None:
     """Build an engine directory from a checkpoint (or straight from an HF directory)."""
-    from trtc.compiler.build import build as run_build, build_from_hf
-    from trtc.compiler.build_config import BuildConfig
+    from trtc.compiler.build import build as run_build
+    from trtc.compiler.build import build_from_hf
+    from trtc.formats.build_config import BuildConfig
 
     if from_onnx is not None:
         _build_from_onnx(from_onnx, output_dir, overwrite, limits)
@@ -168,7 +175,7 @@ def build(checkpoint_dir, model_dir, from_onnx, output_dir, tp_size, dtype, qfor
         if qformats:
             quantize = dict(qformat=qformats[0], calib_dataset=list(calib_dataset), calib_size=calib_size,
                             calib_max_seq_length=calib_max_seq_length, awq_block_size=awq_block_size,
-                            awq_algorithm=awq_algorithm, report=False)
+                            awq_algorithm=awq_algorithm)
         out = build_from_hf(model_dir, output_dir, tp_size, dtype, config, backend, overwrite, quantize=quantize)
     else:
         if tp_size != 1 or dtype != "auto":
@@ -263,8 +270,9 @@ def bench(engine_dir, isl, osl, num_requests, concurrency, latency, batch_size, 
     """Measure throughput (default) or batch latency of an engine on synthetic prompts."""
     import json
 
-    from trtc.runtime.bench import bench as run_bench, format_result
     from trtc.runtime.executor import Executor
+    from trtc.tools.bench import bench as run_bench
+    from trtc.tools.bench import format_result
 
     ex = Executor(engine_dir, free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
     try:

@@ -15,7 +15,7 @@ def eval_engine(engine_dir: str, datasets: list[str], max_tokens: int | None, wi
     from trtc.llm import load_tokenizer
     from trtc.quantization.calibration import read_texts
     from trtc.runtime.executor import Executor
-    from trtc.runtime.perplexity import perplexity
+    from trtc.tools.perplexity import perplexity
 
     texts = read_texts(datasets, "--dataset")
     if max_tokens is not None and max_tokens < 1:

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from trtc.compiler.build_config import BuildConfig
 from trtc.compiler.engine_cache import cached_engine
 from trtc.errors import TrtcError
+from trtc.formats.build_config import BuildConfig
 from trtc.runtime.executor import Executor
 from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent
 from trtc.runtime.sampling_params import SamplingParams
@@ -71,7 +71,7 @@ class LLM:
         """Free the engine's memory and stop its other ranks; the LLM is unusable after."""
         self.executor.close()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

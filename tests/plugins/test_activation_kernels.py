@@ -8,7 +8,6 @@ on CPU through Triton's interpreter (fp16: the interpreter rounds bf16 different
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

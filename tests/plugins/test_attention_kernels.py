@@ -21,11 +21,11 @@ import math
 import pytest
 import torch
 
-from trtc.graph import RopeConfig
+from trtc.formats.graph import RopeConfig
+from trtc.formats.quant_layout import dequantize_fp8, quantize_fp8
 from trtc.plugins.attention import paged, paged_attention, rope_and_write_kv
+from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.attention.rope import apply_rope, inv_freq, rope_cos_sin
-from trtc.quantization.layout import dequantize_fp8, quantize_fp8
-from trtc.runtime.attention_metadata import AttentionMetadata
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from trtc.formats.quant_layout import pack_int4, quantize_fp8, unpack_int4
 from trtc.plugins.gemm import linear
 from trtc.plugins.gemm.fp8 import fp8_linear
 from trtc.plugins.gemm.w4a16 import dequantize_int4, w4a16_linear
-from trtc.quantization.layout import pack_int4, quantize_fp8, unpack_int4
 
 G = torch.Generator().manual_seed(0)
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trtc.plugins.gemm import linear
-from trtc.plugins.gemm.linear import run_tactic
+from trtc.formats.quant_layout import pack_int4, quantize_fp8
+from trtc.plugins.gemm import linear, w4a16_packed
 from trtc.plugins.gemm.fp8 import fp8_linear
+from trtc.plugins.gemm.linear import run_tactic
 from trtc.plugins.gemm.tactics import TACTICS, Tactic, default_tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
-from trtc.plugins.gemm import w4a16_packed
 from trtc.plugins.gemm.w4a16_packed import pack, pack_layer, unpack
-from trtc.quantization.layout import pack_int4, quantize_fp8
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -144,7 +143,7 @@ def test_w4a16_packed_layout_is_what_the_kernel_reads(n, k, group):
     """`unpack` reads the packed words by the kernel's register rules: it must give back the weight,
     and the scale / zero pairs must be rows (g, g + 8) of each 16-row tile, in the model dtype."""
     w = make_int4(n, k, group, True, True, False, n + k, "cpu")
-    from trtc.quantization.layout import unpack_int4
+    from trtc.formats.quant_layout import unpack_int4
 
     p = pack(w["weight"], w["weight_scale"], w["weight_zero"], w["pre_quant_scale"], None, torch.bfloat16)
     assert p["packed_weight"].shape == (n // 16, k // 64, 32, 4) and p["packed_weight"].dtype == torch.int32

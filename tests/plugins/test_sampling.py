@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
 )
 
 from trtc.plugins.sampling import SamplingBatch, draw_noise, make_generator, process_logits, sample
-from trtc.plugins.sampling.reference import (
+from trtc.plugins.sampling.sampler import (
     apply_min_p,
     apply_presence_frequency,
     apply_repetition_penalty,

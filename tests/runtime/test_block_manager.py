@@ -6,9 +6,9 @@ Every test runs on the C++ core and on its pure-Python twin (the oracle).
 import random
 
 import pytest
+from oracles import py_scheduler
 
 from trtc import _core
-from trtc.runtime import py_scheduler
 
 IMPLS = {"cpp": _core.BlockManager, "py": py_scheduler.BlockManager}
 

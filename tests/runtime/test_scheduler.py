@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from oracles import py_scheduler
 
 from trtc import _core
-from trtc.runtime import py_scheduler
 from trtc.runtime.scheduler import Scheduler
 
 IMPLS = {"cpp": _core.Scheduler, "py": py_scheduler.Scheduler}
@@ -445,7 +445,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(set(table)) == len(table)
             for i, block in enumerate(table):
                 holders.setdefault(block, []).append((rid, i))
-        for block, hs in holders.items():
+        for hs in holders.values():
             if len(hs) > 1:  # only full blocks of identical prefixes are shared, at the same index
                 prefixes = {tuple(known[rid][:(i + 1) * tpb]) for rid, i in hs}
                 assert len(prefixes) == 1 and len(next(iter(prefixes))) % tpb == 0 and len({i for _, i in hs}) == 1
@@ -461,7 +461,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             for p, slot in zip(range(ctx - q, ctx), slots[offset: offset + q]):
                 self.kv[slot] = tuple(known[rid][: p + 1])
             offset += q
-        for row, (rid, q, ctx) in enumerate(rows):  # reads: positions 0 .. ctx-1 through the block table
+        for row, (rid, _, ctx) in enumerate(rows):  # reads: positions 0 .. ctx-1 through the block table
             table = b.block_tables[row].tolist()
             for p in range(ctx):
                 assert self.kv.get(table[p // self.tpb] * self.tpb + p % self.tpb) == tuple(known[rid][: p + 1])

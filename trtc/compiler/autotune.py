@@ -18,14 +18,21 @@ from pathlib import Path
 
 import torch
 
-from trtc.checkpoint import rank_file
-from trtc.compiler.build_config import BuildConfig, kv_cache_torch_dtype
-from trtc.graph import ModelGraph
-from trtc.mapping import Mapping
+from trtc.formats.build_config import BuildConfig, kv_cache_torch_dtype
+from trtc.formats.checkpoint import rank_file
+from trtc.formats.graph import ModelGraph
+from trtc.formats.mapping import Mapping
+from trtc.formats.quant_layout import quantize_fp8
 from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, gemm_key, to_config
-from trtc.plugins.gemm.w4a16_packed import BLOCK_GROUPS, MAX_M, available, block_n, pack_layer
-from trtc.quantization.layout import quantize_fp8
+from trtc.plugins.gemm.w4a16_packed import (
+    BLOCK_GROUPS,
+    MAX_M,
+    available,
+    block_n,
+    pack_layer,
+)
 from trtc.utils.gpu_timing import copies_past_l2, timed
+
 
 def gemm_candidates(key: str, m: int, k: int, packed: bool = False) -> list[Tactic]:
     """packed: the INT4 layer has the CUDA kernel's layout (w4a16_packed.py)."""

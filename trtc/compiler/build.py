@@ -2,7 +2,7 @@
 
     ENGINE/config.json       format version, trtc version, backend, pretrained_config (the layer
                              graph, mapping, dtype, quantization), build_config, target, tactics,
-                             build_id (trtc/compiler/build_id.py)
+                             build_id (trtc/formats/build_id.py)
     ENGINE/rank{N}.engine    that rank's weights in the kernels' layout (a safetensors container,
                              loaded without copies, straight onto the device; its metadata
                              carries the build_id)
@@ -25,27 +25,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trtc import __version__
-from trtc.checkpoint import CheckpointConfig, rank_file, torch_dtype
 from trtc.compiler.autotune import autotune
-from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.build_id import METADATA_KEY, build_fingerprint
-from trtc.compiler.rank_tensors import checkpoint_rank
 from trtc.errors import TrtcError
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.build_id import METADATA_KEY, build_fingerprint
+from trtc.formats.checkpoint import CheckpointConfig, rank_file, torch_dtype
+from trtc.formats.engine import ENGINE_FORMAT, ENGINE_VERSION, detect_target
+from trtc.formats.rank_tensors import checkpoint_rank
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
 from trtc.utils.safetensors_writer import SafetensorsWriter
+from trtc.version import __version__
 
-ENGINE_FORMAT = "trtc-engine"
-ENGINE_VERSION = 1
 BACKENDS = ("auto", "cuda", "tensorrt")
-
-
-def detect_target() -> dict:
-    """What the engine is built for: this machine's GPU architecture, or the CPU."""
-    if not torch.cuda.is_available():
-        return {"device": "cpu"}
-    major, minor = torch.cuda.get_device_capability()
-    return {"device": "cuda", "compute_capability": f"{major}.{minor}", "gpu_name": torch.cuda.get_device_name()}
 
 
 def resolve_backend(backend: str) -> str:

@@ -15,16 +15,16 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from trtc import __version__
 from trtc.backends import tensorrt
 from trtc.backends.tensorrt import ONNX_DIR, TIMING_CACHE
-from trtc.checkpoint import CheckpointConfig
-from trtc.compiler.build import ENGINE_FORMAT, ENGINE_VERSION, detect_target
-from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.rank_tensors import RankTensors
 from trtc.errors import TrtcError
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.checkpoint import CheckpointConfig
+from trtc.formats.engine import ENGINE_FORMAT, ENGINE_VERSION, detect_target
+from trtc.formats.rank_tensors import RankTensors
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
 from trtc.utils.config_json import check_format, read_config_json
+from trtc.version import __version__
 
 PROFILE_LIMITS = ("max_batch_size", "max_seq_len", "max_num_tokens")  # what --from_onnx may change
 

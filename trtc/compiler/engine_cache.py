@@ -7,10 +7,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from trtc import __version__
-from trtc.compiler.build import build_from_hf, detect_target
-from trtc.compiler.build_config import BuildConfig
+from trtc.compiler.build import build_from_hf
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.engine import detect_target
 from trtc.utils.cache import cache_home
+from trtc.version import __version__
 
 
 def cache_root() -> Path:

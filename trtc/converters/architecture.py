@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trtc.converters.weight_map import WeightMap
-from trtc.graph import ModelGraph
+from trtc.formats.graph import ModelGraph
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,26 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trtc.checkpoint import CheckpointConfig, DTYPES, dtype_name, rank_file, torch_dtype
 from trtc.converters import architecture_for
 from trtc.converters.hf_checkpoint import TOKENIZER_FILES, HFCheckpoint
-from trtc.converters.quantized import TensorSource, ignorable, read_format, tensor_sources
+from trtc.converters.quantized import (
+    TensorSource,
+    ignorable,
+    read_format,
+    tensor_sources,
+)
 from trtc.converters.tp import shard_for, validate_quantized_split
 from trtc.converters.weight_map import WeightMap
 from trtc.errors import TrtcError
-from trtc.mapping import Mapping
-from trtc.quantization.layout import checkpoint_dtype
+from trtc.formats.checkpoint import (
+    DTYPES,
+    CheckpointConfig,
+    dtype_name,
+    rank_file,
+    torch_dtype,
+)
+from trtc.formats.mapping import Mapping
+from trtc.formats.quant_layout import checkpoint_dtype
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
 from trtc.utils.safetensors_writer import SafetensorsWriter
 
@@ -49,7 +60,7 @@ def convert(
     """Convert `model_dir` into a trtc checkpoint at `output_dir`; returns the output path.
 
     A pre-quantized model (ModelOpt export, GPTQ) becomes a quantized checkpoint
-    (trtc/quantization/layout.py); `dtype` is then the dtype of the unquantized tensors.
+    (trtc/formats/quant_layout.py); `dtype` is then the dtype of the unquantized tensors.
     progress: True/False forces the bar on/off; None shows it only on a terminal.
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trtc.errors import TrtcError
-from trtc.graph import (
+from trtc.formats.graph import (
     AttentionConfig,
     DecoderLayerConfig,
     MLPConfig,

@@ -1,4 +1,4 @@
-"""Pre-quantized HF checkpoints -> the trtc quantized layout (trtc/quantization/layout.py).
+"""Pre-quantized HF checkpoints -> the trtc quantized layout (trtc/formats/quant_layout.py).
 
 Two source formats, told apart by the files of the HF directory:
   * ModelOpt's unified HF export (`hf_quant_config.json`, or config.json `quantization_config`
@@ -28,8 +28,8 @@ from trtc.converters.hf_checkpoint import HFCheckpoint
 from trtc.converters.tp import Shard
 from trtc.converters.weight_map import WeightMap
 from trtc.errors import TrtcError
-from trtc.graph import ModelGraph
-from trtc.quantization.layout import LINEARS, QuantConfig, pack_int4
+from trtc.formats.graph import ModelGraph
+from trtc.formats.quant_layout import LINEARS, QuantConfig, pack_int4
 
 MODELOPT_ALGOS = {"FP8": "FP8", "W4A16_AWQ": "W4A16_AWQ", "W4A16_GPTQ": "W4A16_GPTQ"}
 QUANTIZED_WEIGHT_DTYPES = ("F8_E4M3", "U8", "I8")

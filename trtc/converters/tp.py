@@ -6,7 +6,7 @@ replicated and added once, after the all-reduce); vocab-parallel: embedding and 
 vocabulary rows, the vocabulary padded with zero rows to a multiple of tp. Everything else
 (norms) is replicated.
 
-Quantized layers (trtc/quantization/layout.py) split with their layer: column-parallel ones split
+Quantized layers (trtc/formats/quant_layout.py) split with their layer: column-parallel ones split
 weight, weight_scale and weight_zero by rows and keep pre_quant_scale and input_perm whole;
 row-parallel ones split an INT4 weight by bytes (two columns each), weight_scale / weight_zero by
 groups and pre_quant_scale by columns. Per-tensor scales (FP8, KV cache) are replicated.
@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 
 from trtc.errors import TrtcError
-from trtc.graph import ModelGraph
-from trtc.mapping import Mapping
-from trtc.quantization.layout import QuantConfig
+from trtc.formats.graph import ModelGraph
+from trtc.formats.mapping import Mapping
+from trtc.formats.quant_layout import QuantConfig
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 

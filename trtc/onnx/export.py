@@ -20,14 +20,21 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from trtc import __version__
-from trtc.checkpoint import CheckpointConfig, torch_dtype
-from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.rank_tensors import RankTensors
 from trtc.errors import TrtcError
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.checkpoint import CheckpointConfig, torch_dtype
+from trtc.formats.rank_tensors import RankTensors
 from trtc.onnx.graph_builder import ONNX_TYPE
-from trtc.onnx.lower import GRAPH_INPUTS, LOGITS, POOL_INPUT, POOL_OUTPUT, RankSpec, lower
+from trtc.onnx.lower import (
+    GRAPH_INPUTS,
+    LOGITS,
+    POOL_INPUT,
+    POOL_OUTPUT,
+    RankSpec,
+    lower,
+)
 from trtc.onnx.ops import DOMAIN, DOMAIN_VERSION, OPS
+from trtc.version import __version__
 
 OPSET = 21  # ONNX 1.16; TensorRT 10's parser and onnxruntime >= 1.18 read it
 IR_VERSION = 10

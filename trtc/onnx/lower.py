@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from trtc.compiler.build_config import BuildConfig, kv_cache_torch_dtype
-from trtc.compiler.layout import local_qkv_sizes
-from trtc.graph import ModelGraph, NormConfig, RopeConfig
-from trtc.mapping import Mapping
+from trtc.formats.build_config import BuildConfig, kv_cache_torch_dtype
+from trtc.formats.engine_layout import local_qkv_sizes
+from trtc.formats.graph import ModelGraph, NormConfig, RopeConfig
+from trtc.formats.mapping import Mapping
 from trtc.onnx.graph_builder import ONNX_TYPE, GraphBuilder
 from trtc.plugins.attention.rope import inv_freq
 

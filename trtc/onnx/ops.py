@@ -39,7 +39,7 @@ class OpSpec:
     outputs: tuple[Port, ...]
     attributes: tuple[Attribute, ...]
     aliases: dict[int, int] = field(default_factory=dict)  # output index -> the input it updates in place
-    reference: str = ""  # the function that defines it (trtc/onnx/reference_ops.py)
+    reference: str = ""  # the function that defines it (trtc/onnx/torch_ops.py)
 
     @property
     def plugin_id(self) -> str:
@@ -84,13 +84,13 @@ PAGED_ATTENTION = OpSpec(
         Attribute("soft_cap", "float", "logits -> cap * tanh(logits / cap); 0: none"),
     ),
     aliases={1: 3},
-    reference="trtc.onnx.reference_ops.paged_attention",
+    reference="trtc.onnx.torch_ops.paged_attention",
 )
 
 FP8_GEMM = OpSpec(
     name="Fp8Gemm",
     doc="W8A8 FP8 GEMM: y = (fp8(x / input_scale) @ weight^T) * (input_scale * weight_scale), float32 "
-        "accumulation, fp8 saturating at +-448; y in x's dtype (trtc/quantization/layout.py).",
+        "accumulation, fp8 saturating at +-448; y in x's dtype (trtc/formats/quant_layout.py).",
     inputs=(
         Port("x", "activation", "[M, in]"),
         Port("weight", "FLOAT8E4M3FN", "[out, in]"),
@@ -99,7 +99,7 @@ FP8_GEMM = OpSpec(
     ),
     outputs=(Port("y", "activation", "[M, out]"),),
     attributes=(),
-    reference="trtc.onnx.reference_ops.fp8_gemm",
+    reference="trtc.onnx.torch_ops.fp8_gemm",
 )
 
 W4A16_GEMM = OpSpec(
@@ -115,7 +115,7 @@ W4A16_GEMM = OpSpec(
     ),
     outputs=(Port("y", "activation", "[M, out]"),),
     attributes=(Attribute("group_size", "int", "input columns per scale"),),
-    reference="trtc.onnx.reference_ops.w4a16_gemm",
+    reference="trtc.onnx.torch_ops.w4a16_gemm",
 )
 
 ALL_REDUCE = OpSpec(
@@ -124,7 +124,7 @@ ALL_REDUCE = OpSpec(
     inputs=(Port("x", "activation", "[T, hidden] this rank's partial result"),),
     outputs=(Port("y", "activation", "[T, hidden]"),),
     attributes=(Attribute("tp_size", "int", "ranks"), Attribute("rank", "int", "this rank")),
-    reference="trtc.onnx.reference_ops.all_reduce",
+    reference="trtc.onnx.torch_ops.all_reduce",
 )
 
 ALL_GATHER = OpSpec(
@@ -134,7 +134,7 @@ ALL_GATHER = OpSpec(
     inputs=(Port("x", "FLOAT", "[S, local_vocab]"),),
     outputs=(Port("y", "FLOAT", "[S, tp local_vocab]"),),
     attributes=(Attribute("tp_size", "int", "ranks"), Attribute("rank", "int", "this rank")),
-    reference="trtc.onnx.reference_ops.all_gather",
+    reference="trtc.onnx.torch_ops.all_gather",
 )
 
 OPS = {op.name: op for op in (PAGED_ATTENTION, FP8_GEMM, W4A16_GEMM, ALL_REDUCE, ALL_GATHER)}

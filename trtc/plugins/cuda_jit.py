@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from trtc.utils.cache import cache_home
 from trtc.errors import TrtcError
+from trtc.utils.cache import cache_home
 
 
 def _nvrtc() -> ctypes.CDLL:

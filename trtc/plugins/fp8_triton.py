@@ -1,5 +1,5 @@
 """FP8 (float8_e4m3fn) quantization inside trtc's Triton kernels, as `quantize_fp8` does it
-(trtc/quantization/layout.py): float32 division by the scale, saturated to the format's range,
+(trtc/formats/quant_layout.py): float32 division by the scale, saturated to the format's range,
 since the cast itself does not saturate."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from trtc.quantization.layout import FP8_MAX
+from trtc.formats.quant_layout import FP8_MAX
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
 

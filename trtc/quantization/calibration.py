@@ -10,7 +10,6 @@ import torch
 
 from trtc.errors import TrtcError
 
-
 # The default calibration text, shipped so that quantization works offline: the first 300 kB of
 # Jane Austen's Pride and Prejudice (public domain).
 DEFAULT_CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"

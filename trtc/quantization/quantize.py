@@ -32,14 +32,18 @@ from pathlib import Path
 
 import torch
 
-from trtc.checkpoint import DTYPES, torch_dtype
 from trtc.converters import architecture_for
 from trtc.converters.hf_checkpoint import TOKENIZER_FILES, HFCheckpoint
 from trtc.converters.tp import validate_quantized_split
 from trtc.errors import TrtcError
-from trtc.mapping import Mapping
-from trtc.quantization.calibration import DEFAULT_CALIBRATION_TEXT, calibration_batches, read_texts
-from trtc.quantization.layout import GROUP_SIZES, QuantConfig
+from trtc.formats.checkpoint import DTYPES, torch_dtype
+from trtc.formats.mapping import Mapping
+from trtc.formats.quant_layout import GROUP_SIZES, QuantConfig
+from trtc.quantization.calibration import (
+    DEFAULT_CALIBRATION_TEXT,
+    calibration_batches,
+    read_texts,
+)
 from trtc.utils.atomic_dir import check_output_dir
 
 QFORMATS = {"fp8": "FP8", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ"}
@@ -146,11 +150,10 @@ def quantize(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool | None = None,
-    eval_dataset: list[str | Path] | None = None,
-    report: bool = True,
 ) -> Path:
-    """Quantize the HF model in `model_dir` into a trtc checkpoint at `output_dir`; then, unless
-    report is False, compare it with the unquantized model (quant_report.json in output_dir)."""
+    """Quantize the HF model in `model_dir` into a trtc checkpoint at `output_dir`. The checkpoint's
+    quantization record holds the calibration (datasets, windows, tokens used), which the quantization
+    report (trtc/tools/quant_report.py) reads to hold the rest of the text out."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     calib_dataset = list(calib_dataset or [DEFAULT_CALIBRATION_TEXT])
     if qformat not in QFORMATS:
@@ -181,7 +184,7 @@ def quantize(
         name = hf.config.get("dtype") or hf.config.get("torch_dtype")
         dtype = name if name in DTYPES else "float32"
 
-    tokenizer = _tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     bos = graph.bos_token_id
     batches = calibration_batches(tokenizer, calib_dataset, calib_size, calib_max_seq_length, batch_size, bos)
     model = _load_model(model_dir, run_device, dtype)
@@ -189,6 +192,7 @@ def quantize(
 
     from trtc.converters.convert import convert
 
+    used = sum(b.numel() for b in batches) - (sum(len(b) for b in batches) if bos is not None else 0)  # BOS excluded
     with tempfile.TemporaryDirectory(prefix="trtc-quantize-") as tmp:
         hf_out = Path(tmp) / "hf"
         export(model, hf_out)
@@ -198,15 +202,10 @@ def quantize(
                 shutil.copyfile(model_dir / name, hf_out / name)
         _record(hf_out, qformat, {
             "dataset": [Path(p).name for p in calib_dataset], "windows": sum(len(b) for b in batches),
-            "window_len": calib_max_seq_length, "bos": bos is not None, "algorithm": algorithm_name(qformat, awq_algorithm),
+            "window_len": calib_max_seq_length, "bos": bos is not None, "tokens": used, "algorithm": algorithm_name(qformat, awq_algorithm),
             "device": str(run_device),
         })
         convert(hf_out, output_dir, tp_size=tp_size, dtype=dtype, overwrite=overwrite, progress=progress)
-    if report:
-        from trtc.quantization.report import quant_report
-
-        used = sum(b.numel() for b in batches) - (sum(len(b) for b in batches) if bos is not None else 0)  # BOS excluded
-        quant_report(model_dir, output_dir, tokenizer, eval_dataset, calib_dataset, calibration_token_count=used)
     return output_dir
 
 
@@ -231,7 +230,7 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     try:

@@ -4,7 +4,7 @@ A decode-only batch of B requests is padded up to the nearest captured size: pad
 token 0 at position 0, write their K/V into a scratch block outside the scheduler's pool, and
 their logits are dropped. Applied from outside the model: the runner's forward is captured as is.
 With tensor parallelism every rank captures the same sizes in the same order (the all-reduces are
-inside the graphs) and replays the graph rank 0 picks for the step (trtc/runtime/step.py).
+inside the graphs) and replays the graph rank 0 picks for the step (trtc/runtime/parallel/step.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import weakref
 import numpy as np
 import torch
 
-from trtc.runtime.attention_metadata import AttentionMetadata
+from trtc.plugins.attention.metadata import AttentionMetadata
 
-
-_LIVE: "weakref.WeakSet[DecodeCudaGraphs]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[DecodeCudaGraphs] = weakref.WeakSet()
 
 
 @atexit.register

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from trtc.compiler.build_config import kv_cache_torch_dtype
 from trtc.errors import TrtcError
-from trtc.runtime.engine import Engine
+from trtc.formats.build_config import kv_cache_torch_dtype
+from trtc.formats.engine import Engine
 
 CPU_KV_CACHE_FRACTION = 0.25  # of the memory available when no GPU: leave room for everything else
 

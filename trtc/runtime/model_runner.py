@@ -18,19 +18,23 @@ from dataclasses import astuple
 import torch
 import torch.nn.functional as F
 
-from trtc.compiler.build_config import kv_cache_torch_dtype
-from trtc.compiler.layout import local_qkv_sizes
-from trtc.graph import NormConfig
-from trtc.quantization.layout import FP8
+from trtc.formats.build_config import kv_cache_torch_dtype
+from trtc.formats.engine import Engine
+from trtc.formats.engine_layout import local_qkv_sizes
+from trtc.formats.graph import NormConfig
+from trtc.formats.quant_layout import FP8
 from trtc.plugins.activation import ACTIVATION_FNS, gated_activation, silu_and_mul
-from trtc.plugins.attention import install_decode_tactics, paged_attention, rope_and_write_kv
+from trtc.plugins.attention import (
+    install_decode_tactics,
+    paged_attention,
+    rope_and_write_kv,
+)
+from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
 from trtc.plugins.gemm.tactics import TACTICS
 from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
-from trtc.runtime.attention_metadata import AttentionMetadata
-from trtc.runtime.distributed import RankGroup
-from trtc.runtime.engine import Engine
+from trtc.runtime.parallel.distributed import RankGroup
 
 
 class ModelRunner:

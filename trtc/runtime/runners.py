@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trtc.errors import TrtcError
-from trtc.runtime.engine import Engine
+from trtc.formats.engine import Engine
 from trtc.runtime.model_runner import ModelRunner
 
 

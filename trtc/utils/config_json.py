@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trtc import __version__
 from trtc.errors import TrtcError
+from trtc.version import __version__
 
 
 def read_config_json(directory: Path, what: str, fix: str) -> dict[str, Any]:

@@ -73,7 +73,7 @@ class SafetensorsWriter:
             missing = [n for n, _, _ in self._pending[self._next :]]
             raise ValueError(f"{len(missing)} declared tensors were not written, first {missing[0]}")
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -16,10 +16,10 @@ import tensorrt as trt
 
 from trtc.backends.tensorrt import TIMING_CACHE, plugins  # noqa: F401  (registers the trtc plugins)
 from trtc.backends.tensorrt.profiles import optimization_profile
-from trtc.compiler.build_config import BuildConfig
 from trtc.errors import TrtcError
-from trtc.graph import ModelGraph
-from trtc.mapping import Mapping
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.graph import ModelGraph
+from trtc.formats.mapping import Mapping
 from trtc.onnx.export import onnx_files
 
 log = logging.getLogger("trtc")

@@ -4,7 +4,7 @@ which TensorRT's ONNX parser finds from a node's op type and its `plugin_namespa
 builder and the runtime import it before parsing or deserializing.
 
 Each `impl` runs trtc's own code on the engine's buffers through torch, on TensorRT's stream:
-trtc/onnx/reference_ops.py, i.e. the same dispatch the cuda backend uses (Triton kernels for
+trtc/onnx/torch_ops.py, i.e. the same dispatch the cuda backend uses (Triton kernels for
 bf16/fp16 CUDA tensors: RoPE fused with the KV write, varlen paged attention; the references for
 the FP8 KV cache and the quantized GEMMs until their kernels land). They are JIT implementations
 (`trtp.impl`), so a plan needs Python and trtc to run; an AOT one (`trtp.aot_impl`) compiles a single
@@ -23,7 +23,7 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 import torch
 
-from trtc.onnx import reference_ops
+from trtc.onnx import torch_ops
 
 # TensorRT type -> (the array-interface type of its bytes, the torch dtype they are viewed as).
 # tensorrt.plugin.Tensor has no __cuda_array_interface__ for BF16 and FP8, so every buffer is
@@ -81,7 +81,7 @@ def _paged_attention_impl(
     with _on(stream):
         inputs = [as_torch(t) for t in (qkv, rope_cos, rope_sin, kv_cache_pool, k_scale, v_scale, slot_mapping,
                                         block_tables, context_lens, query_start_loc)]
-        out = reference_ops.paged_attention(
+        out = torch_ops.paged_attention(
             *inputs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             tokens_per_block=tokens_per_block, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
         as_torch(outputs[0]).copy_(out)  # outputs[1] is the pool itself, written in place
@@ -98,7 +98,7 @@ def _fp8_gemm_desc(x: trtp.TensorDesc, weight: trtp.TensorDesc, weight_scale: tr
 def _fp8_gemm_impl(x: trtp.Tensor, weight: trtp.Tensor, weight_scale: trtp.Tensor, input_scale: trtp.Tensor,
                    outputs: tuple[trtp.Tensor, ...], stream: int) -> None:
     with _on(stream):
-        y = reference_ops.fp8_gemm(as_torch(x), as_torch(weight), as_torch(weight_scale), as_torch(input_scale))
+        y = torch_ops.fp8_gemm(as_torch(x), as_torch(weight), as_torch(weight_scale), as_torch(input_scale))
         as_torch(outputs[0]).copy_(y)
 
 
@@ -112,7 +112,7 @@ def _w4a16_gemm_desc(x: trtp.TensorDesc, weight: trtp.TensorDesc, weight_scale: 
 def _w4a16_gemm_impl(x: trtp.Tensor, weight: trtp.Tensor, weight_scale: trtp.Tensor, weight_zero: trtp.Tensor,
                      group_size: int, outputs: tuple[trtp.Tensor, ...], stream: int) -> None:
     with _on(stream):
-        y = reference_ops.w4a16_gemm(as_torch(x), as_torch(weight), as_torch(weight_scale), as_torch(weight_zero),
+        y = torch_ops.w4a16_gemm(as_torch(x), as_torch(weight), as_torch(weight_scale), as_torch(weight_zero),
                                      group_size=group_size)
         as_torch(outputs[0]).copy_(y)
 

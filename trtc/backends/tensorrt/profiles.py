@@ -4,10 +4,10 @@ Pure arithmetic, so it is tested where TensorRT is absent."""
 
 from __future__ import annotations
 
-from trtc.compiler.build_config import BuildConfig
-from trtc.graph import ModelGraph
-from trtc.mapping import Mapping
-from trtc.onnx.lower import GRAPH_INPUTS, POOL_INPUT, B, B1, MB, NB, S, T, pool_dims
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.graph import ModelGraph
+from trtc.formats.mapping import Mapping
+from trtc.onnx.lower import B1, GRAPH_INPUTS, MB, NB, POOL_INPUT, B, S, T, pool_dims
 
 Shape = tuple[int, ...]
 

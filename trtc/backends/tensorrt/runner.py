@@ -4,17 +4,17 @@ and the logits buffer to the plan's tensors and enqueues the plan on torch's cur
 
 from __future__ import annotations
 
+import tensorrt as trt
 import torch
 
-import tensorrt as trt
 from trtc.backends.tensorrt import plugins  # noqa: F401  (the plan's plugins must be registered first)
 from trtc.backends.tensorrt.profiles import dim_ranges
-from trtc.checkpoint import rank_file
-from trtc.compiler.build_config import kv_cache_torch_dtype
 from trtc.errors import TrtcError
+from trtc.formats.build_config import kv_cache_torch_dtype
+from trtc.formats.checkpoint import rank_file
+from trtc.formats.engine import Engine
 from trtc.onnx.lower import LOGITS, NB, POOL_INPUT, POOL_OUTPUT
-from trtc.runtime.attention_metadata import AttentionMetadata
-from trtc.runtime.engine import Engine
+from trtc.plugins.attention.metadata import AttentionMetadata
 
 
 class TensorRTRunner:

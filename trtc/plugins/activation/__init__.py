@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from trtc.formats.quant_layout import quantize_fp8
 from trtc.plugins.activation import reference
 from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
 from trtc.plugins.dispatch import use_triton
-from trtc.quantization.layout import quantize_fp8
 
 
 def silu_and_mul(gate_up: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:

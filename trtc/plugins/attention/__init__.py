@@ -5,7 +5,7 @@ its PyTorch reference otherwise (CPU, other dtypes):
     out = paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, soft_cap, k_scale=, v_scale=)
 
 The pool is in the activation dtype, or FP8 (float8_e4m3fn) with one float32 scale each for K and V
-per layer (trtc/quantization/layout.py); the kernels quantize on write and dequantize on read.
+per layer (trtc/formats/quant_layout.py); the kernels quantize on write and dequantize on read.
 
 Kernels: `triton_rope_kv.py` (RoPE fused with the cache write), `triton_decode.py` (split-KV decode,
 GQA grouped), `triton_prefill.py` (varlen causal prefill over a cached prefix). References: `rope.py`,
@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from trtc.formats.quant_layout import FP8
 from trtc.plugins.attention import paged
 from trtc.plugins.attention.rope import apply_rope
 from trtc.plugins.dispatch import use_triton
-from trtc.quantization.layout import FP8
-
 
 DECODE_TACTICS: dict[str, dict[int, dict]] = {}  # config.json tactics["decode_attention"], installed at load
 

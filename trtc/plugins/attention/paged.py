@@ -3,7 +3,7 @@
 Reference implementations (any device torch has); they define the layout the fast kernels use:
     k_cache, v_cache: [num_blocks, tokens_per_block, kv_heads, head_dim]
     slot of a token = block_id * tokens_per_block + offset in its block
-An FP8 pool (float8_e4m3fn, trtc/quantization/layout.py) holds fp8(k / k_scale) and fp8(v / v_scale)
+An FP8 pool (float8_e4m3fn, trtc/formats/quant_layout.py) holds fp8(k / k_scale) and fp8(v / v_scale)
 with one float32 scale per layer; reading multiplies the scale back.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from trtc.formats.quant_layout import dequantize_fp8, quantize_fp8
 from trtc.plugins.attention.reference import attention
-from trtc.quantization.layout import dequantize_fp8, quantize_fp8
 
 
 def write_kv(

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from trtc.graph import RopeConfig
+from trtc.formats.graph import RopeConfig
 
 
 def inv_freq(rope: RopeConfig, head_dim: int, seq_len: int = 0, max_position_embeddings: int = 0) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _tanh(x):
     # tanh through exp2, the same on every Triton version and in the interpreter

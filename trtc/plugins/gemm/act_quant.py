@@ -1,6 +1,6 @@
 """Static FP8 quantization of activations: fp8(x / input_scale) with the calibrated scale, before an
 FP8 GEMM whose input no norm or activation kernel quantized already (the attention output before o).
-Triton; its reference is `quantize_fp8` (trtc/quantization/layout.py). bytes = T * K * (2 + 1).
+Triton; its reference is `quantize_fp8` (trtc/formats/quant_layout.py). bytes = T * K * (2 + 1).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trtc.formats.quant_layout import FP8
 from trtc.plugins.fp8_triton import fp8_saturate
-from trtc.quantization.layout import FP8
 
 
 @triton.jit

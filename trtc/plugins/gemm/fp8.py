@@ -2,7 +2,7 @@
 
     y = (fp8(x / input_scale) @ weight^T) * (input_scale * weight_scale)
 
-with float32 accumulation, as an FP8 tensor-core GEMM computes it (layout: trtc/quantization/layout.py).
+with float32 accumulation, as an FP8 tensor-core GEMM computes it (layout: trtc/formats/quant_layout.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trtc.quantization.layout import FP8, quantize_fp8
+from trtc.formats.quant_layout import FP8, quantize_fp8
 
 
 def fp8_linear(

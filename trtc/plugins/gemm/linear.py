@@ -2,7 +2,7 @@
 
 A layer `name` owns `name.weight` [out, in] and optionally `name.bias` [out]. bf16/fp16/fp32
 weights go to cuBLAS through torch (on a GPU) or to torch's CPU GEMM. A quantized layer
-(trtc/quantization/layout.py) is recognised by its tensors: `name.input_scale` means FP8 W8A8,
+(trtc/formats/quant_layout.py) is recognised by its tensors: `name.input_scale` means FP8 W8A8,
 `name.weight_scale` without it means INT4 weight-only (W4A16). So the forwards that call `linear`
 know nothing of quantization. On CUDA the quantized GEMMs run the tactic the build chose for
 their shape (tactics.py): trtc's CUDA C++ W4A16 kernel for decode-sized M (w4a16_packed.py), its
@@ -18,13 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trtc.formats.quant_layout import FP8
 from trtc.plugins.dispatch import triton_available
 from trtc.plugins.gemm.fp8 import fp8_linear
 from trtc.plugins.gemm.tactics import TACTICS, Tactic, default_tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
 from trtc.plugins.gemm.w4a16_packed import MAX_M, PACKED_TENSORS
-from trtc.quantization.layout import FP8
-
 
 QUANT_TENSORS = ("weight", "weight_scale", "input_scale", "weight_zero", "pre_quant_scale", "input_perm", *PACKED_TENSORS)
 DEQUANT_MM = Tactic("dequant_mm")

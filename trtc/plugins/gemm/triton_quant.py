@@ -1,6 +1,6 @@
 """Quantized GEMMs for small and medium M (Triton): W4A16 groupwise (AWQ, GPTQ) and FP8 W8A8.
 
-Both read the checkpoint layout as is (trtc/quantization/layout.py), so CPU and GPU engines hold the
+Both read the checkpoint layout as is (trtc/formats/quant_layout.py), so CPU and GPU engines hold the
 same bytes:
 
 W4A16: weight uint8 [N, K/2] read as int32 [N, K/8] (column k in nibble k % 8 of word k // 8).

@@ -1,5 +1,5 @@
 """W4A16 GEMM (INT4 weights in groups, activations in the model dtype) in PyTorch: the reference
-of the groupwise kernels for AWQ and GPTQ (layout: trtc/quantization/layout.py).
+of the groupwise kernels for AWQ and GPTQ (layout: trtc/formats/quant_layout.py).
 
     x' = (x * pre_quant_scale)[..., input_perm]      each factor only if the layer has it
     w[o, c] = (u[o, c] - zero[o, c // group]) * scale[o, c // group]     zero 8 when symmetric
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trtc.quantization.layout import unpack_int4
+from trtc.formats.quant_layout import unpack_int4
 
 SYMMETRIC_ZERO = 8
 

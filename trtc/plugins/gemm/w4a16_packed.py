@@ -1,6 +1,6 @@
 """trtc's CUDA C++ W4A16 GEMM for decode-sized M (csrc/w4a16_gemm.cu) and the weight layout it reads.
 
-At load time on a GPU, each INT4 layer's checkpoint tensors (trtc/quantization/layout.py: weight
+At load time on a GPU, each INT4 layer's checkpoint tensors (trtc/formats/quant_layout.py: weight
 uint8 [N, K/2], weight_scale [N, K/G], weight_zero) are re-packed once into the kernel's layout
 (`pack`), stored beside them under PACKED_TENSORS names; the engine files stay as they are. The
 kernel covers M <= MAX_M rows, N % 16 == 0, K % 128 == 0 and groups of 64 x 2^i columns or one group
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from trtc.formats.quant_layout import unpack_int4
 from trtc.plugins.gemm.w4a16 import w4a16_input
-from trtc.quantization.layout import unpack_int4
 
 log = logging.getLogger(__name__)
 PACKED_TENSORS = ("packed_weight", "packed_scale", "packed_zero", "packed_pqs")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from trtc.formats.quant_layout import quantize_fp8
 from trtc.plugins.dispatch import use_triton
 from trtc.plugins.norm import reference
 from trtc.plugins.norm.reference import norm, rms_norm
-from trtc.quantization.layout import quantize_fp8
 
 
 def fused_add_rms_norm(

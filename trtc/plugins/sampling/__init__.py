@@ -3,7 +3,7 @@
 `reference` is the plain PyTorch implementation (any device); fast kernels are checked against it.
 """
 
-from trtc.plugins.sampling.reference import (
+from trtc.plugins.sampling.sampler import (
     SamplingBatch,
     draw_noise,
     make_generator,

@@ -33,7 +33,7 @@ class AttentionMetadata:
             self.max_query_len = max(self.query_lens)
 
     @classmethod
-    def from_batch(cls, batch, device: torch.device) -> "AttentionMetadata":
+    def from_batch(cls, batch, device: torch.device) -> AttentionMetadata:
         """From a ScheduledBatch of the C++ scheduler (numpy arrays)."""
         query_lens = np.asarray(batch.query_lens, dtype=np.int32)
         context_lens = np.asarray(batch.context_lens, dtype=np.int32)

@@ -1,4 +1,8 @@
-"""Loading an engine directory, with the checks that keep a wrong engine from running."""
+"""The engine directory's format: its name and version in config.json, the target it is built for,
+and loading it with the checks that keep a wrong engine from running.
+
+The directory itself is described in trtc/compiler/build.py (cuda backend) and
+trtc/backends/tensorrt/__init__.py (tensorrt backend)."""
 
 from __future__ import annotations
 
@@ -7,12 +11,22 @@ from pathlib import Path
 
 import torch
 
-from trtc.checkpoint import CheckpointConfig, load_weights_file, rank_file
-from trtc.compiler.build import ENGINE_FORMAT, ENGINE_VERSION, detect_target
-from trtc.compiler.build_config import BuildConfig
-from trtc.compiler.build_id import read_build_id
 from trtc.errors import TrtcError
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.build_id import read_build_id
+from trtc.formats.checkpoint import CheckpointConfig, load_weights_file, rank_file
 from trtc.utils.config_json import check_format, read_config_json
+
+ENGINE_FORMAT = "trtc-engine"
+ENGINE_VERSION = 1
+
+
+def detect_target() -> dict:
+    """What the engine is built for: this machine's GPU architecture, or the CPU."""
+    if not torch.cuda.is_available():
+        return {"device": "cpu"}
+    major, minor = torch.cuda.get_device_capability()
+    return {"device": "cuda", "compute_capability": f"{major}.{minor}", "gpu_name": torch.cuda.get_device_name()}
 
 
 @dataclass
@@ -35,7 +49,7 @@ class Engine:
         return self.pretrained.mapping
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Engine":
+    def load(cls, directory: str | Path) -> Engine:
         directory = Path(directory)
         fix = "rebuild the engine with `trtc build`"
         d = read_config_json(directory, "engine directory", fix)
@@ -49,7 +63,7 @@ class Engine:
 
     def check_runtime(self, device: torch.device) -> None:
         """Refuse to run on another GPU architecture than built for (the world size is checked
-        where the ranks start: trtc/runtime/launch.py)."""
+        where the ranks start: trtc/runtime/parallel/launch.py)."""
         built = self.target.get("device")
         if built == "cuda":
             here = detect_target()

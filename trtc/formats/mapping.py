@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trtc.errors import TrtcError
-from trtc.graph import AttentionConfig, ModelGraph
+from trtc.formats.graph import AttentionConfig, ModelGraph
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Mapping:
             raise TrtcError(f"world_size {self.world_size} != tp_size {self.tp_size} x pp_size {self.pp_size}")
 
     @classmethod
-    def for_tp(cls, tp_size: int) -> "Mapping":
+    def for_tp(cls, tp_size: int) -> Mapping:
         return cls(world_size=tp_size, tp_size=tp_size)
 
     def to_dict(self) -> dict[str, int]:

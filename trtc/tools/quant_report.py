@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from trtc.checkpoint import CheckpointConfig
 from trtc.compiler.build import build, build_from_hf
-from trtc.compiler.build_config import BuildConfig
+from trtc.formats.build_config import BuildConfig
+from trtc.formats.checkpoint import CheckpointConfig
 from trtc.quantization.calibration import read_texts
 from trtc.runtime.executor import Executor
-from trtc.runtime.perplexity import perplexity
 from trtc.runtime.sampling_params import SamplingParams
+from trtc.tools.perplexity import perplexity
 
 EVAL_TOKENS = 8192  # scored tokens at most: enough to rank formats, quick on a CPU
 MIN_HELD_OUT = 1024  # fewer held-out calibration tokens than this: score the calibration text's tail
@@ -37,11 +37,12 @@ def eval_tokens(tokenizer, eval_dataset, calib_dataset, calibration_token_count:
     return tail, f"the last {len(tail)} tokens of {names} (not held out: calibration used the whole text)"
 
 
-def quant_report(model_dir: Path, ckpt_dir: Path, tokenizer, eval_dataset, calib_dataset,
-                 calibration_token_count: int) -> dict:
+def quant_report(model_dir: Path, ckpt_dir: Path, tokenizer, eval_dataset, calib_dataset) -> dict:
+    """Compare the checkpoint `trtc quantize` wrote in ckpt_dir with the HF model it came from."""
     config = CheckpointConfig.load(ckpt_dir)
     graph, quant = config.graph, config.quantization or {}
-    ids, source = eval_tokens(tokenizer, eval_dataset, calib_dataset, calibration_token_count)
+    used = (quant.get("calibration") or {}).get("tokens", 0)
+    ids, source = eval_tokens(tokenizer, eval_dataset, calib_dataset, used)
     window = min(512, graph.max_position_embeddings - 1)
     prompts = [([graph.bos_token_id] if graph.bos_token_id is not None else []) + ids[i * 997 : i * 997 + PROMPT_LEN]
                for i in range(NUM_PROMPTS)]

@@ -4,9 +4,9 @@
   layers and the all-gather of the vocab-parallel LM head, inside the forward (and so inside the
   decode CUDA graphs). Its collectives time out after TRTC_COLLECTIVE_TIMEOUT seconds (300 by
   default): a rank that hangs stops the run instead of hanging it. (NCCL's own timeout, whose
-  watchdog ends the process, is NCCL_BACKSTOP_S longer: rank 0's watchdog, trtc/runtime/ranks.py,
+  watchdog ends the process, is NCCL_BACKSTOP_S longer: rank 0's watchdog, trtc/runtime/parallel/ranks.py,
   ends the run first and with a clearer line.)
-* The control plane (gloo, CPU tensors) carries rank 0's step messages (trtc/runtime/step.py). On
+* The control plane (gloo, CPU tensors) carries rank 0's step messages (trtc/runtime/parallel/step.py). On
   the ranks other than 0 its waits have no practical timeout, since the runtime may sit idle
   between requests as long as its user likes (a rank 0 that dies closes its sockets, which they
   notice at once); on rank 0 it has the data plane's timeout, since a gloo send waits until the
@@ -60,7 +60,7 @@ class RankGroup:
         self.aborted = threading.Event()  # set when `abort` has returned
 
     @classmethod
-    def join(cls, rank: int, world_size: int, device: torch.device, store: dist.Store | None = None) -> "RankGroup":
+    def join(cls, rank: int, world_size: int, device: torch.device, store: dist.Store | None = None) -> RankGroup:
         """Join the ranks: through `store` (rank 0 started the others), or through MASTER_ADDR and
         MASTER_PORT (an external launcher). A process group the program made already is reused."""
         backend = "nccl" if device.type == "cuda" else "gloo"

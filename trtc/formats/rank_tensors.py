@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from trtc.checkpoint import rank_file
-from trtc.compiler.layout import combine, engine_shape, engine_tensors
 from trtc.errors import TrtcError
-from trtc.graph import ModelGraph
+from trtc.formats.checkpoint import rank_file
+from trtc.formats.engine_layout import combine, engine_shape, engine_tensors
+from trtc.formats.graph import ModelGraph
 from trtc.utils.safetensors_writer import DTYPE_OF_CODE
 
 

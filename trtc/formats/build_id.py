@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from trtc.checkpoint import rank_file
 from trtc.errors import TrtcError
+from trtc.formats.checkpoint import rank_file
 
 METADATA_KEY = "trtc_build_id"
 ROWS_1D = 1024  # elements sampled at each place of a vector (a norm weight, a bias)

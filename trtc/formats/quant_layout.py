@@ -107,7 +107,7 @@ class QuantConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "QuantConfig | None":
+    def from_dict(cls, d: dict[str, Any] | None) -> QuantConfig | None:
         """None for an unquantized checkpoint (config `quantization` null or all algorithms null)."""
         if not d or (d.get("quant_algo") is None and d.get("kv_cache_quant_algo") is None):
             return None

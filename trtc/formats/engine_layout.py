@@ -2,7 +2,7 @@
 into one GEMM. Everything else keeps the checkpoint's [out_features, in_features] layout, which
 cuBLAS reads as is through torch.
 
-Quantized layers (trtc/quantization/layout.py) fuse too: INT4 weight, weight_scale and
+Quantized layers (trtc/formats/quant_layout.py) fuse too: INT4 weight, weight_scale and
 weight_zero are concatenated along the output rows like a plain weight, pre_quant_scale and
 input_perm must be the same for every part and are kept once. An FP8 fused layer keeps its parts'
 weights as they are and gets a per-row weight_scale [out] (each part's scale over its rows) and
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from trtc.errors import TrtcError
-from trtc.graph import ModelGraph
-from trtc.mapping import Mapping
+from trtc.formats.graph import ModelGraph
+from trtc.formats.mapping import Mapping
 
 # engine module -> the checkpoint modules fused into it, in row order
 FUSED_MODULES = {

@@ -1,5 +1,5 @@
 """The ONNX graphs run by onnxruntime on CPU, with the trtc nodes computed by their reference
-implementations (reference_ops.py): the check that the lowering computes what the cuda backend
+implementations (torch_ops.py): the check that the lowering computes what the cuda backend
 computes, without TensorRT. `OnnxRuntimeRunner` has the model runner's interface, so the executor
 (C++ scheduler, paged KV cache) can drive it step by step.
 
@@ -25,15 +25,15 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from trtc.compiler.build_config import BuildConfig, kv_cache_torch_dtype
 from trtc.errors import TrtcError
-from trtc.graph import ModelGraph
-from trtc.mapping import Mapping
-from trtc.onnx import reference_ops
+from trtc.formats.build_config import BuildConfig, kv_cache_torch_dtype
+from trtc.formats.graph import ModelGraph
+from trtc.formats.mapping import Mapping
+from trtc.onnx import torch_ops
 from trtc.onnx.export import PLUGINS_FILE, onnx_files
 from trtc.onnx.lower import GRAPH_INPUTS, LOGITS, POOL_INPUT, POOL_OUTPUT
 from trtc.onnx.ops import DOMAIN, OPS
-from trtc.runtime.attention_metadata import AttentionMetadata
+from trtc.plugins.attention.metadata import AttentionMetadata
 
 PYOP_DOMAIN = "ai.onnx.contrib"
 
@@ -82,18 +82,18 @@ def register_ops() -> str:
     def paged_attention(qkv, cos, sin, pool, k_scale, v_scale, slots, block_tables, context_lens, query_start_loc, **kw):
         fp8 = pool.dtype == np.uint8
         pool_t = _torch(pool, fp8)
-        out = reference_ops.paged_attention(
+        out = torch_ops.paged_attention(
             _torch(qkv), _torch(cos), _torch(sin), pool_t, _torch(k_scale), _torch(v_scale), _torch(slots),
             _torch(block_tables), _torch(context_lens), _torch(query_start_loc), **kw)
         return out.numpy(), _numpy(pool_t)
 
     @onnx_op(op_type="Fp8Gemm", inputs=[f32, u8, f32, f32], outputs=[f32], attrs=attrs("Fp8Gemm"))
     def fp8_gemm(x, weight, weight_scale, input_scale):
-        return reference_ops.fp8_gemm(_torch(x), _torch(weight, fp8=True), _torch(weight_scale), _torch(input_scale)).numpy()
+        return torch_ops.fp8_gemm(_torch(x), _torch(weight, fp8=True), _torch(weight_scale), _torch(input_scale)).numpy()
 
     @onnx_op(op_type="W4A16Gemm", inputs=[f32, u8, f32, u8], outputs=[f32], attrs=attrs("W4A16Gemm"))
     def w4a16_gemm(x, weight, weight_scale, weight_zero, **kw):
-        return reference_ops.w4a16_gemm(_torch(x), _torch(weight), _torch(weight_scale), _torch(weight_zero), **kw).numpy()
+        return torch_ops.w4a16_gemm(_torch(x), _torch(weight), _torch(weight_scale), _torch(weight_zero), **kw).numpy()
 
     @onnx_op(op_type="AllReduce", inputs=[f32], outputs=[f32], attrs=attrs("AllReduce"))
     def all_reduce(x, tp_size, rank):

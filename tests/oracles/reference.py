@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trtc.checkpoint import CheckpointConfig, load_rank_weights, torch_dtype
-from trtc.graph import ModelGraph
-from trtc.mapping import Mapping
-from trtc.plugins.gemm import linear
+from trtc.formats.checkpoint import CheckpointConfig, load_rank_weights, torch_dtype
+from trtc.formats.graph import ModelGraph
+from trtc.formats.mapping import Mapping
+from trtc.formats.quant_layout import QuantConfig, dequantize_fp8, in_model_dtype, quantize_fp8
 from trtc.plugins.activation.reference import ACTIVATION_FNS, gated_activation
 from trtc.plugins.attention.reference import attention
 from trtc.plugins.attention.rope import apply_rope, inv_freq, rope_cos_sin
+from trtc.plugins.gemm import linear
 from trtc.plugins.norm.reference import norm, rms_norm
-from trtc.quantization.layout import QuantConfig, dequantize_fp8, in_model_dtype, quantize_fp8
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ReferenceModel:
     @classmethod
     def from_checkpoint(
         cls, directory: str | Path, device: str | torch.device = "cpu", dtype: str | None = None
-    ) -> "ReferenceModel":
+    ) -> ReferenceModel:
         config = CheckpointConfig.load(Path(directory))
         ranks = [load_rank_weights(Path(directory), r, device) for r in range(config.mapping.tp_size)]
         if dtype is not None:  # the model dtype; quantized tensors and scales keep theirs

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from trtc.checkpoint import torch_dtype
 from trtc.errors import TrtcError
-from trtc.graph import ModelGraph
+from trtc.formats.checkpoint import torch_dtype
+from trtc.formats.graph import ModelGraph
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp8")
 
@@ -37,7 +37,7 @@ class BuildConfig:
                 f"--kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use one of: {', '.join(KV_CACHE_DTYPES)}"
             )
 
-    def resolved(self, graph: ModelGraph, dtype: str, quantization: dict | None = None) -> "BuildConfig":
+    def resolved(self, graph: ModelGraph, dtype: str, quantization: dict | None = None) -> BuildConfig:
         """The config with defaults decided for this model (what the engine records)."""
         kv_scales = bool(quantization) and quantization.get("kv_cache_quant_algo") == "FP8"
         kv = self.kv_cache_dtype

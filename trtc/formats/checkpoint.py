@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from trtc import __version__
 from trtc.errors import TrtcError
-from trtc.graph import ModelGraph
-from trtc.mapping import Mapping
+from trtc.formats.graph import ModelGraph
+from trtc.formats.mapping import Mapping
 from trtc.utils.config_json import check_format, read_config_json
+from trtc.version import __version__
 
 CHECKPOINT_FORMAT = "trtc-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -59,14 +59,14 @@ class CheckpointConfig:
         (Path(directory) / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> "CheckpointConfig":
+    def load(cls, directory: Path) -> CheckpointConfig:
         fix = "convert the model again with `trtc convert`"
         d = read_config_json(Path(directory), "checkpoint directory", fix)
         check_format(d, directory, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, fix)
         return cls.from_dict(d)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CheckpointConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointConfig:
         return cls(
             graph=ModelGraph.from_dict(d["graph"]),
             mapping=Mapping(**d["mapping"]),

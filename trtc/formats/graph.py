@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from trtc.errors import TrtcError
 
 if TYPE_CHECKING:
-    from trtc.quantization.layout import QuantConfig
+    from trtc.formats.quant_layout import QuantConfig
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -124,7 +124,7 @@ class ModelGraph:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelGraph":
+    def from_dict(cls, d: dict[str, Any]) -> ModelGraph:
         d = dict(d)
         d["layers"] = [
             DecoderLayerConfig(
@@ -140,9 +140,9 @@ class ModelGraph:
         d["final_norm"] = NormConfig(**d["final_norm"])
         return cls(**d)
 
-    def weight_shapes(self, quant: "QuantConfig | None" = None) -> dict[str, tuple[int, ...]]:
+    def weight_shapes(self, quant: QuantConfig | None = None) -> dict[str, tuple[int, ...]]:
         """Every tensor of an unsharded checkpoint with its shape, in a fixed order. With `quant`,
-        quantized linear layers hold the tensors of trtc/quantization/layout.py instead of a
+        quantized linear layers hold the tensors of trtc/formats/quant_layout.py instead of a
         model-dtype weight (optional ones, `quant.is_optional`, included), and FP8 KV-cache
         scales are added."""
         h, v = self.hidden_size, self.vocab_size

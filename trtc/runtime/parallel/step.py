@@ -44,7 +44,7 @@ class Step:
     cuda_graph: bool = False  # replayed from the decode graph of its batch size (logits of every row)
 
     @classmethod
-    def from_batch(cls, batch, logits_indices: np.ndarray | None, cuda_graph: bool) -> "Step":
+    def from_batch(cls, batch, logits_indices: np.ndarray | None, cuda_graph: bool) -> Step:
         return cls(
             batch.input_ids, batch.positions, batch.slot_mapping, np.asarray(batch.block_tables), batch.query_lens,
             batch.context_lens, np.zeros(0, np.int32) if logits_indices is None else logits_indices.astype(np.int32),
@@ -61,7 +61,7 @@ class Step:
         return np.concatenate([np.asarray(header, np.int32)] + [np.asarray(p, np.int32).reshape(-1) for p in parts])
 
     @classmethod
-    def unpack(cls, message: np.ndarray) -> "Step":
+    def unpack(cls, message: np.ndarray) -> Step:
         kind, b, t, s, w, decodes, prefills, _ = (int(v) for v in message[:HEADER_INTS])
         sizes = [t, t, t, b * w, b, b, s]
         ends = np.cumsum([HEADER_INTS] + sizes)

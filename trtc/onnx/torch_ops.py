@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from trtc.plugins.attention import paged_attention as dispatch_attention, rope_and_write_kv
+from trtc.plugins.attention import paged_attention as dispatch_attention
+from trtc.plugins.attention import rope_and_write_kv
+from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.dispatch import use_triton
 from trtc.plugins.gemm import linear
 from trtc.plugins.gemm.w4a16 import SYMMETRIC_ZERO
-from trtc.runtime.attention_metadata import AttentionMetadata
 
 
 def step_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,

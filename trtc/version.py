@@ -1,0 +1,3 @@
+"""The trtc version, written into every checkpoint and engine."""
+
+__version__ = "0.1.0"
