@@ -54,7 +54,7 @@ def main() -> None:
         mats.append(w["embedding.weight"])
     xs = [torch.randn(1, m.shape[1], dtype=m.dtype, device="cuda") for m in mats]
     gemm_ms = graph_ms(lambda: [F.linear(x, m) for x, m in zip(xs, mats)])
-    step_ms = replay_ms(ex.cuda_graphs.graphs[1])
+    step_ms = replay_ms(ex.worker.cuda_graphs.graphs[1])
     bw = measure_bandwidth(torch.device("cuda"))
     weight_bytes = sum(m.numel() * m.element_size() for m in mats)
     print(f"{'batch-1 decode step':<40}{'ms':>8}{'% of floor':>12}")

@@ -17,7 +17,6 @@ import torch
 
 from trtc.compiler.build import build
 from trtc.llm import LLM
-from trtc.plugins.gemm.tactics import TACTICS
 from trtc.runtime.executor import Executor
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.tools.perplexity import perplexity
@@ -52,7 +51,7 @@ def test_gpu_perplexity_matches_cpu_reference(quantized_engine, fixtures_dir):
     tok = AutoTokenizer.from_pretrained(fixtures_dir / "books-16M")
     ids = tok((fixtures_dir / "text" / "alice_in_wonderland.txt").read_text(), add_special_tokens=False).input_ids[:4088]
     gpu_ex = Executor(engine, kv_cache_max_tokens=8192)
-    assert gpu_ex.cuda_graphs is not None  # quantized decode is captured too
+    assert gpu_ex.worker.cuda_graphs is not None  # quantized decode is captured too
     gpu = perplexity(gpu_ex, ids, 512, 1).perplexity
     gpu_ex.close()
     cpu = perplexity(Executor(engine, device="cpu", kv_cache_max_tokens=8192), ids, 512, 1).perplexity
@@ -79,6 +78,8 @@ def test_build_stored_tactics(quantized_engine):
     assert gemm and all(key.startswith(kind) for key in gemm)
     assert all("1" in per_bucket and "16" in per_bucket for per_bucket in gemm.values())
     assert tactics["decode_attention"]
-    LLM(engine)  # loading installs them
-    for key, per_bucket in gemm.items():
-        assert TACTICS.choose(key, 1).impl == per_bucket["1"]["impl"]
+    with LLM(engine) as llm:  # its runner holds them
+        runner = llm.executor.runner
+        for key, per_bucket in gemm.items():
+            assert runner.gemm_tactics.choose(key, 1).impl == per_bucket["1"]["impl"]
+        assert set(runner.decode_tactics) == set(tactics["decode_attention"])

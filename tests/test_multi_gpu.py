@@ -62,7 +62,7 @@ def generate(engine, prompts, **kw) -> tuple[list[list[int]], bool]:
     """Greedy tokens of each prompt, and whether decode ran from CUDA graphs."""
     with LLM(engine, **kw) as llm:
         out = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, end_id=-1))]
-        return out, llm.executor.cuda_graphs is not None
+        return out, llm.executor.worker.cuda_graphs is not None
 
 
 def teacher_forced(engine, sequences) -> list[torch.Tensor]:

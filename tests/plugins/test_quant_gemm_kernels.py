@@ -17,7 +17,7 @@ from trtc.formats.quant_layout import pack_int4, quantize_fp8
 from trtc.plugins.gemm import linear, w4a16_packed
 from trtc.plugins.gemm.fp8 import fp8_linear
 from trtc.plugins.gemm.linear import run_tactic
-from trtc.plugins.gemm.tactics import TACTICS, Tactic, default_tactic, gemm_key
+from trtc.plugins.gemm.tactics import Tactic, TacticTable, default_tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
 from trtc.plugins.gemm.w4a16_packed import pack, pack_layer, unpack
 
@@ -244,15 +244,15 @@ def test_split_k_is_deterministic_and_reusable():
 
 @pytest.mark.gpu
 @cuda
-def test_linear_dispatch_runs_the_installed_tactic():
+def test_linear_dispatch_runs_the_given_tactic():
     w = {f"q.{k}": v for k, v in make_int4(512, 1024, 128, True, False, False, 3, "cuda").items()}
     x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
     ref = w4a16_linear(x.float(), w["q.weight"], w["q.weight_scale"], w["q.weight_zero"])
     key = gemm_key(w["q.weight"], w["q.weight_scale"])
     for split in (1, 4):
-        TACTICS.install({key: {"1": {"impl": "triton", "block_n": 32, "split_k": split}}})
-        assert TACTICS.choose(key, 2).split_k == split
-        close(linear(x, w, "q"), ref)
+        tactics = TacticTable({key: {"1": {"impl": "triton", "block_n": 32, "split_k": split}}})
+        assert tactics.choose(key, 2).split_k == split
+        close(linear(x, w, "q", tactics=tactics), ref)
 
 
 @pytest.mark.gpu
@@ -296,12 +296,13 @@ def test_tactic_table_and_defaults():
     assert default_tactic("w4a16:n64:k256:g128", 1) == Tactic("cuda", block_n=16)
     assert default_tactic("w4a16:n64:k256:g128", 1, packed=False).impl == "triton"
     assert default_tactic("w4a16:n64:k256:g128", 4096).impl == "dequant_mm"
-    TACTICS.install({"w4a16:n7:k256:g128": {"1": {"impl": "triton", "split_k": 8},
-                                            "16": {"impl": "triton", "block_n": 128, "split_k": 2}}})
-    assert TACTICS.choose("w4a16:n7:k256:g128", 1).split_k == 8
-    assert TACTICS.choose("w4a16:n7:k256:g128", 3) == Tactic("triton", block_n=128, split_k=2)
-    assert TACTICS.choose("w4a16:n7:k256:g128", 5000) == Tactic("triton", block_n=128, split_k=2)
-    assert TACTICS.choose("w4a16:n8:k256:g128", 5) == default_tactic("w4a16:n8:k256:g128", 5)
+    tactics = TacticTable({"w4a16:n7:k256:g128": {"1": {"impl": "triton", "split_k": 8},
+                                                  "16": {"impl": "triton", "block_n": 128, "split_k": 2}}})
+    assert tactics.choose("w4a16:n7:k256:g128", 1).split_k == 8
+    assert tactics.choose("w4a16:n7:k256:g128", 3) == Tactic("triton", block_n=128, split_k=2)
+    assert tactics.choose("w4a16:n7:k256:g128", 5000) == Tactic("triton", block_n=128, split_k=2)
+    assert tactics.choose("w4a16:n8:k256:g128", 5) == default_tactic("w4a16:n8:k256:g128", 5)
+    assert TacticTable().choose("w4a16:n7:k256:g128", 1) == default_tactic("w4a16:n7:k256:g128", 1)
 
 
 def _interpreter_cases() -> None:

@@ -4,7 +4,7 @@ A decode-only batch of B requests is padded up to the nearest captured size: pad
 token 0 at position 0, write their K/V into a scratch block outside the scheduler's pool, and
 their logits are dropped. Applied from outside the model: the runner's forward is captured as is.
 With tensor parallelism every rank captures the same sizes in the same order (the all-reduces are
-inside the graphs) and replays the graph rank 0 picks for the step (trtc/runtime/parallel/step.py).
+inside the graphs) and replays the graph the step picks (trtc/runtime/parallel/step.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from trtc.plugins.attention.metadata import AttentionMetadata
+from trtc.runtime.parallel.step import Step
 
 _LIVE: weakref.WeakSet[DecodeCudaGraphs] = weakref.WeakSet()
 
@@ -78,22 +79,24 @@ class DecodeCudaGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def can_run(self, batch) -> bool:
-        b = len(batch.context_lens)
-        return (b > 0 and int(batch.num_prefill_tokens) == 0 and b <= self.sizes[-1]
-                and np.asarray(batch.block_tables).shape[1] <= self.width)
+    def can_run(self, step: Step) -> bool:
+        """A decode-only step of at most the largest captured batch size that wants the logits of
+        every sequence in order (what a graph computes)."""
+        b = len(step.context_lens)
+        return (step.decode_only and b <= self.sizes[-1] and step.block_tables.shape[1] <= self.width
+                and len(step.logits_indices) == b and bool((step.logits_indices == np.arange(b)).all()))
 
-    def run(self, batch) -> torch.Tensor:
-        """Logits [B, vocab] f32 of a decode-only batch (a ScheduledBatch or a Step)."""
-        b = len(batch.context_lens)
+    def run(self, step: Step) -> torch.Tensor:
+        """Logits [B, vocab] f32 of a step that can_run."""
+        b = len(step.context_lens)
         bs = next(s for s in self.sizes if s >= b)
-        tables = np.asarray(batch.block_tables, dtype=np.int32)
+        tables = np.asarray(step.block_tables, dtype=np.int32)
         ids_pos_slot, block_tables, ctx = (self.host_ids_pos_slot.numpy(), self.host_block_tables.numpy(),
                                            self.host_context_lens.numpy())
-        ids_pos_slot[0, :b], ids_pos_slot[1, :b], ids_pos_slot[2, :b] = batch.input_ids, batch.positions, batch.slot_mapping
+        ids_pos_slot[0, :b], ids_pos_slot[1, :b], ids_pos_slot[2, :b] = step.input_ids, step.positions, step.slot_mapping
         ids_pos_slot[:2, b:bs], ids_pos_slot[2, b:bs] = 0, self.scratch_slot  # padding rows: token 0 into the scratch slot
         block_tables[:b, : tables.shape[1]] = tables
-        ctx[:b], ctx[b:bs] = batch.context_lens, 1
+        ctx[:b], ctx[b:bs] = step.context_lens, 1
         # The host buffers are rewritten only after the caller has read this step's tokens, so after
         # these copies are done.
         self.ids_pos_slot.copy_(self.host_ids_pos_slot, non_blocking=True)

@@ -123,10 +123,6 @@ class Executor:
         return self.worker.runner
 
     @property
-    def cuda_graphs(self):
-        return self.worker.cuda_graphs
-
-    @property
     def num_blocks(self) -> int:
         return self.worker.num_blocks
 
@@ -156,20 +152,18 @@ class Executor:
         return self._postprocess(updates, logprobs)
 
     def _run(self, batch) -> tuple[list[int], dict[int, float]]:
-        """Forward the batch and sample a token for every request whose chunk reached its end.
+        """Plan the step, run it, and sample a token for every request whose chunk reached its end.
         Returns the tokens in batch order and each sampled request's logprob by request id."""
-        sample_rows = np.flatnonzero(np.asarray(batch.sample))
         if len(batch.request_ids) == 0:
             return [], {}
-        query_lens = np.asarray(batch.query_lens)
-        ends = np.cumsum(query_lens) - 1
         rids = np.asarray(batch.request_ids)
+        query_lens = np.asarray(batch.query_lens)
+        ends = np.cumsum(query_lens) - 1  # each sequence's last fed token
+        sample_rows = np.flatnonzero(np.asarray(batch.sample))
         keep = [i for i, rid in enumerate(rids) if self.requests[int(rid)].prompt_logits is not None]
-        if self.cuda_graphs is not None and not keep and len(sample_rows) == len(rids) and self.cuda_graphs.can_run(batch):
-            logits = self._execute(Step.from_batch(batch, None, cuda_graph=True))  # [B, vocab]: every row samples
-            return self._sample(rids, logits)
+        # logits rows: the sampled sequences' last tokens, then every token of those keeping prompt logits
         index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
-        logits = self._execute(Step.from_batch(batch, index, cuda_graph=False))  # [len(index), vocab]
+        logits = self._execute(Step.from_batch(batch, index))  # [len(index), vocab]
         offset = len(sample_rows)
         for i in keep:  # rows written by position: a recompute after preemption writes the same rows again
             n = int(query_lens[i])

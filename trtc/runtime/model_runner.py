@@ -25,14 +25,14 @@ from trtc.formats.graph import NormConfig
 from trtc.formats.quant_layout import FP8
 from trtc.plugins.activation import ACTIVATION_FNS, gated_activation, silu_and_mul
 from trtc.plugins.attention import (
-    install_decode_tactics,
+    decode_tactics,
     paged_attention,
     rope_and_write_kv,
 )
 from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
-from trtc.plugins.gemm.tactics import TACTICS
+from trtc.plugins.gemm.tactics import TacticTable
 from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
 from trtc.runtime.parallel.distributed import RankGroup
 
@@ -54,8 +54,8 @@ class ModelRunner:
 
             split_k_locks(device)  # before any CUDA graph capture
             prepare_weights(self.w, self.dtype, device)  # INT4 layers: the CUDA kernel's layout beside the engine's
-        TACTICS.install(engine.tactics.get("gemm", {}))
-        install_decode_tactics(engine.tactics.get("decode_attention", {}))
+        self.gemm_tactics = TacticTable(engine.tactics.get("gemm"))  # tuned at build, this engine's own
+        self.decode_tactics = decode_tactics(engine.tactics.get("decode_attention"))
         fp8_kv = self.build_config.kv_cache_dtype == "fp8"  # per-layer (k, v) scales of an FP8 pool
         self._kv_scales = [
             (self.w[f"layers.{i}.attention.k_cache_scale"], self.w[f"layers.{i}.attention.v_cache_scale"])
@@ -110,6 +110,12 @@ class ModelRunner:
                                  context_lens=lens)
         input_ids = torch.zeros(tokens, dtype=torch.long, device=dev)
         return input_ids, meta, torch.arange(min(tokens, bc.max_batch_size), device=dev)
+
+    def release(self) -> None:
+        """Free the weights and the KV-cache pool now; the runner is unusable after."""
+        self.k_cache, self.v_cache, self.w = [], [], {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.w.values())
@@ -191,7 +197,7 @@ class ModelRunner:
         w, a, p = self.w, self.graph.layers[i].attention, f"layers.{i}.attention."
         t = x.shape[0]
         nq, nk, nv = local_qkv_sizes(self.graph, self.mapping, i)
-        qkv = linear(x, w, p + "qkv", out_dtype=self.dtype)  # [T, nq + nk + nv]
+        qkv = self._linear(x, p + "qkv", out_dtype=self.dtype)  # [T, nq + nk + nv]
         q, k, v = qkv.split([nq, nk, nv], dim=-1)
         q = q.reshape(t, -1, a.head_dim)  # [T, Hq, D]
         k = k.reshape(t, -1, a.head_dim)  # [T, Hkv, D]
@@ -204,17 +210,20 @@ class ModelRunner:
         q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i],
                                  meta.slot_mapping, k_scale, v_scale)
         out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap,
-                              k_scale=k_scale, v_scale=v_scale)
-        return linear(out.reshape(t, -1), w, p + "o", bias=False, out_dtype=self.dtype)
+                              k_scale=k_scale, v_scale=v_scale, tactics=self.decode_tactics)
+        return self._linear(out.reshape(t, -1), p + "o", bias=False, out_dtype=self.dtype)
+
+    def _linear(self, x: torch.Tensor, name: str, **kwargs) -> torch.Tensor:
+        return linear(x, self.w, name, tactics=self.gemm_tactics, **kwargs)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         m, w, p = self.graph.layers[i].mlp, self.w, f"layers.{i}.mlp."
         if m.gated:
-            gate_up = linear(x, w, p + "gate_up", out_dtype=self.dtype)  # [T, 2 * intermediate]
+            gate_up = self._linear(x, p + "gate_up", out_dtype=self.dtype)  # [T, 2 * intermediate]
             if m.activation == "silu":  # quantized for down in the same kernel when down is FP8
                 y = silu_and_mul(gate_up, w.get(p + "down.input_scale"))
             else:
                 y = gated_activation(*gate_up.chunk(2, dim=-1), m.activation)
         else:
-            y = ACTIVATION_FNS[m.activation](linear(x, w, p + "up", out_dtype=self.dtype))
-        return linear(y, w, p + "down", bias=False, out_dtype=self.dtype)
+            y = ACTIVATION_FNS[m.activation](self._linear(x, p + "up", out_dtype=self.dtype))
+        return self._linear(y, p + "down", bias=False, out_dtype=self.dtype)

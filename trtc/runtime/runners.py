@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from trtc.errors import TrtcError
+from trtc.formats.build_config import BuildConfig
 from trtc.formats.engine import Engine
+from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.runtime.model_runner import ModelRunner
 
 
-def make_runner(engine: Engine, device: torch.device, rank: int = 0, group=None):
-    """A ModelRunner, or a TensorRTRunner (same interface) for an engine of backend tensorrt.
+class Runner(Protocol):
+    """What a rank's worker asks of a model runner. The runner owns the rank's weights and its
+    KV-cache pool; the worker sizes the pool and captures the decode CUDA graphs around it."""
+
+    device: torch.device
+    build_config: BuildConfig
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T]; logits_indices: [S]. Returns logits [S, vocab] float32."""
+
+    def allocate_kv_cache(self, num_blocks: int) -> None: ...
+
+    def activation_peak_bytes(self) -> int:
+        """Device memory a step of max_num_tokens needs besides the weights and the pool."""
+
+    def graph_capturable(self) -> bool: ...
+
+    def weight_bytes(self) -> int: ...
+
+    def kv_cache_bytes(self) -> int: ...
+
+    def release(self) -> None:
+        """Free the weights and the pool now; the runner is unusable after."""
+
+
+def make_runner(engine: Engine, device: torch.device, rank: int = 0, group=None) -> Runner:
+    """A ModelRunner, or a TensorRTRunner for an engine of backend tensorrt.
     group: the ranks' process groups (tensor parallelism), None for one rank."""
     if engine.backend != "tensorrt":
         return ModelRunner(engine, device, rank, group)

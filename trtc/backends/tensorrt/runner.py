@@ -18,6 +18,8 @@ from trtc.plugins.attention.metadata import AttentionMetadata
 
 
 class TensorRTRunner:
+    """The runtime's model runner (trtc/runtime/runners.py `Runner`) over one rank's TensorRT plan."""
+
     def __init__(self, engine: Engine, device: torch.device, rank: int = 0) -> None:
         if device.type != "cuda":
             raise TrtcError(f"engine {engine.directory} is a TensorRT engine and runs on a GPU; this run has none")
@@ -34,8 +36,6 @@ class TensorRTRunner:
             self.context = self.plan.create_execution_context()
         self.plan_bytes = len(plan)
         self.k_cache: list[torch.Tensor] = []  # the pools, [2, N, P, Hkv, D] per layer (K and V stacked)
-        self.v_cache: list[torch.Tensor] = []
-        self.w: dict = {}
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         most = dim_ranges(self.build_config)[NB][2]
@@ -49,6 +49,11 @@ class TensorRTRunner:
                          l.attention.head_dim), dtype=kv_dtype, device=self.device)
             for l in self.graph.layers
         ]
+
+    def release(self) -> None:
+        """Free the pools and the plan now; the runner is unusable after."""
+        self.k_cache, self.context, self.plan = [], None, None
+        torch.cuda.empty_cache()
 
     def activation_peak_bytes(self) -> int:
         return 0  # the execution context allocated its activation memory when it was created

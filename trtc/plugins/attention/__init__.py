@@ -21,21 +21,21 @@ from trtc.plugins.attention import paged
 from trtc.plugins.attention.rope import apply_rope
 from trtc.plugins.dispatch import use_triton
 
-DECODE_TACTICS: dict[str, dict[int, dict]] = {}  # config.json tactics["decode_attention"], installed at load
+DecodeTactics = dict[str, dict[int, dict]]  # key -> {tuned batch size: {"block_n", "num_warps"}}
 
 
-def install_decode_tactics(tactics: dict[str, dict[str, dict]]) -> None:
-    for key, per_batch in tactics.items():
-        DECODE_TACTICS.setdefault(key, {}).update({int(b): cfg for b, cfg in per_batch.items()})
+def decode_tactics(config: dict[str, dict[str, dict]] | None) -> DecodeTactics:
+    """An engine's decode-attention tactics from config.json's tactics["decode_attention"]."""
+    return {key: {int(b): cfg for b, cfg in per_batch.items()} for key, per_batch in (config or {}).items()}
 
 
 def decode_tactic_key(q_heads: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> str:
     return f"decode:hq{q_heads}:hkv{kv_heads}:d{head_dim}:{str(kv_dtype).removeprefix('torch.')}"
 
 
-def _decode_tactic(q: torch.Tensor, k_cache: torch.Tensor, batch: int) -> dict:
+def _decode_tactic(q: torch.Tensor, k_cache: torch.Tensor, batch: int, tactics: DecodeTactics | None) -> dict:
     """The tuned {"block_n", "num_warps"} of the smallest tuned batch size >= batch, or {}."""
-    per_batch = DECODE_TACTICS.get(decode_tactic_key(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.dtype))
+    per_batch = (tactics or {}).get(decode_tactic_key(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.dtype))
     if not per_batch:
         return {}
     return per_batch[min((b for b in per_batch if b >= batch), default=max(per_batch))]
@@ -66,12 +66,13 @@ def rope_and_write_kv(
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
     sliding_window: int | None = None, soft_cap: float | None = None, out: torch.Tensor | None = None,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, tactics: DecodeTactics | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D] of a mixed batch described by meta (an AttentionMetadata: the first
     meta.num_decodes sequences are decodes, the rest prefill chunks over a cached prefix, their K/V
     already in the cache). Returns out [T, Hq, D] (written into `out` when given, e.g. a CUDA graph's
-static buffer). An FP8 pool takes k_scale and v_scale. The decode-only case is CUDA-graph capturable."""
+static buffer). An FP8 pool takes k_scale and v_scale; tactics: the engine's tuned decode tactics.
+The decode-only case is CUDA-graph capturable."""
     if _kernels_take(q, k_cache):
         from trtc.plugins.attention.triton_decode import decode_attention
         from trtc.plugins.attention.triton_prefill import prefill_attention
@@ -81,7 +82,7 @@ static buffer). An FP8 pool takes k_scale and v_scale. The decode-only case is C
         if nd:
             decode_attention(q[:nd], k_cache, v_cache, meta.block_tables, meta.context_lens_tensor, scale,
                              sliding_window, soft_cap, out=out[:nd], k_scale=k_scale, v_scale=v_scale,
-                             **_decode_tactic(q, k_cache, nd))
+                             **_decode_tactic(q, k_cache, nd, tactics))
         if num_seqs > nd:
             prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.context_lens_tensor,
                               nd, num_seqs - nd, meta.max_query_len, scale, sliding_window, soft_cap, out=out,

@@ -33,18 +33,18 @@ class AttentionMetadata:
             self.max_query_len = max(self.query_lens)
 
     @classmethod
-    def from_batch(cls, batch, device: torch.device) -> AttentionMetadata:
-        """From a ScheduledBatch of the C++ scheduler (numpy arrays)."""
-        query_lens = np.asarray(batch.query_lens, dtype=np.int32)
-        context_lens = np.asarray(batch.context_lens, dtype=np.int32)
+    def from_step(cls, step, device: torch.device) -> AttentionMetadata:
+        """From a runtime step's host arrays (trtc/runtime/parallel/step.py `Step`)."""
+        query_lens = np.asarray(step.query_lens, dtype=np.int32)
+        context_lens = np.asarray(step.context_lens, dtype=np.int32)
         return cls(
-            positions=torch.from_numpy(np.asarray(batch.positions, dtype=np.int64)).to(device),
-            slot_mapping=torch.from_numpy(np.asarray(batch.slot_mapping, dtype=np.int64)).to(device),
-            block_tables=torch.from_numpy(np.asarray(batch.block_tables, dtype=np.int32)).to(device),
+            positions=torch.from_numpy(np.asarray(step.positions, dtype=np.int64)).to(device),
+            slot_mapping=torch.from_numpy(np.asarray(step.slot_mapping, dtype=np.int64)).to(device),
+            block_tables=torch.from_numpy(np.asarray(step.block_tables, dtype=np.int32)).to(device),
             query_lens=query_lens.tolist(),
             context_lens=context_lens.tolist(),
             query_start_loc=torch.from_numpy(np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)).to(device),
             context_lens_tensor=torch.from_numpy(context_lens).to(device),
-            num_decodes=int(batch.num_decode_tokens),
+            num_decodes=int(step.num_decode_tokens),
             max_query_len=int(query_lens.max(initial=0)),
         )

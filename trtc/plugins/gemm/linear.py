@@ -5,7 +5,7 @@ weights go to cuBLAS through torch (on a GPU) or to torch's CPU GEMM. A quantize
 (trtc/formats/quant_layout.py) is recognised by its tensors: `name.input_scale` means FP8 W8A8,
 `name.weight_scale` without it means INT4 weight-only (W4A16). So the forwards that call `linear`
 know nothing of quantization. On CUDA the quantized GEMMs run the tactic the build chose for
-their shape (tactics.py): trtc's CUDA C++ W4A16 kernel for decode-sized M (w4a16_packed.py), its
+their shape (tactics.py, the engine's TacticTable passed in by its model runner): trtc's CUDA C++ W4A16 kernel for decode-sized M (w4a16_packed.py), its
 Triton kernels (triton_quant.py) or, for FP8, cuBLASLt through `torch._scaled_mm`; elsewhere the
 PyTorch references (fp8.py, w4a16.py).
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from trtc.formats.quant_layout import FP8
 from trtc.plugins.dispatch import triton_available
 from trtc.plugins.gemm.fp8 import fp8_linear
-from trtc.plugins.gemm.tactics import TACTICS, Tactic, default_tactic, gemm_key
+from trtc.plugins.gemm.tactics import Tactic, TacticTable, default_tactic, gemm_key
 from trtc.plugins.gemm.w4a16 import w4a16_linear
 from trtc.plugins.gemm.w4a16_packed import MAX_M, PACKED_TENSORS
 
@@ -31,24 +31,25 @@ DEQUANT_MM = Tactic("dequant_mm")
 
 def linear(
     x: torch.Tensor, weights: dict[str, torch.Tensor], name: str, bias: bool = True,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, tactics: TacticTable | None = None,
 ) -> torch.Tensor:
     """x: [..., in] -> [..., out]. Row-parallel layers pass bias=False: their bias is added once,
-    after the all-reduce of the partial results. out_dtype: the output dtype when x is FP8."""
+    after the all-reduce of the partial results. out_dtype: the output dtype when x is FP8.
+    tactics: the engine's tuned GEMM tactics (None: the defaults)."""
     b = weights.get(name + ".bias") if bias else None
     if name + ".weight_scale" not in weights:
         return F.linear(x, weights[name + ".weight"], b)
     w = {t: weights[f"{name}.{t}"] for t in QUANT_TENSORS if f"{name}.{t}" in weights}
     out_dtype = out_dtype or x.dtype
     if x.is_cuda and triton_available() and out_dtype in (torch.bfloat16, torch.float16):
-        return _quantized_cuda(x, w, b, out_dtype)
+        return _quantized_cuda(x, w, b, out_dtype, tactics)
     if "input_scale" in w:
         return fp8_linear(x, w["weight"], w["weight_scale"], w["input_scale"], b, out_dtype)
     return run_tactic(DEQUANT_MM, x, w, out_dtype, b)
 
 
 def _quantized_cuda(x: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Tensor | None,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+                    out_dtype: torch.dtype, tactics: TacticTable | None) -> torch.Tensor:
     from trtc.plugins.gemm.act_quant import quantize_activation
 
     lead = x.shape[:-1]
@@ -58,7 +59,7 @@ def _quantized_cuda(x: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Ten
     if "input_scale" in w and x2.dtype != FP8:
         x2 = quantize_activation(x2, w["input_scale"])
     m, key = x2.shape[0], gemm_key(w["weight"], w["weight_scale"])
-    tactic = TACTICS.choose(key, m)
+    tactic = tactics.choose(key, m) if tactics is not None else default_tactic(key, m)
     if tactic.impl == "cuda" and ("packed_weight" not in w or m > MAX_M):  # no NVRTC here, or M past the kernel
         tactic = default_tactic(key, m, packed=False)
     y = run_tactic(tactic, x2, w, out_dtype, bias)

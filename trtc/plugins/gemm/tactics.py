@@ -3,8 +3,9 @@
 A quantized linear layer is identified by its kind and shape (`gemm_key`); the rows M of a call
 fall into a bucket: the smallest tuned bucket at least M. The build times the candidates of each
 (key, bucket) the engine will see on the build GPU (trtc/compiler/autotune.py) and stores the
-winners in the engine's config.json; the runtime installs them at load, so nothing is tuned while
-serving. A shape without a stored tactic (an engine built on a CPU) gets `default_tactic`.
+winners in the engine's config.json; the engine's model runner reads them into its TacticTable at
+load and passes it to every GEMM, so nothing is tuned while serving and two engines in one process
+keep their own. A shape without a stored tactic (an engine built on a CPU) gets `default_tactic`.
 """
 
 from __future__ import annotations
@@ -59,15 +60,13 @@ def default_tactic(key: str, m: int, packed: bool = True) -> Tactic:
 
 
 class TacticTable:
-    """key -> {tuned bucket: Tactic}: the tactics of the engines loaded in this process."""
+    """key -> {tuned bucket: Tactic}: one engine's GEMM tactics, held by its model runner."""
 
-    def __init__(self) -> None:
-        self._table: dict[str, dict[int, Tactic]] = {}
-
-    def install(self, gemm_tactics: dict[str, dict[str, dict]]) -> None:
+    def __init__(self, gemm_tactics: dict[str, dict[str, dict]] | None = None) -> None:
         """gemm_tactics: config.json's tactics["gemm"]: {key: {bucket: Tactic fields}}."""
-        for key, per_bucket in gemm_tactics.items():
-            self._table.setdefault(key, {}).update({int(b): Tactic(**t) for b, t in per_bucket.items()})
+        self._table: dict[str, dict[int, Tactic]] = {
+            key: {int(b): Tactic(**t) for b, t in per_bucket.items()} for key, per_bucket in (gemm_tactics or {}).items()
+        }
 
     def choose(self, key: str, m: int) -> Tactic:
         """The tactic tuned for the smallest tuned bucket >= M (the largest one past them all)."""
@@ -76,8 +75,6 @@ class TacticTable:
             return default_tactic(key, m)
         return tuned[min((b for b in tuned if b >= m), default=max(tuned))]
 
-
-TACTICS = TacticTable()
 
 
 def to_config(tuned: dict[str, dict[int, Tactic]]) -> dict[str, dict[str, dict]]:

@@ -1,16 +1,17 @@
 """One step's model inputs, as rank 0 sends them to the other ranks.
 
-Rank 0 owns the scheduler; every rank runs the same forward on the same inputs (its own shard of
-the weights and of the KV heads), so the step carries exactly what the forward needs: the fed
-tokens, their positions and KV slots, the block tables and lengths, the rows whose logits are
-wanted, and whether the step is replayed from a decode CUDA graph (every rank then replays the
-same graph, since collectives are inside it). Rank 0 runs from the same `Step` it sends.
+The executor plans each step from the scheduler's batch into a `Step`: the one batch type below
+the executor. Every rank runs the same forward on the same inputs (its own shard of the weights and
+of the KV heads), so the step carries exactly what the forward needs: the fed tokens, their
+positions and KV slots, the block tables and lengths, and the rows whose logits are wanted. Each
+rank's worker decides from the step alone whether a decode CUDA graph replays it, so every rank
+makes the same choice (collectives are inside the graphs). Rank 0 runs from the same `Step` it sends.
 
 On the wire (the control plane, gloo): one int32 message. Its first MESSAGE_INTS carry the header
 and the start of the arrays, so that a step that fits (any decode batch of moderate size) costs
 one broadcast; the rest, if any, follows in a second one.
 
-    header  [kind, B, T, S, W, num_decode_tokens, num_prefill_tokens, payload_len]
+    header  [kind (STOP or STEP), B, T, S, W, num_decode_tokens, num_prefill_tokens, payload_len]
     payload input_ids[T] positions[T] slot_mapping[T] block_tables[B*W] query_lens[B]
             context_lens[B] logits_indices[S]
 """
@@ -22,15 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-STOP, EAGER, GRAPH = 0, 1, 2
+STOP, STEP = 0, 1
 HEADER_INTS = 8
 MESSAGE_INTS = 4096
 
 
 @dataclass
 class Step:
-    """Arrays are int32 numpy; B sequences, T fed tokens, S logits rows. Duck-types the
-    scheduler's ScheduledBatch for AttentionMetadata.from_batch and DecodeCudaGraphs.run."""
+    """One step's model inputs, int32 numpy arrays: B sequences in batch order (decodes first, then
+    prefill chunks), T fed tokens, S logits rows."""
 
     input_ids: np.ndarray  # [T]
     positions: np.ndarray  # [T]
@@ -38,35 +39,39 @@ class Step:
     block_tables: np.ndarray  # [B, W], -1 padded
     query_lens: np.ndarray  # [B]
     context_lens: np.ndarray  # [B]
-    logits_indices: np.ndarray  # [S] rows of the T tokens whose next-token logits are wanted (eager steps)
+    logits_indices: np.ndarray  # [S] rows of the T tokens whose next-token logits are wanted
     num_decode_tokens: int
     num_prefill_tokens: int
-    cuda_graph: bool = False  # replayed from the decode graph of its batch size (logits of every row)
 
     @classmethod
-    def from_batch(cls, batch, logits_indices: np.ndarray | None, cuda_graph: bool) -> Step:
+    def from_batch(cls, batch, logits_indices: np.ndarray) -> Step:
+        """From the C++ scheduler's ScheduledBatch and the logits rows the executor wants."""
         return cls(
             batch.input_ids, batch.positions, batch.slot_mapping, np.asarray(batch.block_tables), batch.query_lens,
-            batch.context_lens, np.zeros(0, np.int32) if logits_indices is None else logits_indices.astype(np.int32),
-            int(batch.num_decode_tokens), int(batch.num_prefill_tokens), cuda_graph,
+            batch.context_lens, np.asarray(logits_indices, np.int32), int(batch.num_decode_tokens),
+            int(batch.num_prefill_tokens),
         )
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_prefill_tokens == 0 and len(self.query_lens) > 0
 
     def pack(self) -> np.ndarray:
         b, w = self.block_tables.shape if self.block_tables.ndim == 2 else (len(self.query_lens), 0)
         parts = [self.input_ids, self.positions, self.slot_mapping, self.block_tables.reshape(-1), self.query_lens,
                  self.context_lens, self.logits_indices]
         n = sum(len(p) for p in parts)
-        header = [GRAPH if self.cuda_graph else EAGER, b, len(self.input_ids), len(self.logits_indices), w,
+        header = [STEP, b, len(self.input_ids), len(self.logits_indices), w,
                   self.num_decode_tokens, self.num_prefill_tokens, n]
         return np.concatenate([np.asarray(header, np.int32)] + [np.asarray(p, np.int32).reshape(-1) for p in parts])
 
     @classmethod
     def unpack(cls, message: np.ndarray) -> Step:
-        kind, b, t, s, w, decodes, prefills, _ = (int(v) for v in message[:HEADER_INTS])
+        _, b, t, s, w, decodes, prefills, _ = (int(v) for v in message[:HEADER_INTS])
         sizes = [t, t, t, b * w, b, b, s]
         ends = np.cumsum([HEADER_INTS] + sizes)
         ids, pos, slots, tables, qlens, clens, index = (message[ends[i] : ends[i + 1]] for i in range(len(sizes)))
-        return cls(ids, pos, slots, tables.reshape(b, w), qlens, clens, index, decodes, prefills, kind == GRAPH)
+        return cls(ids, pos, slots, tables.reshape(b, w), qlens, clens, index, decodes, prefills)
 
 
 def send_step(group, step: Step | None) -> None:

@@ -34,7 +34,7 @@ from trtc.runtime.cuda_graphs import DecodeCudaGraphs
 from trtc.runtime.kv_cache import num_kv_blocks
 from trtc.runtime.parallel.distributed import START_TIMEOUT_S, RankGroup, error_line
 from trtc.runtime.parallel.step import Step, receive_step
-from trtc.runtime.runners import make_runner
+from trtc.runtime.runners import Runner, make_runner
 
 READY_KEY = "trtc/ready/{rank}"
 
@@ -67,7 +67,7 @@ class Worker:
             self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
             self.engine.check_runtime(device)
             build = (self.engine.build_id, str(self.engine.directory))
-            self.runner = make_runner(self.engine, device, rank, group)  # weights first: the pool takes what is left
+            self.runner: Runner = make_runner(self.engine, device, rank, group)  # weights first: the pool takes what is left
             activations = self.runner.activation_peak_bytes() if options.kv_cache_max_tokens is None else 0
             blocks = num_kv_blocks(self.engine, device, options.kv_cache_max_tokens, options.free_gpu_memory_fraction,
                                    activations)
@@ -88,11 +88,12 @@ class Worker:
             )
 
     def execute(self, step: Step) -> torch.Tensor:
-        """Logits [S, vocab] f32 of the step's logits rows (a CUDA-graph step: of every sequence)."""
-        if step.cuda_graph:
+        """Logits [S, vocab] f32 of the step's logits rows: replayed from a decode CUDA graph where
+        one fits the step, else run eagerly."""
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(step):
             return self.cuda_graphs.run(step)
         input_ids = torch.from_numpy(np.asarray(step.input_ids, dtype=np.int64)).to(self.device)
-        meta = AttentionMetadata.from_batch(step, self.device)
+        meta = AttentionMetadata.from_step(step, self.device)
         index = torch.from_numpy(np.asarray(step.logits_indices, dtype=np.int64)).to(self.device)
         return self.runner.forward(input_ids, meta, index)
 
@@ -101,9 +102,7 @@ class Worker:
         if self.cuda_graphs is not None:
             self.cuda_graphs.release()
             self.cuda_graphs = None
-        self.runner.k_cache, self.runner.v_cache, self.runner.w = [], [], {}
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.runner.release()
 
 
 def _agree(group: RankGroup | None, error: str | None, build: tuple | None, blocks: int) -> int:
