@@ -24,8 +24,7 @@ nb::object to_numpy(std::vector<T>&& v, std::initializer_list<size_t> shape) {
   return nb::cast(nb::ndarray<nb::numpy, PyT>(reinterpret_cast<PyT*>(data), shape, owner));
 }
 
-// The Python face of trtc::ScheduledBatch: numpy arrays built once per schedule(). Documented in
-// trtc/runtime/scheduler.py.
+// The Python face of trtc::ScheduledBatch: numpy arrays built once per schedule().
 struct PyScheduledBatch {
   nb::object request_ids, query_lens, context_lens, input_ids, positions, slot_mapping, block_tables, sample;
   int64_t num_prefill_tokens, num_decode_tokens;
@@ -105,18 +104,27 @@ NB_MODULE(_core, m) {
       .def_prop_ro("num_cached_blocks", &BlockManager::num_cached_blocks)
       .def_prop_ro("num_used_blocks", &BlockManager::num_used_blocks);
 
-  nb::class_<PyScheduledBatch>(m, "ScheduledBatch", "One step's batch; fields in trtc/runtime/scheduler.py.")
-      .def_ro("request_ids", &PyScheduledBatch::request_ids)
-      .def_ro("query_lens", &PyScheduledBatch::query_lens)
-      .def_ro("context_lens", &PyScheduledBatch::context_lens)
-      .def_ro("input_ids", &PyScheduledBatch::input_ids)
-      .def_ro("positions", &PyScheduledBatch::positions)
-      .def_ro("slot_mapping", &PyScheduledBatch::slot_mapping)
-      .def_ro("block_tables", &PyScheduledBatch::block_tables)
-      .def_ro("sample", &PyScheduledBatch::sample)
+  // A numpy field of ScheduledBatch with its type in the generated stub (trtc/_core.pyi).
+#define TRTC_ARRAY_FIELD(name, dtype, doc)                                                        \
+  def_prop_ro(#name, [](const PyScheduledBatch& b) { return b.name; },                             \
+              nb::for_getter(nb::sig("def " #name "(self, /) -> numpy.typing.NDArray[numpy." dtype "]")), \
+              nb::for_getter(doc))
+  nb::class_<PyScheduledBatch>(m, "ScheduledBatch",
+                               "One step's batch: B requests, decodes first, then prefill chunks; T = sum(query_lens) "
+                               "tokens. Arrays are numpy, own their memory and stay valid after the next schedule().")
+      .TRTC_ARRAY_FIELD(request_ids, "int64", "[B] the scheduled requests")
+      .TRTC_ARRAY_FIELD(query_lens, "int32", "[B] tokens fed this step (1 for a decode, a chunk for a prefill)")
+      .TRTC_ARRAY_FIELD(context_lens, "int32", "[B] K/V length after this step: tokens already cached + query_len")
+      .TRTC_ARRAY_FIELD(input_ids, "int32", "[T] the requests' fed tokens, concatenated in batch order")
+      .TRTC_ARRAY_FIELD(positions, "int32", "[T] absolute position of each fed token")
+      .TRTC_ARRAY_FIELD(slot_mapping, "int32",
+                        "[T] block_id * tokens_per_block + offset: where each fed token's K/V is written")
+      .TRTC_ARRAY_FIELD(block_tables, "int32", "[B, max_blocks_in_batch] block ids per request, padded with -1")
+      .TRTC_ARRAY_FIELD(sample, "bool", "[B] this chunk reaches the last known token: the request yields a token")
       .def_ro("num_prefill_tokens", &PyScheduledBatch::num_prefill_tokens)
-      .def_ro("num_decode_tokens", &PyScheduledBatch::num_decode_tokens)
-      .def_ro("preempted", &PyScheduledBatch::preempted)
+      .def_ro("num_decode_tokens", &PyScheduledBatch::num_decode_tokens,
+              "the first num_decode_tokens requests are the decodes")
+      .def_ro("preempted", &PyScheduledBatch::preempted, "requests preempted by this schedule()")
       .def("__len__", [](const PyScheduledBatch& b) { return nb::len(b.request_ids); })
       .def("__repr__", [](const PyScheduledBatch& b) {
         return "ScheduledBatch(batch_size=" + std::to_string(nb::len(b.request_ids)) +
@@ -124,14 +132,33 @@ NB_MODULE(_core, m) {
                ", num_prefill_tokens=" + std::to_string(b.num_prefill_tokens) +
                ", preempted=" + std::to_string(b.preempted.size()) + ")";
       });
+#undef TRTC_ARRAY_FIELD
 
-  nb::class_<Scheduler>(m, "Scheduler", "In-flight-batching scheduler; API in trtc/runtime/scheduler.py.")
+  nb::class_<Scheduler>(
+      m, "Scheduler",
+      "In-flight batching over the paged KV cache. One executor step crosses into C++ twice, with batched "
+      "data: batch = schedule(); run the model and sample a token for each request with batch.sample set; "
+      "update(tokens) -> (request_id, token, finish_reason | None) per sampled request.\n\n"
+      "num_blocks x tokens_per_block is the KV-cache pool; max_num_tokens is the token budget per step (tokens "
+      "fed), max_batch_size the requests per step. hash_bits truncates block hashes (a test hook only).")
       .def(nb::init<int, int, int, int, int, bool, int>(), "num_blocks"_a, "tokens_per_block"_a, "max_batch_size"_a,
            "max_num_tokens"_a, "max_seq_len"_a, "enable_prefix_reuse"_a = true, nb::kw_only(), "hash_bits"_a = 64)
       .def("add_request", &Scheduler::add_request, "request_id"_a, "prompt"_a, "max_new_tokens"_a, "end_id"_a = -1,
-           "stop_words"_a = std::vector<std::vector<trtc::Token>>{})
-      .def("cancel", &Scheduler::cancel, "request_id"_a)
-      .def("schedule", [](Scheduler& s) { return PyScheduledBatch(s.schedule()); })
+           "stop_words"_a = std::vector<std::vector<trtc::Token>>{},
+           "Queue a request (first come, first served). ValueError for an empty prompt, a duplicate id, "
+           "max_new_tokens < 1, a prompt of max_seq_len tokens or more, a prompt that could never fit the pool, an "
+           "empty stop word. max_new_tokens is clipped so that prompt + generated <= max_seq_len and the request "
+           "alone always fits the pool (it then finishes with \"length\").")
+      .def("cancel", &Scheduler::cancel, "request_id"_a,
+           "True if the request was waiting or running: its blocks are freed at once and the next update() "
+           "reports (request_id, -1, \"cancelled\"). A request cancelled between schedule() and update() is "
+           "skipped by update().")
+      .def("schedule", [](Scheduler& s) { return PyScheduledBatch(s.schedule()); },
+           "One step: (1) running decodes in admission order, preempting the most recently admitted running "
+           "request when a block is missing (its full computed blocks stay cached; it re-queues at the front and "
+           "later recomputes prompt + generated); (2) running chunked prefills continue; (3) waiting requests are "
+           "admitted first come first served while batch slots, token budget and blocks allow. A new request "
+           "reuses cached full blocks of a matching prefix.")
       .def("update", [](Scheduler& s, nb::ndarray<const int64_t, nb::ndim<1>, nb::device::cpu> t) {
              return outputs_to_list(s.update(to_vector(t)));
            }, "tokens"_a)
@@ -139,13 +166,21 @@ NB_MODULE(_core, m) {
              return outputs_to_list(s.update(to_vector(t)));
            }, "tokens"_a)
       .def("update", [](Scheduler& s, const std::vector<int64_t>& t) { return outputs_to_list(s.update(t)); },
-           "tokens"_a)
-      .def("has_unfinished", &Scheduler::has_unfinished)
+           "tokens"_a,
+           nb::sig("def update(self, tokens: collections.abc.Sequence[int]) -> list[tuple[int, int, str | None]]"),
+           "Call exactly once after every schedule(). tokens: one per request with sample set, in batch order "
+           "(a list, or a numpy / CPU torch int array). Returns one tuple per sampled request in batch order, then "
+           "one (request_id, -1, \"cancelled\") per request cancelled since the last update(). finish_reason is "
+           "\"end_id\" (token == end_id, included), \"stop_words\" (the generated tokens end with a stop word, "
+           "included) or \"length\". Finished requests free their blocks (full hashed blocks stay cached).")
+      .def("has_unfinished", &Scheduler::has_unfinished,
+           "True while requests wait or run, or a cancellation is still to be reported by update().")
       .def("num_waiting", &Scheduler::num_waiting)
       .def("num_running", &Scheduler::num_running)
-      .def("output_tokens", &Scheduler::output_tokens, "request_id"_a)
+      .def("output_tokens", &Scheduler::output_tokens, "request_id"_a,
+           "Tokens generated so far; kept after the request finishes until pop(request_id).")
       .def("pop", &Scheduler::pop, "request_id"_a)
-      .def("block_table", &Scheduler::block_table, "request_id"_a)
+      .def("block_table", &Scheduler::block_table, "request_id"_a, "The request's block ids; empty unless running.")
       .def("stats", [](const Scheduler& s) {
         const BlockManager& bm = s.block_manager();
         nb::dict d;
@@ -156,5 +191,7 @@ NB_MODULE(_core, m) {
         d["reused_tokens"] = s.reused_tokens();
         d["num_preemptions"] = s.num_preemptions();
         return d;
-      });
+      }, nb::sig("def stats(self) -> dict[str, int]"),
+      "num_blocks, free_blocks, used_blocks, cached_blocks (the three always sum to num_blocks), reused_tokens "
+      "(tokens served from cached blocks), num_preemptions.");
 }
