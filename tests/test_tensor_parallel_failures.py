@@ -118,7 +118,7 @@ def test_a_hanging_nccl_abort_runs_once_and_is_waited_for_a_bounded_time(monkeyp
     import torch
     import torch.distributed as dist
 
-    from trtc.runtime.parallel import ranks as ranks_module
+    from trtc.runtime import ranks as ranks_module
     from trtc.runtime.parallel.distributed import RankGroup
 
     calls, release = [], threading.Event()

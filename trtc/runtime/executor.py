@@ -4,7 +4,7 @@ The C++ scheduler decides each step's batch (in-flight batching, chunked prefill
 prefix reuse); the model runner computes the logits; sampling happens on the device; the
 scheduler's update finishes requests. Streaming callbacks fire from postprocess.
 
-A tensor-parallel engine runs one process per rank (trtc/runtime/parallel/ranks.py): this executor is
+A tensor-parallel engine runs one process per rank (trtc/runtime/ranks.py): this executor is
 rank 0; it owns the scheduler, sends each step's model inputs to the other ranks before running
 them itself, and alone samples.
 """
@@ -26,11 +26,11 @@ from trtc.errors import TrtcError
 from trtc.formats.engine import Engine
 from trtc.plugins.sampling.sampler import SamplingBatch, make_generator, sample
 from trtc.runtime.outputs import TokenEvent
-from trtc.runtime.parallel.ranks import start_ranks
 from trtc.runtime.parallel.step import Step
-from trtc.runtime.parallel.worker import RankOptions, Worker
+from trtc.runtime.ranks import start_ranks
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.scheduler import Scheduler
+from trtc.runtime.worker import RankOptions, Worker
 
 log = logging.getLogger("trtc")
 

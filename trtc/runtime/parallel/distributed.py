@@ -4,7 +4,7 @@
   layers and the all-gather of the vocab-parallel LM head, inside the forward (and so inside the
   decode CUDA graphs). Its collectives time out after TRTC_COLLECTIVE_TIMEOUT seconds (300 by
   default): a rank that hangs stops the run instead of hanging it. (NCCL's own timeout, whose
-  watchdog ends the process, is NCCL_BACKSTOP_S longer: rank 0's watchdog, trtc/runtime/parallel/ranks.py,
+  watchdog ends the process, is NCCL_BACKSTOP_S longer: rank 0's watchdog, trtc/runtime/ranks.py,
   ends the run first and with a clearer line.)
 * The control plane (gloo, CPU tensors) carries rank 0's step messages (trtc/runtime/parallel/step.py). On
   the ranks other than 0 its waits have no practical timeout, since the runtime may sit idle

@@ -1,7 +1,7 @@
 """Who is which rank: a tensor-parallel engine runs one process per rank.
 
 Without a launcher, the user's process (`trtc run`, `trtc bench`, `LLM(...)`) is rank 0 and
-starts the other ranks itself (trtc/runtime/parallel/ranks.py). An external launcher instead starts every
+starts the other ranks itself (trtc/runtime/ranks.py). An external launcher instead starts every
 rank, and each one runs the user's program; trtc reads who is who from its environment:
 
     torchrun --nproc_per_node N ...   RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR, MASTER_PORT)

@@ -3,7 +3,7 @@
 `start_ranks` brings up the ranks of an engine of world size > 1 and returns rank 0's `Ranks`:
 
 * Without a launcher, this process is rank 0 and starts ranks 1..N-1 itself as processes of
-  `python -m trtc.runtime.parallel.worker` on this machine, meeting them through a TCPStore on 127.0.0.1
+  `python -m trtc.runtime.worker` on this machine, meeting them through a TCPStore on 127.0.0.1
   (a free port). GPUs: rank r on cuda:r, NCCL; CPU: gloo.
 * Under torchrun or mpirun (trtc/runtime/parallel/launch.py) every process runs the user's program. Rank 0
   returns from here as usual; any other rank serves rank 0's steps here and then ends its process
@@ -48,7 +48,7 @@ from trtc.runtime.parallel.distributed import (
 )
 from trtc.runtime.parallel.launch import check_world, external_launch
 from trtc.runtime.parallel.step import Step, send_step
-from trtc.runtime.parallel.worker import READY_KEY, RankOptions, run_rank
+from trtc.runtime.worker import READY_KEY, RankOptions, run_rank
 
 POLL_S = 0.2  # how often the watchdog looks at the other ranks' processes
 GRACE_S = 10.0  # a step still stuck this long after a rank died ends the process
@@ -116,7 +116,7 @@ class RankProcesses:
     def __init__(self, engine_dir: Path, world_size: int, device_type: str, options: RankOptions) -> None:
         self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=START_TIMEOUT_S))
-        cmd = [sys.executable, "-m", "trtc.runtime.parallel.worker", "--engine_dir", str(engine_dir), "--world_size",
+        cmd = [sys.executable, "-m", "trtc.runtime.worker", "--engine_dir", str(engine_dir), "--world_size",
                str(world_size), "--store", f"127.0.0.1:{self.store.port}", "--device", device_type, *options.to_args()]
         self.procs = {r: subprocess.Popen([*cmd, "--rank", str(r)]) for r in range(1, world_size)}
 

@@ -8,7 +8,7 @@ inside them), and the forward of a `Step`. Rank 0's executor owns one; every oth
 
 A rank that rank 0 started runs this module:
 
-    python -m trtc.runtime.parallel.worker --engine_dir E --rank R --world_size N --store HOST:PORT --device cpu|cuda
+    python -m trtc.runtime.worker --engine_dir E --rank R --world_size N --store HOST:PORT --device cpu|cuda
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trtc.runtime.parallel.worker", description="A tensor-parallel rank that rank 0 started.")
+    ap = argparse.ArgumentParser(prog="python -m trtc.runtime.worker", description="A tensor-parallel rank that rank 0 started.")
     ap.add_argument("--engine_dir", required=True)
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--world_size", type=int, required=True)
