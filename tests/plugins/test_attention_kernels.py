@@ -333,3 +333,32 @@ def test_interpreter_small():
 if __name__ == "__main__":
     _interpreter_cases()
     print("interpreter cases passed")
+
+
+@pytest.mark.parametrize("hq,hkv,dim,tpb", CASES[:5])
+@pytest.mark.parametrize("window", [None, 40])
+def test_cpu_path_equals_the_reference(hq, hkv, dim, tpb, window):
+    """The CPU path (decodes batched, each prefill chunk in one call, torch's fused attention) computes
+    the per-sequence reference's attention: float32, 1e-5. Unowned slots hold large finite garbage
+    (the CPU path reads the padding of its gathered blocks and masks it)."""
+    from trtc.plugins.attention import cpu
+
+    q, kc, vc, meta = make_batch(MIXED, hq, hkv, dim, tpb, torch.float32, "cpu", seed=hq + dim)
+    kc, vc = kc.nan_to_num(1e4), vc.nan_to_num(-1e4)
+    scale = 1 / math.sqrt(dim)
+    got = cpu.paged_attention(q, kc, vc, meta, scale, window)
+    ref = reference_fp32(q, kc, vc, meta, scale, window, None)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(paged_attention(q, kc, vc, meta, scale, window), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_path_reads_an_fp8_pool():
+    from trtc.plugins.attention import cpu
+
+    q, kc, vc, meta = make_batch(MIXED, 8, 2, 64, 16, torch.float32, "cpu", seed=3)
+    k_scale, v_scale = torch.tensor(0.02), torch.tensor(0.03)
+    kq, vq = quantize_fp8(kc.nan_to_num(0.0), k_scale), quantize_fp8(vc.nan_to_num(0.0), v_scale)
+    got = cpu.paged_attention(q, kq, vq, meta, 0.125, None, k_scale, v_scale)
+    ref = reference_fp32(q, dequantize_fp8(kq, k_scale, torch.float32), dequantize_fp8(vq, v_scale, torch.float32),
+                         meta, 0.125, None, None)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -37,6 +37,17 @@ from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
 from trtc.runtime.parallel.distributed import RankGroup
 
 
+def cpu_weights(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CPU computes in float32, as CPU runtimes do: its half-precision norms, RoPE and attention are
+    slower than float32 ones. bf16 weights stay bf16 where the CPU multiplies bf16 natively (AVX512-BF16,
+    AMX: its bf16 GEMMs beat float32 ones; the activations are cast for each GEMM), else they are
+    widened to float32 once at load, like fp16 weights."""
+    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    keep = (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
+    return {n: t.float() if t.is_floating_point() and t.itemsize == 2 and t.dtype not in keep else t
+            for n, t in w.items()}
+
+
 class ModelRunner:
     def __init__(self, engine: Engine, device: torch.device, rank: int = 0, group: RankGroup | None = None) -> None:
         """group: the tensor-parallel ranks (None: one rank)."""
@@ -44,7 +55,9 @@ class ModelRunner:
         self.group = group
         self.build_config = engine.build_config
         self.w = engine.load_weights(rank, device)  # straight onto the device
-        self.dtype = self.w["embedding.weight"].dtype
+        self.dtype = self.w["embedding.weight"].dtype  # of the activations
+        if device.type == "cpu":
+            self.w, self.dtype = cpu_weights(self.w), torch.float32
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -167,7 +180,7 @@ class ModelRunner:
                 h = h + w[p + "mlp.down.bias"]
         h, _ = self._add_norm(h[logits_indices], residual[logits_indices], self.graph.final_norm, "final_norm")
         head = w["embedding.weight"] if self.graph.tie_word_embeddings else w["lm_head.weight"]
-        logits = F.linear(h, head)  # [S, local_vocab]
+        logits = F.linear(h.to(head.dtype), head)  # [S, local_vocab]
         if self.group is not None and logits.shape[0] > 0:
             logits = self.group.all_gather_vocab(logits)  # [S, padded_vocab]
         return logits[:, : self.graph.vocab_size].float()
@@ -187,10 +200,10 @@ class ModelRunner:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.w["embedding.weight"]  # [local_vocab, hidden]
         if self.mapping.tp_size == 1:
-            return F.embedding(ids, table)
+            return F.embedding(ids, table).to(self.dtype)
         local = ids.long() - self.rank * table.shape[0]
         inside = (local >= 0) & (local < table.shape[0])
-        h = F.embedding(local.clamp(0, table.shape[0] - 1), table) * inside[:, None].to(table.dtype)
+        h = F.embedding(local.clamp(0, table.shape[0] - 1), table).to(self.dtype) * inside[:, None].to(self.dtype)
         return self.all_reduce(h)
 
     def _attention(self, i: int, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -8,8 +8,8 @@ The pool is in the activation dtype, or FP8 (float8_e4m3fn) with one float32 sca
 per layer (trtc/formats/quant_layout.py); the kernels quantize on write and dequantize on read.
 
 Kernels: `triton_rope_kv.py` (RoPE fused with the cache write), `triton_decode.py` (split-KV decode,
-GQA grouped), `triton_prefill.py` (varlen causal prefill over a cached prefix). References: `rope.py`,
-`paged.py`, `reference.py`.
+GQA grouped), `triton_prefill.py` (varlen causal prefill over a cached prefix); on the CPU, `cpu.py`
+(torch's fused attention, the decodes batched). References: `rope.py`, `paged.py`, `reference.py`.
 """
 
 from __future__ import annotations
@@ -88,6 +88,11 @@ The decode-only case is CUDA-graph capturable."""
                               nd, num_seqs - nd, meta.max_query_len, scale, sliding_window, soft_cap, out=out,
                               k_scale=k_scale, v_scale=v_scale)
         return out
+    if q.device.type == "cpu" and soft_cap is None:  # batched through torch's fused attention
+        from trtc.plugins.attention import cpu
+
+        res = cpu.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
+        return res if out is None else out.copy_(res)
     ref = paged.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.query_lens, meta.context_lens, meta.positions,
         scale, sliding_window, soft_cap, k_scale, v_scale,

@@ -38,7 +38,10 @@ def linear(
     tactics: the engine's tuned GEMM tactics (None: the defaults)."""
     b = weights.get(name + ".bias") if bias else None
     if name + ".weight_scale" not in weights:
-        return F.linear(x, weights[name + ".weight"], b)
+        weight = weights[name + ".weight"]
+        if weight.dtype != x.dtype:  # bf16 weights under float32 activations (a CPU with native bf16 GEMMs)
+            return F.linear(x.to(weight.dtype), weight, b).to(x.dtype)
+        return F.linear(x, weight, b)
     w = {t: weights[f"{name}.{t}"] for t in QUANT_TENSORS if f"{name}.{t}" in weights}
     out_dtype = out_dtype or x.dtype
     if x.is_cuda and triton_available() and out_dtype in (torch.bfloat16, torch.float16):

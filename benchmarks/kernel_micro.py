@@ -1,7 +1,10 @@
 """Microbenchmark of the Triton kernels at Llama-3.1-8B shapes (Hq 32, Hkv 8, D 128, hidden 4096,
 MLP 14336, bf16, 16 tokens per block), against the ceilings measured in the same run.
 
-    python benchmarks/kernels.py [--json out.json] [--no-sweep]
+    python benchmarks/kernel_micro.py [--json out.json] [--no-sweep]
+
+(Not named kernels.py: a script's folder is on sys.path, and that name shadows the `kernels` package
+transformers looks for.)
 
 Ceilings: a 2 GiB device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul on random data.
 Timing: each case is captured with its rotation of input sets into one CUDA graph (as the runner's
