@@ -128,7 +128,7 @@ def main() -> int:
             row(f"perplexity, {scored} tokens, {dtype}", "s", t_ours, t_hf, higher_is_better=False)
             print(f"{'':<44} perplexity trtc {got['trtc'].perplexity:.3f}  HF {got['hf']:.3f}", flush=True)
             ex.close()
-            del model
+            model = None  # free it before the next dtype's
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
