@@ -81,7 +81,7 @@ def build(
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     log = print if progress is not False else _quiet
     target_config = resolve_target(target)
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend) if backend != "auto" or is_here(target_config) else "cuda"
     if backend == "tensorrt" and not is_here(target_config):
         raise TrtcError("--backend tensorrt builds TensorRT plans on the target GPU itself; use --backend cuda "
                         "with --target on a machine without it")
