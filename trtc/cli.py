@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from trtc.cli_config import config_file_option
 from trtc.errors import TrtcError
 from trtc.version import __version__
 
@@ -40,7 +41,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model_dir", required=True, type=click.Path(), help="Local HF model directory.")
+@click.option("--model_dir", required=True, type=click.Path(), help="An HF model directory or Hugging Face model id.")
+@click.option("--revision", default=None, help="With a Hub model id: its branch, tag or commit.")
 @click.option("--output_dir", required=True, type=click.Path(), help="Where to write the trtc checkpoint.")
 @click.option("--tp", "--tp_size", "tp_size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size: one rank{N}.safetensors per rank.")
@@ -48,10 +50,12 @@ def main() -> None:
               help="Weight dtype; auto keeps the model's.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors
-def convert(model_dir: str, output_dir: str, tp_size: int, dtype: str, overwrite: bool) -> None:
+def convert(model_dir: str, revision: str | None, output_dir: str, tp_size: int, dtype: str, overwrite: bool) -> None:
     """Convert an HF checkpoint into a layer-graph checkpoint (per tensor-parallel rank)."""
     from trtc.converters.convert import convert as run_convert
+    from trtc.converters.hub import resolve_model_dir
 
+    model_dir = resolve_model_dir(model_dir, revision)
     out = run_convert(model_dir, output_dir, tp_size=tp_size, dtype=dtype, overwrite=overwrite)
     click.echo(f"wrote {out} (tp {tp_size})")
 
@@ -98,7 +102,9 @@ def calib_options(fn):
 
 
 @main.command()
-@click.option("--model_dir", required=True, type=click.Path(), help="Local HF model directory (bf16/fp16/fp32).")
+@click.option("--model_dir", required=True, type=click.Path(),
+              help="An HF model directory or Hugging Face model id (bf16/fp16/fp32).")
+@click.option("--revision", default=None, help="With a Hub model id: its branch, tag or commit.")
 @click.option("--output_dir", required=True, type=click.Path(), help="Where to write the quantized trtc checkpoint.")
 @click.option("--qformat", required=True, type=click.Choice(["fp8", "int4_awq", "int4_gptq"]),
               help="fp8: FP8 weights and activations; int4_awq / int4_gptq: INT4 weights in groups (W4A16).")
@@ -117,13 +123,15 @@ def calib_options(fn):
 @click.option("--skip_report", is_flag=True, help="Skip the report (perplexity and greedy agreement vs unquantized).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors
-def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, calib_size, calib_max_seq_length,
+def quantize(model_dir, revision, output_dir, qformat, kv_cache_dtype, calib_dataset, calib_size, calib_max_seq_length,
              awq_block_size, awq_algorithm, batch_size, tp_size, dtype, device, eval_dataset, skip_report,
              overwrite) -> None:
     """Quantize an HF model with NVIDIA ModelOpt into a trtc checkpoint (FP8, INT4 AWQ, INT4 GPTQ)."""
+    from trtc.converters.hub import resolve_model_dir
     from trtc.quantization.calibration import DEFAULT_CALIBRATION_TEXT
     from trtc.quantization.quantize import quantize as run_quantize
 
+    model_dir = resolve_model_dir(model_dir, revision)
     kv = "fp8" if kv_cache_dtype == "fp8" else None
     out = run_quantize(model_dir, output_dir, qformat, list(calib_dataset), kv, calib_size, calib_max_seq_length,
                        batch_size, awq_block_size, awq_algorithm, tp_size, dtype, device, overwrite)
@@ -137,11 +145,14 @@ def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, cali
 
 
 @main.command()
+@config_file_option
 @click.option("--checkpoint_dir", type=click.Path(), help="A checkpoint written by `trtc convert` or `trtc quantize`.")
-@click.option("--model_dir", type=click.Path(), help="An HF model directory: convert (or quantize) and build in one go.")
+@click.option("--model_dir", type=click.Path(),
+              help="An HF model directory or Hugging Face model id: convert (or quantize) and build in one go.")
+@click.option("--revision", default=None, help="With a Hub model id: its branch, tag or commit.")
 @click.option("--from_onnx", type=click.Path(),
               help="A directory written by `--backend tensorrt`: build its ONNX graphs into TensorRT plans.")
-@click.option("--output_dir", required=True, type=click.Path(), help="Where to write the engine.")
+@click.option("--output_dir", type=click.Path(), help="Where to write the engine.")
 @click.option("--tp", "--tp_size", "tp_size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size (with --model_dir).")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES), help="With --model_dir.")
@@ -150,40 +161,29 @@ def quantize(model_dir, output_dir, qformat, kv_cache_dtype, calib_dataset, cali
 @click.option("--int4_gptq", "qformats", flag_value="int4_gptq", multiple=True, help="With --model_dir: INT4 GPTQ first.")
 @calib_options
 @build_options
+@click.option("--target", default="auto", show_default=True,
+              help="The GPU the engine is for: auto (this machine), cpu, an architecture (sm80, sm90, sm100) or a GPU "
+                   "name (h100, h200, ...). Built without that GPU, its tactics are tuned at the first load there.")
+@click.option("--gpu_memory", type=float, default=None,
+              help="GiB of the target GPU for the memory plan's check. [default: the GPU present or named by --target]")
+@click.option("--dry_run", is_flag=True, help="Print the memory plan and check it; build nothing.")
+@click.option("--output_json", type=click.Path(), help="With --dry_run: write the plan as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @user_errors
-def build(checkpoint_dir, model_dir, from_onnx, output_dir, tp_size, dtype, qformats, calib_dataset, calib_size,
-          calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, **limits) -> None:
-    """Build an engine directory from a checkpoint (or straight from an HF directory)."""
-    from trtc.compiler.build import build as run_build
-    from trtc.compiler.build import build_from_hf
-    from trtc.formats.build_config import BuildConfig
+def build(checkpoint_dir, model_dir, revision, from_onnx, output_dir, tp_size, dtype, qformats, calib_dataset,
+          calib_size, calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, target, gpu_memory,
+          dry_run, output_json, config_file, **limits) -> None:
+    """Build an engine directory from a checkpoint (or straight from an HF directory or model id)."""
+    from trtc.cli_build import run_build
 
     if from_onnx is not None:
+        if output_dir is None:
+            raise TrtcError("--output_dir is missing; pass where to write the engine")
         _build_from_onnx(from_onnx, output_dir, overwrite, limits)
         return
-    if (checkpoint_dir is None) == (model_dir is None):
-        raise TrtcError("pass exactly one of --checkpoint_dir (from `trtc convert`), --model_dir (an HF directory) "
-                        "or --from_onnx (a `--backend tensorrt` build to finish)")
-    if len(set(qformats)) > 1:
-        raise TrtcError(f"{' and '.join('--' + q for q in sorted(set(qformats)))} exclude each other; pick one weight format")
-    if calib_dataset and not qformats:
-        raise TrtcError("--calib_dataset calibrates a quantization; add --fp8, --int4_awq or --int4_gptq")
-    config = BuildConfig(**limits)
-    if model_dir is not None:
-        quantize = None
-        if qformats:
-            quantize = dict(qformat=qformats[0], calib_dataset=list(calib_dataset), calib_size=calib_size,
-                            calib_max_seq_length=calib_max_seq_length, awq_block_size=awq_block_size,
-                            awq_algorithm=awq_algorithm)
-        out = build_from_hf(model_dir, output_dir, tp_size, dtype, config, backend, overwrite, quantize=quantize)
-    else:
-        if tp_size != 1 or dtype != "auto":
-            raise TrtcError("--tp and --dtype are decided at convert time; pass them to `trtc convert` or use --model_dir")
-        if qformats:
-            raise TrtcError(f"--{qformats[0]} quantizes an HF model; use it with --model_dir, or `trtc quantize` then build")
-        out = run_build(checkpoint_dir, output_dir, config, backend, overwrite)
-    click.echo(f"wrote engine {out}")
+    run_build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, calib_dataset, calib_size,
+              calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, target, gpu_memory, dry_run,
+              output_json, limits)
 
 
 def _build_from_onnx(source: str, output_dir: str, overwrite: bool, limits: dict) -> None:
@@ -287,6 +287,30 @@ def bench(engine_dir, isl, osl, num_requests, concurrency, latency, batch_size, 
     click.echo(format_result(result))
     if output_json:
         Path(output_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+@main.command(name="inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@user_errors
+def inspect_(path: str, as_json: bool) -> None:
+    """What an engine or checkpoint holds: model, quantization, tp, build limits, target, tactics, files."""
+    from trtc.tools.inspect import inspect_command
+
+    click.echo(inspect_command(path, as_json))
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path())
+@click.option("--force", is_flag=True, help="Tune again an engine that already holds tactics.")
+@user_errors
+def tune(engine_dir: str, force: bool) -> None:
+    """Tune an engine's kernel tactics on this GPU and store them in the engine (for engines built with --target)."""
+    from trtc.compiler.tune import tune_engine
+    from trtc.formats.engine import Engine
+
+    engine = tune_engine(Engine.load(engine_dir), force=force, log_line=click.echo)
+    click.echo(f"tuned {engine.directory} on {engine.target.get('gpu_name')}")
 
 
 if __name__ == "__main__":

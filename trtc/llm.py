@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from trtc.compiler.engine_cache import cached_engine
+from trtc.converters.hub import resolve_model_dir
 from trtc.errors import TrtcError
 from trtc.formats.build_config import BuildConfig
 from trtc.runtime.executor import Executor
@@ -33,7 +34,8 @@ def is_engine_dir(path: Path) -> bool:
 class LLM:
     """An engine with its tokenizer and executor.
 
-    `model` is an engine directory, or an HF model directory that is built (with `tp_size`,
+    `model` is an engine directory, or an HF model directory (or a Hugging Face model id, at
+    `revision`, fetched into the HF cache: trtc/converters/hub.py) that is built (with `tp_size`,
     `dtype`, `build_config`) into a cache directory keyed by its content and the flags, and reused.
 
     A tensor-parallel engine starts its other ranks as processes (one GPU each); `close()`, the
@@ -54,10 +56,9 @@ class LLM:
         enable_prefix_reuse: bool = True,
         enable_cuda_graphs: bool = True,
         device: str | torch.device | None = None,
+        revision: str | None = None,
     ) -> None:
-        path = Path(model)
-        if not path.is_dir():
-            raise TrtcError(f"{path} does not exist; pass an engine directory or a local HF model directory")
+        path = resolve_model_dir(model, revision)  # a Hub model id: its snapshot in the HF cache
         self.engine_dir = path if is_engine_dir(path) else cached_engine(path, tp_size, dtype, build_config, backend)
         self.executor = Executor(
             self.engine_dir, device, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, enable_prefix_reuse,

@@ -1,6 +1,7 @@
 """Pre-quantized HF checkpoints -> the trtc quantized layout (trtc/formats/quant_layout.py).
 
-Two source formats, told apart by the files of the HF directory:
+Source formats, told apart by the files of the HF directory (compressed-tensors checkpoints, what
+llm-compressor writes, are read by the sibling converters/compressed_tensors.py):
   * ModelOpt's unified HF export (`hf_quant_config.json`, or config.json `quantization_config`
     with quant_method "modelopt"): FP8 (`weight` float8_e4m3fn, `weight_scale`, `input_scale`),
     W4A16_AWQ (`weight` uint8 packing two output rows per byte, signed nibbles; `weight_scale`
@@ -48,7 +49,7 @@ def plain(src: str, shape: tuple[int, ...]) -> TensorSource:
 # Reading the quantization config --------------------------------------------------------------------
 @dataclass
 class SourceFormat:
-    kind: str  # "plain" | "modelopt" | "gptq"
+    kind: str  # "plain" | "modelopt" | "gptq" | "compressed-tensors" (converters/compressed_tensors.py)
     quant: QuantConfig | None
     gptq_v1_zeros: bool = False  # AutoGPTQ's checkpoint_format "gptq" stores zero points minus one
 
@@ -73,9 +74,14 @@ def read_format(hf: HFCheckpoint, graph: ModelGraph, weights: WeightMap) -> Sour
         return SourceFormat("modelopt", _modelopt_quant(qc, hf, graph, weights, "config.json quantization_config"))
     if method == "gptq":
         return _gptq_format(qc, hf, graph, weights)
+    if method == "compressed-tensors":
+        from trtc.converters.compressed_tensors import ct_format
+
+        return ct_format(qc, hf, graph, weights)
     raise TrtcError(
         f"quantization method {method!r} of {hf.model_dir} is not supported; trtc imports ModelOpt exports "
-        "(FP8, W4A16_AWQ) and GPTQ int4 checkpoints, or quantizes a bf16/fp16 model itself with `trtc quantize`"
+        "(FP8, W4A16_AWQ), GPTQ int4 and compressed-tensors (FP8, W4A16) checkpoints, or quantizes a bf16/fp16 "
+        "model itself with `trtc quantize`"
     )
 
 
@@ -159,6 +165,12 @@ def tensor_sources(
             sources[name] = plain(src, shape)
         elif fmt.kind == "modelopt":
             source = _modelopt_source(weights.source_module(module), suffix, shape, quant, hf)
+            if source is not None:
+                sources[name] = source
+        elif fmt.kind == "compressed-tensors":
+            from trtc.converters.compressed_tensors import ct_source
+
+            source = ct_source(weights.source_module(module), suffix, shape, quant)
             if source is not None:
                 sources[name] = source
         else:

@@ -9,7 +9,8 @@ vocabulary rows, the vocabulary padded with zero rows to a multiple of tp. Every
 Quantized layers (trtc/formats/quant_layout.py) split with their layer: column-parallel ones split
 weight, weight_scale and weight_zero by rows and keep pre_quant_scale and input_perm whole;
 row-parallel ones split an INT4 weight by bytes (two columns each), weight_scale / weight_zero by
-groups and pre_quant_scale by columns. Per-tensor scales (FP8, KV cache) are replicated.
+groups and pre_quant_scale by columns. Per-tensor scales (FP8, KV cache) are replicated; per-channel
+FP8 weight scales split with their rows (column-parallel) or are replicated (row-parallel).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def shard_for(name: str, graph: ModelGraph, mapping: Mapping, rank: int, quant: 
     layer = graph.layers[int(m.group(1))]
     a, (module, _, suffix) = layer.attention, m.group(2).rpartition(".")
     d = a.head_dim
-    fp8_scale = quant is not None and quant.is_fp8 and suffix == "weight_scale"  # per tensor
+    fp8_scale = quant is not None and quant.is_fp8 and not quant.weight_scale_per_channel and suffix == "weight_scale"
     if module in _COLUMN_PARALLEL:
         if suffix not in (*_ROW_SPLIT, "bias") or fp8_scale:
             return Shard(None)

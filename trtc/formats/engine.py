@@ -39,6 +39,7 @@ class Engine:
     tactics: dict = field(default_factory=dict)  # the kernel tactics tuned at build (compiler/autotune.py)
     tensorrt: dict | None = None  # backend tensorrt: the plans' build record; None while only the ONNX exists
     build_id: str | None = None  # None: built before engines carried one
+    tuning: dict | None = None  # {"state": "untuned"}: built for a GPU elsewhere, tuned at first load (compiler/tune.py)
 
     @property
     def graph(self):
@@ -57,7 +58,7 @@ class Engine:
         try:
             pretrained = CheckpointConfig.from_dict(d["pretrained_config"])
             return cls(directory, pretrained, BuildConfig(**d["build_config"]), d["target"], d["backend"],
-                       d.get("tactics") or {}, d.get("tensorrt"), d.get("build_id"))
+                       d.get("tactics") or {}, d.get("tensorrt"), d.get("build_id"), d.get("tuning"))
         except (KeyError, TypeError) as e:
             raise TrtcError(f"{directory / 'config.json'} is incomplete ({e}); {fix}") from None
 
@@ -70,12 +71,13 @@ class Engine:
             if here["device"] != "cuda":
                 raise TrtcError(
                     f"engine {self.directory} was built for a GPU of compute capability "
-                    f"{self.target['compute_capability']} but this machine has no GPU; rebuild it here"
+                    f"{self.target['compute_capability']} but this machine has no GPU; run it on that GPU, or rebuild it here"
                 )
             if here["compute_capability"] != self.target["compute_capability"]:
+                built_for = self.target.get("gpu_name") or self.target.get("gpu_model") or "built without the GPU"
                 raise TrtcError(
                     f"engine {self.directory} was built for compute capability {self.target['compute_capability']} "
-                    f"({self.target.get('gpu_name')}) but this GPU is {here['compute_capability']} "
+                    f"({built_for}) but this GPU is {here['compute_capability']} "
                     f"({here['gpu_name']}); rebuild the engine on this GPU"
                 )
             if self.tactics and here["gpu_name"] != self.target.get("gpu_name"):

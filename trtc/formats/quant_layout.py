@@ -3,7 +3,7 @@ and, as is, by the GPU kernels (build may repack later).
 
 checkpoint config.json `quantization` (TensorRT-LLM's names):
     {"quant_algo": "FP8" | "W4A16_AWQ" | "W4A16_GPTQ" | null, "kv_cache_quant_algo": "FP8" | null,
-     "group_size": 128, "has_zero_point": false, "has_input_perm": false,
+     "group_size": 128, "has_zero_point": false, "has_input_perm": false, "weight_scale_per_channel": false,
      "exclude_modules": ["lm_head", ...], "producer": {...}, "calibration": {...}}
     `exclude_modules` names trtc modules kept in the model dtype; the embedding and the LM head
     are never quantized.
@@ -13,7 +13,9 @@ The quantized linear layers are attention q/k/v/o and MLP gate/up/down of every 
 
 FP8 (W8A8, per-tensor scales):
     X.weight        float8_e4m3fn [out, in]
-    X.weight_scale  float32 []         w ~= X.weight * weight_scale ([out] in a fused engine layer)
+    X.weight_scale  float32 []         w ~= X.weight * weight_scale ([out] in a fused engine layer);
+                                       [out] (one per output channel) with weight_scale_per_channel,
+                                       as compressed-tensors' channel strategy writes it
     X.input_scale   float32 []         static activation scale
     y = (fp8(x / input_scale) @ X.weight^T) * (input_scale * weight_scale)   (fp32 accumulate)
     where fp8(v) clamps v to +-448 and rounds to float8_e4m3fn.
@@ -74,6 +76,7 @@ class QuantConfig:
     group_size: int = 128
     has_zero_point: bool = False
     has_input_perm: bool = False
+    weight_scale_per_channel: bool = False  # FP8: weight_scale [out] instead of []
     exclude_modules: list[str] = field(default_factory=list)
     producer: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
@@ -121,7 +124,8 @@ class QuantConfig:
     def linear_tensors(self, prefix: str, out: int, inp: int) -> dict[str, tuple[int, ...]]:
         """The tensors (name -> shape) of quantized linear `prefix`, bias excluded."""
         if self.is_fp8:
-            return {prefix + ".weight": (out, inp), prefix + ".weight_scale": (), prefix + ".input_scale": ()}
+            scale = (out,) if self.weight_scale_per_channel else ()
+            return {prefix + ".weight": (out, inp), prefix + ".weight_scale": scale, prefix + ".input_scale": ()}
         if inp % self.group_size:
             raise TrtcError(
                 f"{prefix} has {inp} input features, not a multiple of the INT4 group size {self.group_size}; "

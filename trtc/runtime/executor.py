@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trtc.compiler.tune import tune_at_first_load
 from trtc.errors import TrtcError
 from trtc.formats.engine import Engine
 from trtc.plugins.sampling.sampler import SamplingBatch, make_generator, sample
@@ -75,6 +76,7 @@ class Executor:
         options = RankOptions(kv_cache_max_tokens, free_gpu_memory_fraction, enable_cuda_graphs)
         device = torch.device(device) if device is not None else default_device()
         self.engine.check_runtime(device)
+        self.engine = tune_at_first_load(self.engine, device)  # built without its GPU: tune once, store in the engine
         self.ranks, self.device = start_ranks(self.engine, device, options)  # rank 0 from here on
         with self._guard("start-up"):
             self.worker = Worker(self.engine, self.device, self.ranks.group if self.ranks else None, options)
