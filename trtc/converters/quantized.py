@@ -28,8 +28,10 @@ from trtc.converters.hf_checkpoint import HFCheckpoint
 from trtc.converters.tp import Shard
 from trtc.converters.weight_map import WeightMap
 from trtc.errors import TrtcError
-from trtc.formats.graph import ModelGraph
+from trtc.formats.graph import ModelGraph, layer_linears
 from trtc.formats.quant_layout import LINEARS, QuantConfig, pack_int4
+
+EXPERT = "{e}"  # the expert index in a weight map's entry of an expert stack (converters/moe.py)
 
 MODELOPT_ALGOS = {"FP8": "FP8", "W4A16_AWQ": "W4A16_AWQ", "W4A16_GPTQ": "W4A16_GPTQ"}
 QUANTIZED_WEIGHT_DTYPES = ("F8_E4M3", "U8", "I8")
@@ -125,11 +127,9 @@ def _unquantized_linears(hf: HFCheckpoint, graph: ModelGraph, weights: WeightMap
     if algo is None:
         return []
     out = []
-    for i in range(graph.num_layers):
-        for module in LINEARS:
-            if module == "mlp.gate" and not graph.layers[i].mlp.gated:
-                continue
-            src = f"{weights.source_module(f'layers.{i}.{module}')}.{marker}"
+    for i, layer in enumerate(graph.layers):
+        for module in layer_linears(layer):
+            src = f"{weights.source_module(f'layers.{i}.{module}')}.{marker}".replace(EXPERT, "0")
             quantized = src in hf and (marker != "weight" or hf.dtype(src) in QUANTIZED_WEIGHT_DTYPES)
             if not quantized:
                 out.append(f"layers.{i}.{module}")
@@ -147,25 +147,46 @@ def tensor_sources(
     fmt: SourceFormat, hf: HFCheckpoint, weights: WeightMap, shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, TensorSource]:
     """A source for every trtc tensor of `shapes`; optional tensors the checkpoint lacks are left out."""
-    quant = fmt.quant
     sources: dict[str, TensorSource] = {}
     for name, shape in shapes.items():
-        module, suffix = name.rsplit(".", 1)
-        quantized = quant is not None and quant.quant_algo is not None and _is_quantized_linear(module, quant)
-        if not quantized or suffix == "bias":
-            src = weights.source(name)
-            if quant is not None and QuantConfig.is_optional(name) and src not in hf:
-                continue
-            sources[name] = plain(src, shape)
-        elif fmt.kind == "modelopt":
-            source = _modelopt_source(weights.source_module(module), suffix, shape, quant, hf)
-            if source is not None:
-                sources[name] = source
-        else:
-            source = _gptq_source(weights.source_module(module), suffix, shape, quant, fmt.gptq_v1_zeros, hf)
-            if source is not None:
-                sources[name] = source
+        if ".experts." in name:  # [E, ...]: one source per expert, stacked
+            experts = [_tensor_source(fmt, hf, weights, name, shape[1:], e) for e in range(shape[0])]
+            if experts[0] is not None:
+                sources[name] = _stacked(experts)
+            continue
+        source = _tensor_source(fmt, hf, weights, name, shape)
+        if source is not None:
+            sources[name] = source
     return sources
+
+
+def _stacked(experts: list[TensorSource]) -> TensorSource:
+    """The experts' tensors stacked along a new first axis (a shard's dim 1.. is the experts' 0..)."""
+    def read(hf: HFCheckpoint, s: Shard) -> torch.Tensor:
+        inner = s if s.dim is None else Shard(s.dim - 1, s.start, s.stop)
+        return torch.stack([x.read(hf, inner) for x in experts])
+
+    return TensorSource({k: v for x in experts for k, v in x.hf_shapes.items()}, read)
+
+
+def _tensor_source(fmt: SourceFormat, hf: HFCheckpoint, weights: WeightMap, name: str, shape: tuple[int, ...],
+                   expert: int | None = None) -> TensorSource | None:
+    """The source of trtc tensor `name` (of expert `expert` of a stack: its HF module's `{e}` filled)."""
+    quant = fmt.quant
+    module, suffix = name.rsplit(".", 1)
+
+    def source_module(m: str) -> str:
+        return weights.source_module(m).replace(EXPERT, str(expert))
+
+    quantized = quant is not None and quant.quant_algo is not None and _is_quantized_linear(module, quant)
+    if not quantized or suffix == "bias":
+        src = weights.source(name).replace(EXPERT, str(expert))
+        if quant is not None and QuantConfig.is_optional(name) and src not in hf:
+            return None
+        return plain(src, shape)
+    if fmt.kind == "modelopt":
+        return _modelopt_source(source_module(module), suffix, shape, quant, hf)
+    return _gptq_source(source_module(module), suffix, shape, quant, fmt.gptq_v1_zeros, hf)
 
 
 def ignorable(fmt: SourceFormat, hf: HFCheckpoint, name: str) -> bool:
