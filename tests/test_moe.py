@@ -176,3 +176,36 @@ def test_fp8_experts_match_modelopt_fake_quant(case, fp8_moe, tmp_path):
     with LLM(engine, kv_cache_max_tokens=256) as llm:
         logits = llm.executor.prompt_logits([prompt[0].tolist()])[0]
     assert rel_err(logits, got[0]) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "fp8_qwen3_moe"])
+def test_onnx_graph_matches_model_runner(case, moe_models, fp8_moe, tmp_path):
+    """The lowered graph (router in standard ops, a trtc MoE node, the shared expert as Gemms) in
+    onnxruntime against the model runner on every step of a run (prefill chunks, decode, both mixed):
+    float32 1e-4; FP8 experts 1e-3 (test_onnx_numerics.py's tolerances)."""
+    from test_onnx_numerics import FP8, FP32, onnx_runner, run_compared
+
+    ckpt = fp8_moe["qwen3_moe"][0] if case.startswith("fp8") else moe_models[case][1]
+    engine = build(ckpt, tmp_path / "engine", BuildConfig(tokens_per_block=4, max_seq_len=64, max_num_tokens=24,
+                                                          max_batch_size=4), backend="cuda", progress=False)
+    run = run_compared(engine, [onnx_runner(engine, tmp_path / "onnx")], 131)
+    assert max(e for (e,) in run.errors) < (FP8 if case.startswith("fp8") else FP32), run.errors
+
+
+def test_onnx_tensor_parallel_moe(moe_models, tmp_path):
+    """tp 2: each rank's MoE node over its half of every expert, summed by the AllReduce after it."""
+    from oracles.ort_runner import TensorParallelOnnxRuntimeRunner
+    from test_onnx_numerics import FP32, run_compared
+
+    from trtc.formats.engine import Engine
+    from trtc.onnx.export import write_onnx_dir
+
+    hf_dir, ckpt = moe_models["qwen2_moe"]
+    engine = build(ckpt, tmp_path / "engine", BuildConfig(tokens_per_block=4, max_seq_len=64, max_num_tokens=24,
+                                                          max_batch_size=4), backend="cuda", progress=False)
+    ckpt2 = convert(hf_dir, tmp_path / "ckpt_tp2", tp_size=2, progress=False)
+    cfg = CheckpointConfig.load(ckpt2)
+    bc = Engine.load(engine).build_config
+    write_onnx_dir(tmp_path / "onnx", cfg, bc, lambda rank: checkpoint_rank(ckpt2, rank, cfg.graph))
+    run = run_compared(engine, [TensorParallelOnnxRuntimeRunner(tmp_path / "onnx", cfg.graph, cfg.mapping, bc)], 131)
+    assert max(e for (e,) in run.errors) < FP32, run.errors

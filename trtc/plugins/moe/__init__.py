@@ -25,6 +25,12 @@ def moe(x: torch.Tensor, router_weight: torch.Tensor, experts: dict[str, torch.T
         normalize_topk: bool, activation: str = "silu") -> torch.Tensor:
     """x: [T, H]; router_weight: [E, H]; experts: `experts_of`. -> [T, H] in x's dtype."""
     weights, ids = route(F.linear(x, router_weight), top_k, normalize_topk)  # [T, k] each
+    return run_experts(x, experts, weights, ids, activation)
+
+
+def run_experts(x: torch.Tensor, experts: dict[str, torch.Tensor], weights: torch.Tensor, ids: torch.Tensor,
+                activation: str = "silu") -> torch.Tensor:
+    """x: [T, H]; weights (float32), ids (int64): [T, k] of `route` -> [T, H]: the experts' weighted sum."""
     if _use_kernel(x, experts, activation):
         from trtc.plugins.moe import triton as kernels
 
@@ -37,4 +43,4 @@ def _use_kernel(x: torch.Tensor, experts: dict[str, torch.Tensor], activation: s
     return use_triton(x) and experts["gate_up.weight"].is_cuda and activation == "silu" and not int4
 
 
-__all__ = ["experts_of", "moe", "route"]
+__all__ = ["experts_of", "moe", "route", "run_experts"]
