@@ -209,3 +209,22 @@ def test_onnx_tensor_parallel_moe(moe_models, tmp_path):
     write_onnx_dir(tmp_path / "onnx", cfg, bc, lambda rank: checkpoint_rank(ckpt2, rank, cfg.graph))
     run = run_compared(engine, [TensorParallelOnnxRuntimeRunner(tmp_path / "onnx", cfg.graph, cfg.mapping, bc)], 131)
     assert max(e for (e,) in run.errors) < FP32, run.errors
+
+
+def test_bad_moe_config_is_one_line_error(moe_models, tmp_path):
+    import json
+    import re
+    import shutil
+
+    from trtc.errors import TrtcError
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(moe_models["mixtral"][0], hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 5}))
+    with pytest.raises(TrtcError, match="num_experts_per_tok 5 must be between 1 and the number of experts 4"):
+        convert(hf_dir, tmp_path / "ckpt", progress=False)
+    (hf_dir / "config.json").write_text(json.dumps({**config, "num_local_experts": 5}))  # more than the weights hold
+    with pytest.raises(TrtcError, match=re.escape("gate.weight has shape [4, 64] but config.json implies [5, 64]")):
+        convert(hf_dir, tmp_path / "ckpt2", progress=False)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt2").exists()
