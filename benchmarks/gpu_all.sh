@@ -3,10 +3,11 @@
 # then run the named parts, by default the GPU tests, the bf16 engine benchmark against HF
 # transformers and, with two GPUs or more, the tensor-parallel tests and the tp 1 vs tp 2 benchmark.
 # Fixtures are read from $TRTC_FIXTURES.
-#   bash benchmarks/gpu_all.sh [quick] [tests] [bench] [tp] [kernels] [gemm] [variants] [engines]
+#   bash benchmarks/gpu_all.sh [quick] [tests] [bench] [tp] [kernels] [gemm] [variants] [engines] [moe]
 #   kernels: the quantized-GEMM kernel tests; gemm: benchmarks/quant_gemm.py (rows $GEMM_M);
 #   variants: benchmarks/w4a16_variants.py (rows $GEMM_M, block shapes $W4A16_VARIANTS);
-#   engines: the bf16, FP8 and INT4-AWQ 8B engines against HF transformers
+#   engines: the bf16, FP8 and INT4-AWQ 8B engines against HF transformers;
+#   moe: the fused MoE kernel tests and benchmarks/moe.py (bf16, then FP8 experts)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRTC_FIXTURES=${TRTC_FIXTURES:-$PWD/.carry/fixtures}
 OUT=${OUT:-/tmp/trtc-out}
@@ -35,6 +36,10 @@ for part in "${PARTS[@]}"; do case $part in
   gemm) python3 benchmarks/quant_gemm.py --m "${GEMM_M:-1,4,16,64}" 2>&1 | tee "$OUT/quant_gemm.log" ;;
   variants) python3 benchmarks/w4a16_variants.py --m "${GEMM_M:-1,4,16,32,64}" --variants "${W4A16_VARIANTS:-8x8,8x4,4x8,4x16}" \
               2>&1 | tee "$OUT/w4a16_variants.log" ;;
+  moe) python3 -m pytest -q -m gpu -p no:cacheprovider tests/plugins/test_moe_kernels.py 2>&1 \
+         | tee "$OUT/moe_kernel_tests.log" | tail -25
+       python3 benchmarks/moe.py 2>&1 | tee "$OUT/moe.log"
+       python3 benchmarks/moe.py --fp8 2>&1 | tee "$OUT/moe_fp8.log" ;;
   tp) if [ "$GPUS" -ge 2 ]; then
         python3 -m pytest -q -m multi_gpu tests -p no:cacheprovider -s 2>&1 | tee "$OUT/multi_gpu_tests.log" | tail -25
         python3 benchmarks/tp_gpu.py $QUICK --output_json "$OUT/tp_bench.json" 2>&1 | tee "$OUT/tp_bench.log" \

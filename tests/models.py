@@ -6,7 +6,16 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 COMMON = dict(
     hidden_size=64,
@@ -43,6 +52,22 @@ CASES = {
     "qwen3_qknorm": (Qwen3Config, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)),
 }
 
+# Mixtures of experts: 4 experts of 32, top 2, a sharper router (initializer_range) so that every
+# expert is chosen by some token of the tests' prompts
+MOE_CASES = {
+    # softmax -> top-2 renormalised, every layer sparse, sliding window
+    "mixtral": (MixtralConfig, dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                    intermediate_size=32, sliding_window=9)),
+    # q/k norm, top-2 not renormalised (norm_topk_prob false), layer 1 dense (mlp_only_layers)
+    "qwen3_moe": (Qwen3MoeConfig, dict(num_key_value_heads=1, head_dim=32, num_hidden_layers=3, num_experts=4,
+                                       num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1],
+                                       norm_topk_prob=False)),
+    # renormalised top-2, a gated shared expert of 48, layer 0 dense (decoder_sparse_step 2)
+    "qwen2_moe": (Qwen2MoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                       decoder_sparse_step=2, norm_topk_prob=True)),
+}
+
 
 def make_hf_model(directory: Path, case: str, seed: int = 0, legacy_rope: bool = False, **overrides) -> Path:
     """Save a random model of `case` to `directory` (safetensors) and return the path.
@@ -50,7 +75,7 @@ def make_hf_model(directory: Path, case: str, seed: int = 0, legacy_rope: bool =
     legacy_rope rewrites config.json in the transformers-4 style (`rope_theta` + `rope_scaling`),
     as most published checkpoints are.
     """
-    config_cls, kwargs = CASES[case]
+    config_cls, kwargs = CASES[case] if case in CASES else MOE_CASES[case]
     config = config_cls(**{**COMMON, **kwargs, **overrides})
     config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
     torch.manual_seed(seed)

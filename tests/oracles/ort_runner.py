@@ -95,6 +95,14 @@ def register_ops() -> str:
     def w4a16_gemm(x, weight, weight_scale, weight_zero, **kw):
         return torch_ops.w4a16_gemm(_torch(x), _torch(weight), _torch(weight_scale), _torch(weight_zero), **kw).numpy()
 
+    # gate_up and down: the activation type, or FP8 as uint8
+    @onnx_op(op_type="MoE", inputs=[f32, f32, i64, any_, f32, f32, any_, f32, f32], outputs=[f32], attrs=attrs("MoE"))
+    def moe(x, topk_weights, topk_ids, gate_up, gate_up_scale, gate_up_input_scale, down, down_scale, down_input_scale):
+        fp8 = gate_up.dtype == np.uint8
+        return torch_ops.moe(_torch(x), _torch(topk_weights), _torch(topk_ids), _torch(gate_up, fp8),
+                             _torch(gate_up_scale), _torch(gate_up_input_scale), _torch(down, fp8), _torch(down_scale),
+                             _torch(down_input_scale)).numpy()
+
     @onnx_op(op_type="AllReduce", inputs=[f32], outputs=[f32], attrs=attrs("AllReduce"))
     def all_reduce(x, tp_size, rank):
         parts = _collectives.exchange(rank, x)

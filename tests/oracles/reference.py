@@ -120,12 +120,41 @@ class ReferenceModel:
 
     def _mlp(self, w: dict[str, torch.Tensor], i: int, x: torch.Tensor) -> torch.Tensor:
         m, p = self.graph.layers[i].mlp, f"layers.{i}.mlp."
+        if m.moe is not None:
+            return self._moe(w, i, x)
         up = linear(x, w, p + "up")
         if m.gated:
             y = gated_activation(linear(x, w, p + "gate"), up, m.activation)
         else:
             y = ACTIVATION_FNS[m.activation](up)
         return linear(y, w, p + "down", bias=False)
+
+    def _moe(self, w: dict[str, torch.Tensor], i: int, x: torch.Tensor) -> torch.Tensor:
+        """A mixture of experts, token by token: softmax over the router's logits, the top-k
+        (renormalised), each chosen expert's gated MLP from the checkpoint's stacks (this rank's slice
+        of every expert), weighted and summed; plus the shared expert."""
+        m, p = self.graph.layers[i].mlp, f"layers.{i}.mlp."
+        moe, lead = m.moe, x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # [N, hidden]
+        probs = torch.softmax(F.linear(x, w[p + "router.weight"]).float(), dim=-1)  # [N, E]
+        top, ids = torch.topk(probs, moe.top_k, dim=-1)
+        if moe.normalize_topk:
+            top = top / top.sum(dim=-1, keepdim=True)
+        stacks = {k[len(p) + 8:]: t for k, t in w.items() if k.startswith(p + "experts.")}  # "gate.weight": [E, ...]
+        out = torch.zeros_like(x, dtype=torch.float32)
+        for n in range(x.shape[0]):
+            for j in range(moe.top_k):
+                e = {k: t[int(ids[n, j])] for k, t in stacks.items()}
+                y = gated_activation(linear(x[n:n + 1], e, "gate"), linear(x[n:n + 1], e, "up"), m.activation)
+                out[n] += top[n, j] * linear(y, e, "down")[0].float()
+        out = out.to(x.dtype)
+        if moe.shared_intermediate_size:
+            y = gated_activation(linear(x, w, p + "shared.gate"), linear(x, w, p + "shared.up"), m.activation)
+            shared = linear(y, w, p + "shared.down", bias=False)
+            if moe.shared_gate:
+                shared = torch.sigmoid(F.linear(x, w[p + "shared_gate.weight"])) * shared
+            out = out + shared
+        return out.reshape(*lead, -1)
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: list[int], max_new_tokens: int, end_ids: tuple[int, ...] = ()) -> list[int]:

@@ -20,6 +20,7 @@ import torch
 
 from trtc.formats.build_config import BuildConfig, kv_cache_torch_dtype
 from trtc.formats.checkpoint import rank_file
+from trtc.formats.engine_layout import stack_depth
 from trtc.formats.graph import ModelGraph
 from trtc.formats.mapping import Mapping
 from trtc.formats.quant_layout import quantize_fp8
@@ -97,7 +98,7 @@ def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=pr
     with safe_open(str(rank_file(engine_dir, 0, "engine")), framework="pt", device="cuda") as f:
         names = set(f.keys())
         for name in sorted(names):
-            if not name.endswith(".weight_scale"):
+            if not name.endswith(".weight_scale") or stack_depth(name):  # expert stacks run the MoE kernels
                 continue
             base = name[: -len(".weight_scale")]
             key = gemm_key(f.get_slice(base + ".weight"), f.get_slice(name))

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from trtc.converters import llama, mistral, qwen2, qwen3
+from trtc.converters import llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
 from trtc.converters.architecture import Architecture
 from trtc.errors import TrtcError
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (llama.ARCHITECTURE, mistral.ARCHITECTURE, qwen2.ARCHITECTURE, qwen3.ARCHITECTURE)
+    a.name: a for a in (
+        llama.ARCHITECTURE, mistral.ARCHITECTURE, qwen2.ARCHITECTURE, qwen3.ARCHITECTURE,
+        mixtral.ARCHITECTURE, qwen2_moe.ARCHITECTURE, qwen3_moe.ARCHITECTURE,
+    )
 }
 
 

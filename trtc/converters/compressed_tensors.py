@@ -23,13 +23,7 @@ from __future__ import annotations
 import torch
 
 from trtc.converters.hf_checkpoint import HFCheckpoint
-from trtc.converters.quantized import (
-    SourceFormat,
-    TensorSource,
-    _check_lm_head,
-    _unquantized_linears,
-    plain,
-)
+from trtc.converters.tensor_source import SourceFormat, TensorSource, check_lm_head, plain, unquantized_linears
 from trtc.converters.tp import Shard
 from trtc.converters.weight_map import WeightMap
 from trtc.errors import TrtcError
@@ -78,16 +72,16 @@ def ct_format(qc: dict, hf: HFCheckpoint, graph: ModelGraph, weights: WeightMap)
     w, a = group.get("weights") or {}, group.get("input_activations")
     if fmt in FP8_FORMATS and _is_fp8_static(w, a):
         quant = QuantConfig(quant_algo="FP8", weight_scale_per_channel=w.get("strategy") == "channel",
-                            exclude_modules=_unquantized_linears(hf, graph, weights, "FP8", "weight"),
+                            exclude_modules=unquantized_linears(hf, graph, weights, "FP8", "weight"),
                             producer=_producer(qc, fmt))
-        _check_lm_head(hf, weights, "weight")
+        check_lm_head(hf, weights, "weight")
         return SourceFormat("compressed-tensors", quant)
     if fmt == INT4_FORMAT and _is_w4a16_group(w, a):
         quant = QuantConfig(quant_algo="W4A16_GPTQ", group_size=int(w["group_size"]),
                             has_zero_point=not w.get("symmetric", True),
-                            exclude_modules=_unquantized_linears(hf, graph, weights, "W4A16_GPTQ", "weight_packed"),
+                            exclude_modules=unquantized_linears(hf, graph, weights, "W4A16_GPTQ", "weight_packed"),
                             producer=_producer(qc, fmt))
-        _check_lm_head(hf, weights, "weight_packed")
+        check_lm_head(hf, weights, "weight_packed")
         return SourceFormat("compressed-tensors", quant)
     raise TrtcError(f"{where}: scheme '{scheme}' (format {fmt}) is not supported; trtc imports {SUPPORTED}")
 

@@ -20,12 +20,19 @@ Packing conversions are layout moves only: no value is recomputed.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from trtc.converters.compressed_tensors import ct_format, ct_source
 from trtc.converters.hf_checkpoint import HFCheckpoint
+from trtc.converters.tensor_source import (
+    EXPERT,
+    SourceFormat,
+    TensorSource,
+    check_lm_head,
+    plain,
+    unquantized_linears,
+)
 from trtc.converters.tp import Shard
 from trtc.converters.weight_map import WeightMap
 from trtc.errors import TrtcError
@@ -33,25 +40,6 @@ from trtc.formats.graph import ModelGraph
 from trtc.formats.quant_layout import LINEARS, QuantConfig, pack_int4
 
 MODELOPT_ALGOS = {"FP8": "FP8", "W4A16_AWQ": "W4A16_AWQ", "W4A16_GPTQ": "W4A16_GPTQ"}
-QUANTIZED_WEIGHT_DTYPES = ("F8_E4M3", "U8", "I8")
-
-
-@dataclass
-class TensorSource:
-    hf_shapes: dict[str, tuple[int, ...]]  # the HF tensors consumed, with their expected shapes
-    read: Callable[[HFCheckpoint, Shard], torch.Tensor]  # one shard, in trtc coordinates
-
-
-def plain(src: str, shape: tuple[int, ...]) -> TensorSource:
-    return TensorSource({src: shape}, lambda hf, s: hf.read(src, s.dim, s.start, s.stop))
-
-
-# Reading the quantization config --------------------------------------------------------------------
-@dataclass
-class SourceFormat:
-    kind: str  # "plain" | "modelopt" | "gptq" | "compressed-tensors" (converters/compressed_tensors.py)
-    quant: QuantConfig | None
-    gptq_v1_zeros: bool = False  # AutoGPTQ's checkpoint_format "gptq" stores zero points minus one
 
 
 def read_format(hf: HFCheckpoint, graph: ModelGraph, weights: WeightMap) -> SourceFormat:
@@ -75,8 +63,6 @@ def read_format(hf: HFCheckpoint, graph: ModelGraph, weights: WeightMap) -> Sour
     if method == "gptq":
         return _gptq_format(qc, hf, graph, weights)
     if method == "compressed-tensors":
-        from trtc.converters.compressed_tensors import ct_format
-
         return ct_format(qc, hf, graph, weights)
     raise TrtcError(
         f"quantization method {method!r} of {hf.model_dir} is not supported; trtc imports ModelOpt exports "
@@ -98,10 +84,10 @@ def _modelopt_quant(d: dict, hf: HFCheckpoint, graph: ModelGraph, weights: Weigh
         raise TrtcError(f"{where} of {hf.model_dir}: asymmetric (has_zero_point) ModelOpt INT4 is not supported")
     quant = QuantConfig(
         quant_algo=algo, kv_cache_quant_algo=kv, group_size=int(d.get("group_size") or 128),
-        exclude_modules=_unquantized_linears(hf, graph, weights, algo, "weight"),
+        exclude_modules=unquantized_linears(hf, graph, weights, algo, "weight"),
         producer=d.get("producer"), calibration=d.get("calibration"),
     )
-    _check_lm_head(hf, weights, "weight")
+    check_lm_head(hf, weights, "weight")
     return quant
 
 
@@ -119,65 +105,59 @@ def _gptq_format(qc: dict, hf: HFCheckpoint, graph: ModelGraph, weights: WeightM
     quant = QuantConfig(
         quant_algo="W4A16_GPTQ", group_size=group, has_zero_point=not qc.get("sym", True),
         has_input_perm=bool(qc.get("desc_act", False)),
-        exclude_modules=_unquantized_linears(hf, graph, weights, "W4A16_GPTQ", "qweight"),
+        exclude_modules=unquantized_linears(hf, graph, weights, "W4A16_GPTQ", "qweight"),
         producer={"name": qc.get("quantizer") or "gptq", "checkpoint_format": fmt},
     )
-    _check_lm_head(hf, weights, "qweight")
+    check_lm_head(hf, weights, "qweight")
     return SourceFormat("gptq", quant, gptq_v1_zeros=fmt == "gptq")
 
 
-def _unquantized_linears(hf: HFCheckpoint, graph: ModelGraph, weights: WeightMap, algo: str | None, marker: str) -> list[str]:
-    """The layer linears the checkpoint keeps in a float dtype (trtc names)."""
-    if algo is None:
-        return []
-    out = []
-    for i in range(graph.num_layers):
-        for module in LINEARS:
-            if module == "mlp.gate" and not graph.layers[i].mlp.gated:
-                continue
-            src = f"{weights.source_module(f'layers.{i}.{module}')}.{marker}"
-            quantized = src in hf and (marker != "weight" or hf.dtype(src) in QUANTIZED_WEIGHT_DTYPES)
-            if not quantized:
-                out.append(f"layers.{i}.{module}")
-    return out
-
-
-def _check_lm_head(hf: HFCheckpoint, weights: WeightMap, marker: str) -> None:
-    src = f"{weights.source_module('lm_head')}.{marker}"
-    if src in hf and (marker != "weight" or hf.dtype(src) in QUANTIZED_WEIGHT_DTYPES):
-        raise TrtcError(f"{hf.model_dir} has a quantized LM head ({src}); trtc keeps the LM head unquantized, re-export it excluded")
-
-
-# Tensor sources ---------------------------------------------------------------------------------------
 def tensor_sources(
     fmt: SourceFormat, hf: HFCheckpoint, weights: WeightMap, shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, TensorSource]:
     """A source for every trtc tensor of `shapes`; optional tensors the checkpoint lacks are left out."""
-    quant = fmt.quant
     sources: dict[str, TensorSource] = {}
     for name, shape in shapes.items():
-        module, suffix = name.rsplit(".", 1)
-        quantized = quant is not None and quant.quant_algo is not None and _is_quantized_linear(module, quant)
-        if not quantized or suffix == "bias":
-            src = weights.source(name)
-            if quant is not None and QuantConfig.is_optional(name) and src not in hf:
-                continue
-            sources[name] = plain(src, shape)
-        elif fmt.kind == "modelopt":
-            source = _modelopt_source(weights.source_module(module), suffix, shape, quant, hf)
-            if source is not None:
-                sources[name] = source
-        elif fmt.kind == "compressed-tensors":
-            from trtc.converters.compressed_tensors import ct_source
-
-            source = ct_source(weights.source_module(module), suffix, shape, quant)
-            if source is not None:
-                sources[name] = source
-        else:
-            source = _gptq_source(weights.source_module(module), suffix, shape, quant, fmt.gptq_v1_zeros, hf)
-            if source is not None:
-                sources[name] = source
+        if ".experts." in name:  # [E, ...]: one source per expert, stacked
+            experts = [_tensor_source(fmt, hf, weights, name, shape[1:], e) for e in range(shape[0])]
+            if experts[0] is not None:
+                sources[name] = _stacked(experts)
+            continue
+        source = _tensor_source(fmt, hf, weights, name, shape)
+        if source is not None:
+            sources[name] = source
     return sources
+
+
+def _stacked(experts: list[TensorSource]) -> TensorSource:
+    """The experts' tensors stacked along a new first axis (a shard's dim 1.. is the experts' 0..)."""
+    def read(hf: HFCheckpoint, s: Shard) -> torch.Tensor:
+        inner = s if s.dim is None else Shard(s.dim - 1, s.start, s.stop)
+        return torch.stack([x.read(hf, inner) for x in experts])
+
+    return TensorSource({k: v for x in experts for k, v in x.hf_shapes.items()}, read)
+
+
+def _tensor_source(fmt: SourceFormat, hf: HFCheckpoint, weights: WeightMap, name: str, shape: tuple[int, ...],
+                   expert: int | None = None) -> TensorSource | None:
+    """The source of trtc tensor `name` (of expert `expert` of a stack: its HF module's `{e}` filled)."""
+    quant = fmt.quant
+    module, suffix = name.rsplit(".", 1)
+
+    def source_module(m: str) -> str:
+        return weights.source_module(m).replace(EXPERT, str(expert))
+
+    quantized = quant is not None and quant.quant_algo is not None and _is_quantized_linear(module, quant)
+    if not quantized or suffix == "bias":
+        src = weights.source(name).replace(EXPERT, str(expert))
+        if quant is not None and QuantConfig.is_optional(name) and src not in hf:
+            return None
+        return plain(src, shape)
+    if fmt.kind == "modelopt":
+        return _modelopt_source(source_module(module), suffix, shape, quant, hf)
+    if fmt.kind == "compressed-tensors":
+        return ct_source(source_module(module), suffix, shape, quant)
+    return _gptq_source(source_module(module), suffix, shape, quant, fmt.gptq_v1_zeros, hf)
 
 
 def ignorable(fmt: SourceFormat, hf: HFCheckpoint, name: str) -> bool:

@@ -6,6 +6,11 @@ replicated and added once, after the all-reduce); vocab-parallel: embedding and 
 vocabulary rows, the vocabulary padded with zero rows to a multiple of tp. Everything else
 (norms) is replicated.
 
+A mixture of experts splits every expert's intermediate dimension (the dense MLP's rule, one axis
+further in: gate/up [E, I, hidden] by I rows, down [E, hidden, I] by I columns); its shared expert
+splits like a dense MLP; the router and the shared expert's gate are replicated, so every rank
+routes alike and the partial outputs are summed by the MLP's all-reduce.
+
 Quantized layers (trtc/formats/quant_layout.py) split with their layer: column-parallel ones split
 weight, weight_scale and weight_zero by rows and keep pre_quant_scale and input_perm whole;
 row-parallel ones split an INT4 weight by bytes (two columns each), weight_scale / weight_zero by
@@ -42,8 +47,9 @@ class Shard:
         return tuple(s)
 
 
-_COLUMN_PARALLEL = ("attention.q", "attention.k", "attention.v", "mlp.gate", "mlp.up")
-_ROW_PARALLEL = ("attention.o", "mlp.down")
+_COLUMN_PARALLEL = ("attention.q", "attention.k", "attention.v", "mlp.gate", "mlp.up", "mlp.shared.gate",
+                    "mlp.shared.up", "mlp.experts.gate", "mlp.experts.up")
+_ROW_PARALLEL = ("attention.o", "mlp.down", "mlp.shared.down", "mlp.experts.down")
 _ROW_SPLIT = ("weight", "weight_scale", "weight_zero")  # suffixes split along out rows (column-parallel)
 
 
@@ -58,7 +64,11 @@ def shard_for(name: str, graph: ModelGraph, mapping: Mapping, rank: int, quant: 
     layer = graph.layers[int(m.group(1))]
     a, (module, _, suffix) = layer.attention, m.group(2).rpartition(".")
     d = a.head_dim
+    # a per-tensor FP8 weight scale (one per expert in a stack) is replicated; per-channel ones split with the rows
     fp8_scale = quant is not None and quant.is_fp8 and not quant.weight_scale_per_channel and suffix == "weight_scale"
+    if module.startswith("mlp.experts."):  # [E, ...]: the rule of a dense layer, one axis further in
+        inner = shard_for(f"layers.{m.group(1)}.mlp.{module[12:]}.{suffix}", graph, mapping, rank, quant)
+        return inner if inner.dim is None else Shard(inner.dim + 1, inner.start, inner.stop)
     if module in _COLUMN_PARALLEL:
         if suffix not in (*_ROW_SPLIT, "bias") or fp8_scale:
             return Shard(None)
@@ -68,10 +78,10 @@ def shard_for(name: str, graph: ModelGraph, mapping: Mapping, rank: int, quant: 
         if module in ("attention.k", "attention.v"):
             start = mapping.kv_head_start(a, rank) * d
             return Shard(0, start, start + mapping.local_kv_heads(a) * d)
-        n = layer.mlp.intermediate_size // tp
+        n = _mlp_size(layer, module) // tp
         return Shard(0, rank * n, (rank + 1) * n)
     if module in _ROW_PARALLEL:
-        n = mapping.local_heads(a) * d if module == "attention.o" else layer.mlp.intermediate_size // tp
+        n = mapping.local_heads(a) * d if module == "attention.o" else _mlp_size(layer, module) // tp
         int4 = quant is not None and quant.is_int4 and quant.quantizes(int(m.group(1)), module)
         if suffix == "pre_quant_scale":
             return Shard(0, rank * n, (rank + 1) * n)
@@ -81,6 +91,11 @@ def shard_for(name: str, graph: ModelGraph, mapping: Mapping, rank: int, quant: 
             per = quant.group_size if suffix != "weight" else 1
             return Shard(1, rank * n // per, (rank + 1) * n // per)
     return Shard(None)
+
+
+def _mlp_size(layer, module: str) -> int:
+    """The intermediate size of MLP linear `module` (the shared expert's, or the MLP's / an expert's)."""
+    return layer.mlp.moe.shared_intermediate_size if module.startswith("mlp.shared.") else layer.mlp.intermediate_size
 
 
 def validate_quantized_split(graph: ModelGraph, mapping: Mapping, quant: QuantConfig | None) -> None:

@@ -9,6 +9,11 @@ weights as they are and gets a per-row weight_scale [out] (each part's scale ove
 the max input_scale (ModelOpt's export already gives the parts one). Requantizing the parts to the
 max of their scales instead, so that one scale serves the GEMM, would change the model:
 books-16M's perplexity moved by 0.4-0.5% that way (benchmarks/quant_accuracy.py --requant).
+
+A mixture of experts keeps its experts stacked: gate and up [E, I, hidden] fuse along each
+expert's rows into experts.gate_up [E, 2I, hidden] (axis 1), down stays [E, hidden, I]; per-expert
+FP8 scales [E] become [E, 2I] like a dense layer's per-tensor ones become [2I]. The shared expert
+fuses like a dense MLP.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from trtc.formats.mapping import Mapping
 FUSED_MODULES = {
     "attention.qkv": ("attention.q", "attention.k", "attention.v"),
     "mlp.gate_up": ("mlp.gate", "mlp.up"),
+    "mlp.shared.gate_up": ("mlp.shared.gate", "mlp.shared.up"),
+    "mlp.experts.gate_up": ("mlp.experts.gate", "mlp.experts.up"),  # [E, ...]: fused along axis 1
 }
 # how the parts' tensors of a suffix combine
 RULES = {
@@ -43,11 +50,22 @@ class EngineTensor:
     parts: tuple[str, ...]  # checkpoint tensors it is made of, in row order
     rule: str = "cat"  # cat | max | same | rows (per-tensor scales -> one per row of the fused weight)
     weights: tuple[str, ...] = ()  # rows: the parts' weights, whose row counts the scales cover
+    dim: int = 0  # the rows' axis: 1 in an expert stack [E, rows, ...]
+
+
+def stack_depth(name: str) -> int:
+    """Leading axes before a linear's own: 1 for an expert stack ([E, ...]), 0 otherwise."""
+    return 1 if ".experts." in name else 0
+
+
+def per_tensor(name: str, shape: list[int] | tuple[int, ...]) -> bool:
+    """A per-tensor (per-expert) scale: no axis beyond the stack's."""
+    return len(shape) == stack_depth(name)
 
 
 def engine_tensors(checkpoint_names: list[str], graph: ModelGraph, scalar: set[str] = frozenset()) -> dict[str, EngineTensor]:
     """Engine tensor name -> how it is made from checkpoint tensors, in checkpoint order.
-    `scalar`: the checkpoint tensors of shape [] (per-tensor scales)."""
+    `scalar`: the checkpoint tensors that are per-tensor scales (`per_tensor`)."""
     present = set(checkpoint_names)
     plan: dict[str, EngineTensor] = {}
     fused: set[str] = set()
@@ -66,11 +84,12 @@ def engine_tensors(checkpoint_names: list[str], graph: ModelGraph, scalar: set[s
                         f"{', '.join(s for s, h in zip(sources, have) if h)} exist but not for every part of "
                         f"{p}{target}; the checkpoint's fused layers must be quantized alike, quantize or convert again"
                     )
+                dim = stack_depth(target)
                 if suffix == "weight_scale" and sources[0] in scalar:
                     plan[f"{p}{target}.{suffix}"] = EngineTensor(
-                        sources, "rows", tuple(f"{p}{m}.weight" for m in modules))
+                        sources, "rows", tuple(f"{p}{m}.weight" for m in modules), dim)
                 else:
-                    plan[f"{p}{target}.{suffix}"] = EngineTensor(sources, rule)
+                    plan[f"{p}{target}.{suffix}"] = EngineTensor(sources, rule, dim=dim)
                 fused.update(sources)
     for name in checkpoint_names:
         if name not in fused:
@@ -81,20 +100,21 @@ def engine_tensors(checkpoint_names: list[str], graph: ModelGraph, scalar: set[s
 def engine_shape(t: EngineTensor, shapes: list[list[int]], rows: list[int]) -> tuple[int, ...]:
     """shapes: of the parts; rows: of the parts' weights (rule rows)."""
     if t.rule == "rows":
-        return (sum(rows),)
+        return (*shapes[0], sum(rows))
     if len(shapes) > 1 and t.rule == "cat":
-        return (sum(s[0] for s in shapes), *shapes[0][1:])
+        d = t.dim
+        return (*shapes[0][:d], sum(s[d] for s in shapes), *shapes[0][d + 1:])
     return tuple(shapes[0])
 
 
 def combine(name: str, t: EngineTensor, tensors: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
     """The engine tensor `name` from its parts (rows: the row counts of the parts' weights)."""
-    if t.rule == "rows":
-        return torch.cat([s.reshape(1).expand(n) for s, n in zip(tensors, rows)])
+    if t.rule == "rows":  # per-tensor [] (per-expert [E]) scales -> [rows] ([E, rows])
+        return torch.cat([s.unsqueeze(-1).expand(*s.shape, n) for s, n in zip(tensors, rows)], dim=-1)
     if len(tensors) == 1:
         return tensors[0]
     if t.rule == "cat":
-        return torch.cat(tensors, dim=0)
+        return torch.cat(tensors, dim=t.dim)
     if t.rule == "max":
         return torch.stack(tensors).amax(dim=0)
     if any(not torch.equal(tensors[0], x) for x in tensors[1:]):  # same

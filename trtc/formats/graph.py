@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 NORM_KINDS = ("rms", "layer")
+ROUTER_SCORINGS = ("softmax",)
 
 
 @dataclass
@@ -80,17 +81,49 @@ class AttentionConfig:
 
 
 @dataclass
+class MoEConfig:
+    """A mixture of experts in place of the dense MLP: a router linear [E, hidden] scores the
+    experts, softmax over all E, the top_k highest kept (renormalised to sum 1 with normalize_topk:
+    Mixtral, Qwen3-MoE's norm_topk_prob; softmax -> top-k -> renormalise is top-k -> softmax of the
+    logits); each token's output is the weighted sum of its top_k experts' gated MLPs (the
+    MLPConfig's activation and intermediate_size, per expert). An optional shared expert (Qwen2-MoE),
+    a gated MLP of shared_intermediate_size, is added for every token, scaled by
+    sigmoid(shared_gate(x)) [T, 1] when shared_gate."""
+
+    num_experts: int
+    top_k: int
+    normalize_topk: bool = True
+    scoring: str = "softmax"
+    shared_intermediate_size: int = 0  # 0: no shared expert
+    shared_gate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ROUTER_SCORINGS:
+            raise TrtcError(f"router scoring {self.scoring!r} is not supported; supported: {', '.join(ROUTER_SCORINGS)}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise TrtcError(
+                f"num_experts_per_tok {self.top_k} must be between 1 and the number of experts {self.num_experts}; "
+                "fix config.json"
+            )
+
+
+@dataclass
 class MLPConfig:
-    intermediate_size: int
+    intermediate_size: int  # per expert when moe is set
     activation: str = "silu"
     gated: bool = True  # down(act(gate(x)) * up(x))
     bias: bool = False
+    moe: MoEConfig | None = None  # a mixture of these gated MLPs instead of one
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise TrtcError(
                 f"activation {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
             )
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if self.moe is not None and (not self.gated or self.bias):
+            raise TrtcError("a mixture of experts needs gated MLPs without bias")
 
 
 @dataclass
@@ -172,6 +205,9 @@ class ModelGraph:
                 shapes[p + "attention.k_cache_scale"] = ()
                 shapes[p + "attention.v_cache_scale"] = ()
             shapes.update(_norm_shapes(p + "post_attention_norm", layer.post_attention_norm, h))
+            if m.moe is not None:
+                shapes.update(moe_shapes(p + "mlp.", m, h, quant))
+                continue
             for name in ("gate", "up") if m.gated else ("up",):
                 linear(i, f"mlp.{name}", m.intermediate_size, h, m.bias)
             linear(i, "mlp.down", h, m.intermediate_size, m.bias)
@@ -186,3 +222,41 @@ def _norm_shapes(prefix: str, norm: NormConfig, hidden: int) -> dict[str, tuple[
     if norm.bias:
         shapes[prefix + ".bias"] = (hidden,)
     return shapes
+
+
+def moe_shapes(prefix: str, mlp: MLPConfig, hidden: int, quant: QuantConfig | None = None) -> dict[str, tuple[int, ...]]:
+    """The tensors of an MoE MLP `prefix` (`layers.{i}.mlp.`): router [E, hidden], the experts'
+    weights stacked over E (gate, up [E, I, hidden], down [E, hidden, I]; quantized: every tensor of
+    quant_layout.py's linear with E in front), and the shared expert's plain gate/up/down."""
+    moe, inter = mlp.moe, mlp.intermediate_size
+    e = moe.num_experts
+    shapes: dict[str, tuple[int, ...]] = {prefix + "router.weight": (e, hidden)}
+    layer = int(prefix.split(".")[1])
+    for name, out, inp in (("gate", inter, hidden), ("up", inter, hidden), ("down", hidden, inter)):
+        module = f"{prefix}experts.{name}"
+        if quant is not None and quant.quantizes(layer, f"mlp.experts.{name}"):
+            shapes.update({k: (e, *v) for k, v in quant.linear_tensors(module, out, inp).items()})
+        else:
+            shapes[module + ".weight"] = (e, out, inp)
+    if moe.shared_intermediate_size:
+        s = moe.shared_intermediate_size
+        for name, out, inp in (("gate", s, hidden), ("up", s, hidden), ("down", hidden, s)):
+            module = f"{prefix}shared.{name}"
+            if quant is not None and quant.quantizes(layer, f"mlp.shared.{name}"):
+                shapes.update(quant.linear_tensors(module, out, inp))
+            else:
+                shapes[module + ".weight"] = (out, inp)
+        if moe.shared_gate:
+            shapes[prefix + "shared_gate.weight"] = (1, hidden)
+    return shapes
+
+
+def layer_linears(layer: DecoderLayerConfig) -> tuple[str, ...]:
+    """The linear modules of a decoder layer that quantization may replace (an MoE router and shared
+    expert gate stay in the model dtype), a subset of quant_layout.LINEARS."""
+    attention = ("attention.q", "attention.k", "attention.v", "attention.o")
+    m = layer.mlp
+    if m.moe is None:
+        return (*attention, *(("mlp.gate", "mlp.up") if m.gated else ("mlp.up",)), "mlp.down")
+    shared = ("mlp.shared.gate", "mlp.shared.up", "mlp.shared.down") if m.moe.shared_intermediate_size else ()
+    return (*attention, "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down", *shared)

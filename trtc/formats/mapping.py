@@ -64,6 +64,9 @@ def split_problem(graph: ModelGraph, tp: int) -> str | None:
             return f"neither divides nor is a multiple of the {a.num_kv_heads} KV heads"
         if layer.mlp.intermediate_size % tp:
             return f"does not divide the MLP size {layer.mlp.intermediate_size} of layer {i}"
+        moe = layer.mlp.moe
+        if moe is not None and moe.shared_intermediate_size % tp:
+            return f"does not divide the shared expert's size {moe.shared_intermediate_size} of layer {i}"
     return None
 
 

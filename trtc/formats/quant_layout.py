@@ -8,7 +8,8 @@ checkpoint config.json `quantization` (TensorRT-LLM's names):
     `exclude_modules` names trtc modules kept in the model dtype; the embedding and the LM head
     are never quantized.
 
-The quantized linear layers are attention q/k/v/o and MLP gate/up/down of every layer. A linear X
+The quantized linear layers are attention q/k/v/o and MLP gate/up/down of every layer (of a
+mixture of experts: the experts' and the shared expert's gate/up/down; the router stays). A linear X
 (weights [out, in] before quantization) holds, instead of the model-dtype `X.weight`:
 
 FP8 (W8A8, per-tensor scales):
@@ -39,6 +40,11 @@ INT4 weight-only (W4A16, AWQ and GPTQ), groups of `group_size` input columns:
     Fused qkv / gate_up (engine): weight, weight_scale, weight_zero concatenated along out;
     pre_quant_scale and input_perm must be equal across the shards and are kept once.
 
+Experts (`layers.{i}.mlp.experts.{gate,up,down}`) stack E such linears: every tensor above with E
+in front (FP8: weight [E, out, in], weight_scale and input_scale [E], one per expert).
+Fused gate_up [E, 2I, in] (engine): weights concatenated along the rows of each expert, FP8
+weight_scale [E, 2I] (each part's scale over its rows), input_scale [E] the max of the parts'.
+
 FP8 KV cache (kv_cache_quant_algo FP8):
     layers.{i}.attention.k_cache_scale, layers.{i}.attention.v_cache_scale  float32 []
     the pool stores fp8(k / k_cache_scale) as float8_e4m3fn; attention reads k * k_cache_scale.
@@ -66,7 +72,8 @@ FP8_MAX = 448.0  # largest float8_e4m3fn
 FP8 = torch.float8_e4m3fn
 
 # the quantized linear layers of a decoder layer (trtc module names under layers.{i}.)
-LINEARS = ("attention.q", "attention.k", "attention.v", "attention.o", "mlp.gate", "mlp.up", "mlp.down")
+LINEARS = ("attention.q", "attention.k", "attention.v", "attention.o", "mlp.gate", "mlp.up", "mlp.down",
+           "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down", "mlp.shared.gate", "mlp.shared.up", "mlp.shared.down")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from trtc.errors import TrtcError
 from trtc.formats.checkpoint import rank_file
-from trtc.formats.engine_layout import combine, engine_shape, engine_tensors
+from trtc.formats.engine_layout import combine, engine_shape, engine_tensors, per_tensor
 from trtc.formats.graph import ModelGraph
 from trtc.utils.safetensors_writer import DTYPE_OF_CODE
 
@@ -41,9 +41,9 @@ def checkpoint_rank(checkpoint_dir: Path, rank: int, graph: ModelGraph) -> Itera
     """The engine tensors of a checkpoint shard, fused as they are built."""
     with _open(rank_file(checkpoint_dir, rank), "convert the model again") as f:
         names = sorted(f.keys())
-        scalar = {n for n in names if f.get_slice(n).get_shape() == []}
+        scalar = {n for n in names if per_tensor(n, f.get_slice(n).get_shape())}
         plan = engine_tensors(names, graph, scalar)
-        rows = {target: [f.get_slice(w).get_shape()[0] for w in t.weights] for target, t in plan.items()}
+        rows = {target: [f.get_slice(w).get_shape()[t.dim] for w in t.weights] for target, t in plan.items()}
         entries = []
         for target, t in plan.items():
             shapes = [f.get_slice(p).get_shape() for p in t.parts]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
+from trtc.errors import TrtcError
 from trtc.formats.build_config import BuildConfig, kv_cache_torch_dtype
 from trtc.formats.engine_layout import local_qkv_sizes
 from trtc.formats.graph import ModelGraph, NormConfig, RopeConfig
@@ -246,6 +247,8 @@ class Lowering:
 
     def mlp(self, i: int, x: str) -> str:
         g, mlp, p = self.g, self.s.graph.layers[i].mlp, f"layers.{i}.mlp."
+        if mlp.moe is not None:
+            return self.all_reduce(self.moe(i, x))
         if mlp.gated:
             half = self._rows(p + "gate_up.weight") // 2
             sizes = g.const([half, half])
@@ -255,6 +258,35 @@ class Lowering:
             y = self.activation(self.linear(x, p + "up"), mlp.activation)
         h = self.all_reduce(self.linear(y, p + "down", bias=False))
         return g.op("Add", [h, p + "down.bias"]) if mlp.bias else h
+
+    def moe(self, i: int, x: str) -> str:
+        """The router in standard ops (float32 Softmax over the experts, TopK, renormalisation), the
+        experts in one MoE node, the shared expert as a dense gated MLP: this rank's partial [T, hidden]."""
+        g, mlp, p = self.g, self.s.graph.layers[i].mlp, f"layers.{i}.mlp."
+        moe = mlp.moe
+        if mlp.activation != "silu" or self.has(p + "experts.gate_up.weight_zero") or (
+                self.has(p + "experts.gate_up.weight_scale") and not self.has(p + "experts.gate_up.input_scale")):
+            raise TrtcError(f"layer {i}: the ONNX MoE node runs SiLU experts in the model dtype or FP8 only; "
+                            "use --backend cuda for this model")
+        logits = self.cast(g.op("Gemm", [x, p + "router.weight"], transB=1), TensorProto.FLOAT)  # [T, E]
+        probs = g.op("Softmax", [logits], axis=-1)
+        weights, ids = g.op("TopK", [probs, g.const([moe.top_k])], num_outputs=2, axis=-1)  # [T, k]
+        if moe.normalize_topk:
+            weights = g.op("Div", [weights, g.op("ReduceSum", [weights, g.const([-1])], keepdims=1)])
+        one = g.const(1.0, np.float32)
+        scales = [p + f"experts.{m}.{t}" if self.has(p + f"experts.{m}.{t}") else one
+                  for m in ("gate_up", "down") for t in ("weight_scale", "input_scale")]
+        y = g.trtc_op("MoE", [x, weights, ids, p + "experts.gate_up.weight", *scales[:2], p + "experts.down.weight",
+                              *scales[2:]])
+        g.typed(y, self.act, [T, self.s.graph.hidden_size])
+        if moe.shared_intermediate_size:
+            s = self._rows(p + "shared.gate_up.weight") // 2
+            gate, up = g.op("Split", [self.linear(x, p + "shared.gate_up"), g.const([s, s])], num_outputs=2, axis=1)
+            shared = self.linear(g.op("Mul", [self.activation(gate, mlp.activation), up]), p + "shared.down", bias=False)
+            if moe.shared_gate:
+                shared = g.op("Mul", [g.op("Sigmoid", [g.op("Gemm", [x, p + "shared_gate.weight"], transB=1)]), shared])
+            y = g.op("Add", [y, shared])
+        return y
 
     def activation(self, x: str, kind: str) -> str:
         g = self.g

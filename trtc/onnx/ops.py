@@ -137,4 +137,27 @@ ALL_GATHER = OpSpec(
     reference="trtc.onnx.torch_ops.all_gather",
 )
 
-OPS = {op.name: op for op in (PAGED_ATTENTION, FP8_GEMM, W4A16_GEMM, ALL_REDUCE, ALL_GATHER)}
+MOE = OpSpec(
+    name="MoE",
+    doc="The experts of a mixture of experts: y[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * "
+        "up_e(x[t])), e = topk_ids[t, j], each expert a gated MLP from the stacked weights (tokens grouped by "
+        "expert, one grouped GEMM for gate_up and one for down: trtc/plugins/moe). The router (Gemm, Softmax, "
+        "TopK, renormalisation) is standard ops before it. FP8 experts (weights float8e4m3fn) are W8A8 per "
+        "expert as Fp8Gemm; model-dtype experts take scalar 1 scales, unused. E experts of I rows on this rank.",
+    inputs=(
+        Port("x", "activation", "[T, hidden]"),
+        Port("topk_weights", "FLOAT", "[T, k] each token's experts' weights"),
+        Port("topk_ids", "INT64", "[T, k] each token's experts"),
+        Port("gate_up", "activation or FLOAT8E4M3FN", "[E, 2I, hidden] each expert's gate rows then up rows"),
+        Port("gate_up_scale", "FLOAT", "FP8: [E, 2I] per-row weight scales; else [] (1)"),
+        Port("gate_up_input_scale", "FLOAT", "FP8: [E] each expert's activation scale; else [] (1)"),
+        Port("down", "activation or FLOAT8E4M3FN", "[E, hidden, I]"),
+        Port("down_scale", "FLOAT", "FP8: [E]; else [] (1)"),
+        Port("down_input_scale", "FLOAT", "FP8: [E]; else [] (1)"),
+    ),
+    outputs=(Port("y", "activation", "[T, hidden] this rank's partial sum (all-reduced after, as down)"),),
+    attributes=(),
+    reference="trtc.onnx.torch_ops.moe",
+)
+
+OPS = {op.name: op for op in (PAGED_ATTENTION, FP8_GEMM, W4A16_GEMM, ALL_REDUCE, ALL_GATHER, MOE)}

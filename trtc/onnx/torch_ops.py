@@ -13,6 +13,7 @@ from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.dispatch import use_triton
 from trtc.plugins.gemm import linear
 from trtc.plugins.gemm.w4a16 import SYMMETRIC_ZERO
+from trtc.plugins.moe import run_experts
 
 
 def step_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -71,3 +72,15 @@ def w4a16_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if weight_zero is not None:
         w["l.weight_zero"] = weight_zero
     return linear(x, w, "l")
+
+
+def moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, gate_up: torch.Tensor,
+        gate_up_scale: torch.Tensor, gate_up_input_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor,
+        down_input_scale: torch.Tensor) -> torch.Tensor:
+    """x: [T, H]; topk_weights, topk_ids: [T, k]; gate_up: [E, 2I, H]; down: [E, H, I] (FP8 with
+    their scales, or x's dtype with [] scales that are not read) -> [T, H]."""
+    experts = {"gate_up.weight": gate_up, "down.weight": down}
+    if gate_up.dtype == torch.float8_e4m3fn:
+        experts.update({"gate_up.weight_scale": gate_up_scale, "gate_up.input_scale": gate_up_input_scale,
+                        "down.weight_scale": down_scale, "down.input_scale": down_input_scale})
+    return run_experts(x, experts, topk_weights.float(), topk_ids.long())

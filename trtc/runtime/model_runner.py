@@ -33,6 +33,7 @@ from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
 from trtc.plugins.gemm.tactics import TacticTable
+from trtc.plugins.moe import experts_of, moe
 from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
 from trtc.runtime.parallel.distributed import RankGroup
 
@@ -231,6 +232,8 @@ class ModelRunner:
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         m, w, p = self.graph.layers[i].mlp, self.w, f"layers.{i}.mlp."
+        if m.moe is not None:
+            return self._moe(i, x)
         if m.gated:
             gate_up = self._linear(x, p + "gate_up", out_dtype=self.dtype)  # [T, 2 * intermediate]
             if m.activation == "silu":  # quantized for down in the same kernel when down is FP8
@@ -240,3 +243,18 @@ class ModelRunner:
         else:
             y = ACTIVATION_FNS[m.activation](self._linear(x, p + "up", out_dtype=self.dtype))
         return self._linear(y, p + "down", bias=False, out_dtype=self.dtype)
+
+    def _moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] -> this rank's partial [T, hidden]: the routed experts (each rank holds
+        every expert's slice of the intermediate dimension) plus the shared expert, if any."""
+        m, w, p = self.graph.layers[i].mlp, self.w, f"layers.{i}.mlp."
+        y = moe(x, w[p + "router.weight"], experts_of(w, p + "experts"), m.moe.top_k, m.moe.normalize_topk,
+                m.activation)
+        if m.moe.shared_intermediate_size:
+            gate_up = self._linear(x, p + "shared.gate_up", out_dtype=self.dtype)  # [T, 2 * shared]
+            shared = self._linear(gated_activation(*gate_up.chunk(2, dim=-1), m.activation), p + "shared.down",
+                                  bias=False, out_dtype=self.dtype)
+            if m.moe.shared_gate:
+                shared = torch.sigmoid(F.linear(x, w[p + "shared_gate.weight"])) * shared  # [T, 1] * [T, hidden]
+            y = y + shared
+        return y

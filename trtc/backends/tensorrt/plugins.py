@@ -117,6 +117,24 @@ def _w4a16_gemm_impl(x: trtp.Tensor, weight: trtp.Tensor, weight_scale: trtp.Ten
         as_torch(outputs[0]).copy_(y)
 
 
+# Mixture of experts ---------------------------------------------------------------------------------
+@trtp.register("trtc::MoE")
+def _moe_desc(x: trtp.TensorDesc, topk_weights: trtp.TensorDesc, topk_ids: trtp.TensorDesc, gate_up: trtp.TensorDesc,
+              gate_up_scale: trtp.TensorDesc, gate_up_input_scale: trtp.TensorDesc, down: trtp.TensorDesc,
+              down_scale: trtp.TensorDesc, down_input_scale: trtp.TensorDesc) -> trtp.TensorDesc:
+    return x.like()  # [T, hidden]
+
+
+@trtp.impl("trtc::MoE")
+def _moe_impl(x: trtp.Tensor, topk_weights: trtp.Tensor, topk_ids: trtp.Tensor, gate_up: trtp.Tensor,
+              gate_up_scale: trtp.Tensor, gate_up_input_scale: trtp.Tensor, down: trtp.Tensor, down_scale: trtp.Tensor,
+              down_input_scale: trtp.Tensor, outputs: tuple[trtp.Tensor, ...], stream: int) -> None:
+    with _on(stream):
+        y = torch_ops.moe(*(as_torch(t) for t in (x, topk_weights, topk_ids, gate_up, gate_up_scale,
+                                                  gate_up_input_scale, down, down_scale, down_input_scale)))
+        as_torch(outputs[0]).copy_(y)
+
+
 # Tensor-parallel collectives (torch.distributed's NCCL group of the ranks' processes) --------------
 @trtp.register("trtc::AllReduce")
 def _all_reduce_desc(x: trtp.TensorDesc, tp_size: int, rank: int) -> trtp.TensorDesc:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from trtc.formats.engine_layout import stack_depth
 from trtc.formats.quant_layout import unpack_int4
 from trtc.plugins.gemm.w4a16 import w4a16_input
 
@@ -211,7 +212,8 @@ def decode_unread(weights: dict[str, torch.Tensor]) -> set[str]:
 def prepare_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> int:
     """Add PACKED_TENSORS beside every INT4 layer of `weights` (a rank's tensors by full name) that the
     kernel covers, if it runs on `device`. Returns the number of layers packed."""
-    layers = [name[: -len(".weight_scale")] for name, t in weights.items() if name.endswith(".weight_scale") and t.dim() == 2]
+    layers = [name[: -len(".weight_scale")] for name, t in weights.items()
+              if name.endswith(".weight_scale") and t.dim() == 2 and not stack_depth(name)]  # not expert stacks
     if not layers or not available(device):
         return 0
     count = 0
