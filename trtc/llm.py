@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,9 +12,11 @@ from transformers import AutoTokenizer
 from trtc.compiler.engine_cache import cached_engine
 from trtc.errors import TrtcError
 from trtc.formats.build_config import BuildConfig
+from trtc.runtime.async_engine import AsyncEngine
 from trtc.runtime.detokenizer import Detokenizer
 from trtc.runtime.executor import Executor
 from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent
+from trtc.runtime.request_stream import RequestStream, snapshot
 from trtc.runtime.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -68,11 +69,14 @@ class LLM:
         self._has_tokenizer = any((self.engine_dir / "tokenizer" / f).is_file() for f in TOKENIZER_MODEL_FILES)
         self._detokenizers: dict[int, Detokenizer | None] = {}  # request id -> its detokenizer, while it runs
         self._closed = False
+        self.async_engine: AsyncEngine | None = None  # the engine thread, once generate_async is used
 
     def close(self) -> None:
         """Free the engine's memory and stop its other ranks; the LLM is unusable after."""
         if not self._closed:
             self._closed = True
+            if self.async_engine is not None:
+                self.async_engine.close()
             self.executor.close()
 
     def __enter__(self) -> LLM:
@@ -109,7 +113,7 @@ class LLM:
         out = self._submit(prompt, sampling_params)
         for changed in self._run([out]):
             if changed:
-                yield _snapshot(out)
+                yield snapshot(out)
 
     def generate_stream_batch(
         self, prompts: Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -124,12 +128,42 @@ class LLM:
         index = {out.request_id: i for i, out in enumerate(outputs) if out.error is None}
         for changed in self._run(outputs):
             for out in changed:
-                yield index[out.request_id], _snapshot(out)
+                yield index[out.request_id], snapshot(out)
+
+    def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> RequestStream:
+        """Submit one prompt to the engine thread (started on the first call, on the running asyncio
+        loop) and return at once. `await` the result for the finished RequestOutput, or `async for`
+        over it for snapshots as text arrives; requests from any number of tasks join the same
+        in-flight batch. `.abort()` (or leaving the iteration early) cancels the request and frees
+        its KV blocks. Raises TrtcError on a prompt the engine cannot take. Once this is used, the
+        LLM's executor belongs to its engine thread: generate() and generate_stream() refuse."""
+        if self._closed:
+            self._check_open()
+        params = sampling_params or SamplingParams()
+        if self.async_engine is None:
+            self.async_engine = AsyncEngine(self.executor)
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
+        self.check_prompt(ids, params)
+        detok = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
+        return RequestStream(self.async_engine, self.async_engine.submit(ids, params), text, detok)
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise TrtcError (naming the limit) for a prompt the engine can never run."""
+        engine, max_seq_len = self.executor.engine, self.executor.engine.build_config.max_seq_len
+        vocab = engine.graph.vocab_size
+        if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
+            raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > max_seq_len:
+            raise TrtcError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                            f"engine's max_seq_len {max_seq_len}; shorten the prompt or lower max_tokens")
 
     # Internals ------------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise TrtcError("this LLM is closed (its engine memory was freed); create a new LLM(...) to generate again")
+        if self.async_engine is not None:
+            raise TrtcError("this LLM serves requests through generate_async; use generate_async for more")
 
     def _submit_all(self, prompts: list[Prompt], sampling_params) -> list[RequestOutput]:
         self._check_open()
@@ -195,13 +229,6 @@ class LLM:
 
 def _is_single(prompts) -> bool:
     return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """A copy of `out` that later tokens do not change (the text is shared: strings are immutable)."""
-    outputs = [replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
-               for c in out.outputs]
-    return replace(out, outputs=outputs)
 
 
 def load_tokenizer(engine_dir: Path):
