@@ -140,13 +140,18 @@ class LLM:
         if self._closed:
             self._check_open()
         params = sampling_params or SamplingParams()
-        if self.async_engine is None:
-            self.async_engine = AsyncEngine(self.executor)
+        engine = self.start_async_engine()
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
         self.check_prompt(ids, params)
         detok = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
-        return RequestStream(self.async_engine, self.async_engine.submit(ids, params), text, detok)
+        return RequestStream(engine, engine.submit(ids, params), text, detok)
+
+    def start_async_engine(self) -> AsyncEngine:
+        """The engine thread for generate_async, started (on the running asyncio loop) on first use."""
+        if self.async_engine is None:
+            self.async_engine = AsyncEngine(self.executor)
+        return self.async_engine
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise TrtcError (naming the limit) for a prompt the engine can never run."""
