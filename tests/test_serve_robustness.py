@@ -149,3 +149,21 @@ def test_sigterm_ends_open_streams_and_exits_0(server):
     assert chunks[-1] == "[DONE]"
     last = json.loads(chunks[-2])["choices"][0]
     assert last["finish_reason"] in ("abort", "length")
+
+
+def test_serve_cli_refuses_bad_options_in_one_line(tmp_path):
+    from cli_helpers import assert_one_line_error, cli
+
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("port: 8000\nmax_queue: 3\n")
+    assert_one_line_error(cli("serve", tmp_path, "--config", bad), "max_queue", "known")
+    assert_one_line_error(cli("serve", tmp_path / "missing"), "does not exist")
+    assert_one_line_error(cli("serve", tmp_path, "--chat_template", tmp_path / "none.jinja"), "--chat_template")
+
+
+def test_config_file_options_and_flags_win(tmp_path):
+    from trtc.serve.server import read_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("port: 8123\ntp: 2\napi_key: k\nmax_queued_requests: 4\n")
+    assert read_config(path) == {"port": 8123, "tp_size": 2, "api_key": "k", "max_queued_requests": 4}
