@@ -136,8 +136,8 @@ class AsyncEngine:
                 events = ex.step()
                 if not events and ex.scheduler.num_running() == 0 and ex.has_unfinished() and self._submits.empty():
                     raise TrtcError("no waiting request fits the KV-cache pool; give the runtime more KV-cache memory")
+                self._publish()  # before the events: a request that sees its end sees the stats after it
                 self._dispatch(events, start)
-                self._publish()
         except BaseException as e:  # noqa: BLE001 - the engine is dead: every request hears why
             log.exception("engine thread stopped")
             self.error = e
