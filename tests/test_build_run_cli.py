@@ -124,7 +124,7 @@ def test_prompt_longer_than_max_seq_len_rejected_others_continue(engines, tmp_pa
     ("--top_p", 0, ["top_p", "(0, 1]"]),
     ("--top_p", 1.5, ["top_p"]),
     ("--temperature", -1, ["temperature", ">= 0"]),
-    ("--max_output_len", 0, ["max_tokens"]),
+    ("--max_output_len", 0, ["--max_output_len", ">= 1"]),
 ])
 def test_invalid_sampling_values(engines, flag, value, words):
     _, engine = engines["llama3_gqa"]

@@ -10,8 +10,11 @@ import torch
 from transformers import AutoTokenizer
 
 from trtc.compiler.engine_cache import cached_engine
+from trtc.converters.hf_checkpoint import TOKENIZER_MODEL_FILES
 from trtc.errors import TrtcError
 from trtc.formats.build_config import BuildConfig
+from trtc.formats.checkpoint import CHECKPOINT_FORMAT
+from trtc.formats.engine import ENGINE_FORMAT, Engine
 from trtc.runtime.async_engine import AsyncEngine
 from trtc.runtime.detokenizer import Detokenizer
 from trtc.runtime.executor import Executor
@@ -20,16 +23,17 @@ from trtc.runtime.request_stream import RequestStream, snapshot
 from trtc.runtime.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
-TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _config_format(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def is_engine_dir(path: Path) -> bool:
-    if any(path.glob("rank*.engine")):
-        return True
-    try:
-        return json.loads((path / "config.json").read_text()).get("format") == "trtc-engine"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return any(path.glob("rank*.engine")) or _config_format(path) == ENGINE_FORMAT
 
 
 class LLM:
@@ -59,7 +63,10 @@ class LLM:
     ) -> None:
         path = Path(model)
         if not path.is_dir():
-            raise TrtcError(f"{path} does not exist; pass an engine directory or a local HF model directory")
+            problem = "is a file, not a directory" if path.exists() else "does not exist"
+            raise TrtcError(f"{path} {problem}; pass an engine directory or a local HF model directory")
+        if not is_engine_dir(path) and _config_format(path) == CHECKPOINT_FORMAT:
+            Engine.load(path)  # refuses it, naming the build command
         self.engine_dir = path if is_engine_dir(path) else cached_engine(path, tp_size, dtype, build_config, backend)
         self.executor = Executor(
             self.engine_dir, device, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, enable_prefix_reuse,

@@ -18,6 +18,7 @@ build also times the kernels' tactics for the engine's shapes (compiler/autotune
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,8 @@ from trtc.formats.rank_tensors import checkpoint_rank
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
 from trtc.utils.safetensors_writer import SafetensorsWriter
 from trtc.version import __version__
+
+log = logging.getLogger("trtc")
 
 BACKENDS = ("auto", "cuda", "tensorrt")
 
@@ -72,8 +75,8 @@ def build(
     if config.max_seq_len > ckpt.graph.max_position_embeddings:
         rope_types = {layer.attention.rope.type for layer in ckpt.graph.layers}
         if rope_types <= {"default"}:
-            print(f"warning: --max_seq_len {config.max_seq_len} exceeds the model's max_position_embeddings "
-                  f"{ckpt.graph.max_position_embeddings}; quality beyond it is not guaranteed")
+            log.warning(f"warning: --max_seq_len {config.max_seq_len} exceeds the model's max_position_embeddings "
+                        f"{ckpt.graph.max_position_embeddings}; quality beyond it is not guaranteed")
     world = ckpt.mapping.world_size
     for rank in range(world):
         if not rank_file(checkpoint_dir, rank).is_file():
