@@ -267,7 +267,7 @@ def test_bad_quantize_input(tiny, tmp_path):
     narrow = add_word_tokenizer(make_hf_model(tmp_path / "narrow", "llama3_gqa"))  # in-features 64 and 96
     assert_one_line_error(cli("quantize", *base[:1], narrow, *base[2:], "--qformat", "int4_awq"),
                           "64 input features", "group size 128")  # the default group size
-    assert_one_line_error(cli("quantize", *base, "--qformat", "int4_awq", "--awq_block_size", 48), "48")
+    assert_one_line_error(cli("quantize", *base, "--qformat", "int4_awq", "--group_size", 48), "--group_size 48")
     assert_one_line_error(cli("quantize", "--model_dir", hf, "--output_dir", out, "--qformat", "fp8",
                               "--calib_dataset", root / "nope.txt"), "nope.txt", "does not exist")
     (tmp_path / "empty.txt").write_text("\n")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -31,13 +34,81 @@ def user_errors(fn):
     return wrapper
 
 
+KV_CACHE_OPTIONS = [
+    click.option("--kv_cache_max_tokens", "--max_tokens_in_paged_kv_cache", "kv_cache_max_tokens", default=None,
+                 type=click.IntRange(min=1),
+                 help="Tokens the paged KV cache holds. [default: what fits in --kv_cache_free_gpu_memory_fraction "
+                      "of the free GPU memory; on CPU, a quarter of the available RAM, at most 65536 tokens or one "
+                      "max_seq_len sequence]"),
+    click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True,
+                 help="Share of the GPU memory left after the weights that the KV cache takes."),
+]
+
+
+def kv_cache_options(fn):
+    for option in reversed(KV_CACHE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def quiet_option(fn):
+    """--quiet: no progress bars and no informational lines (warnings and errors still show)."""
+
+    def set_quiet(ctx, param, value):
+        if value:
+            logging.getLogger("trtc").setLevel(logging.WARNING)
+        return value
+
+    return click.option("--quiet", is_flag=True, callback=set_quiet, expose_value=True,
+                        help="No progress bars or informational lines (warnings and errors still show).")(fn)
+
+
+def progress_of(quiet: bool) -> bool | None:
+    """The `progress` argument of long steps: off with --quiet, else on a terminal only."""
+    return False if quiet else None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trtc")
 def main() -> None:
     """trtc: compile a Hugging Face LLM ahead of time and run it fast."""
-    import logging
+    configure_logging()
 
-    logging.basicConfig(level=logging.INFO, format="[trtc] %(message)s", stream=sys.stderr)
+
+class _StderrHandler(logging.StreamHandler):
+    """trtc's handler of log lines: to stderr."""
+
+
+LIBRARIES = ("transformers", "torch", "modelopt", "huggingface_hub", "tokenizers", "accelerate", "onnx", "triton")
+
+
+def configure_logging() -> None:
+    """trtc's own lines on stderr ("[trtc] ..."; warnings too); the libraries' chatter (transformers,
+    ModelOpt, torch warnings) only at TRTC_LOG_LEVEL=debug."""
+    debug = os.environ.get("TRTC_LOG_LEVEL", "").lower() == "debug"
+    trtc_log = logging.getLogger("trtc")
+    trtc_log.setLevel(logging.DEBUG if debug else logging.INFO)
+    trtc_log.propagate = False
+    if not any(isinstance(h, _StderrHandler) for h in trtc_log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[trtc] %(message)s"))
+        trtc_log.addHandler(handler)
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        root.addHandler(handler)
+    for h in root.handlers:
+        if isinstance(h, _StderrHandler):
+            h.setLevel(logging.DEBUG if debug else logging.ERROR)
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
+        for name in LIBRARIES:
+            warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
 
 
 @main.command()
@@ -49,14 +120,17 @@ def main() -> None:
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
               help="Weight dtype; auto keeps the model's.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@quiet_option
 @user_errors
-def convert(model_dir: str, revision: str | None, output_dir: str, tp_size: int, dtype: str, overwrite: bool) -> None:
+def convert(model_dir: str, revision: str | None, output_dir: str, tp_size: int, dtype: str, overwrite: bool,
+            quiet: bool) -> None:
     """Convert an HF checkpoint into a layer-graph checkpoint (per tensor-parallel rank)."""
     from trtc.converters.convert import convert as run_convert
     from trtc.converters.hub import resolve_model_dir
 
     model_dir = resolve_model_dir(model_dir, revision)
-    out = run_convert(model_dir, output_dir, tp_size=tp_size, dtype=dtype, overwrite=overwrite)
+    out = run_convert(model_dir, output_dir, tp_size=tp_size, dtype=dtype, overwrite=overwrite,
+                      progress=progress_of(quiet))
     click.echo(f"wrote {out} (tp {tp_size})")
 
 
@@ -68,6 +142,7 @@ BUILD_OPTIONS = [
                  help="Token budget of one step (longer prompts are prefilled in chunks)."),
     click.option("--tokens_per_block", default=32, show_default=True, type=int, help="Tokens per KV-cache block."),
     click.option("--kv_cache_dtype", default="auto", show_default=True,
+                 type=click.Choice(["auto", "float32", "float16", "bfloat16", "fp8"]),
                  help="auto (fp8 for a checkpoint with FP8 KV scales, else the weights' dtype), float32, float16, bfloat16, fp8."),
     click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "tensorrt"]),
                  help="cuda: trtc's kernels; tensorrt: ONNX graphs built into TensorRT plans; auto: tensorrt where "
@@ -122,10 +197,11 @@ def calib_options(fn):
               help="Text of the report's perplexity. [default: the calibration text after what calibration used]")
 @click.option("--skip_report", is_flag=True, help="Skip the report (perplexity and greedy agreement vs unquantized).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@quiet_option
 @user_errors
 def quantize(model_dir, revision, output_dir, qformat, kv_cache_dtype, calib_dataset, calib_size, calib_max_seq_length,
              awq_block_size, awq_algorithm, batch_size, tp_size, dtype, device, eval_dataset, skip_report,
-             overwrite) -> None:
+             overwrite, quiet) -> None:
     """Quantize an HF model with NVIDIA ModelOpt into a trtc checkpoint (FP8, INT4 AWQ, INT4 GPTQ)."""
     from trtc.converters.hub import resolve_model_dir
     from trtc.quantization.calibration import DEFAULT_CALIBRATION_TEXT
@@ -134,7 +210,8 @@ def quantize(model_dir, revision, output_dir, qformat, kv_cache_dtype, calib_dat
     model_dir = resolve_model_dir(model_dir, revision)
     kv = "fp8" if kv_cache_dtype == "fp8" else None
     out = run_quantize(model_dir, output_dir, qformat, list(calib_dataset), kv, calib_size, calib_max_seq_length,
-                       batch_size, awq_block_size, awq_algorithm, tp_size, dtype, device, overwrite)
+                       batch_size, awq_block_size, awq_algorithm, tp_size, dtype, device, overwrite,
+                       progress=progress_of(quiet))
     if not skip_report:
         from trtc.quantization.quantize import load_tokenizer
         from trtc.tools.quant_report import quant_report
@@ -169,10 +246,11 @@ def quantize(model_dir, revision, output_dir, qformat, kv_cache_dtype, calib_dat
 @click.option("--dry_run", is_flag=True, help="Print the memory plan and check it; build nothing.")
 @click.option("--output_json", type=click.Path(), help="With --dry_run: write the plan as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@quiet_option
 @user_errors
 def build(checkpoint_dir, model_dir, revision, from_onnx, output_dir, tp_size, dtype, qformats, calib_dataset,
           calib_size, calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, target, gpu_memory,
-          dry_run, output_json, config_file, **limits) -> None:
+          dry_run, output_json, config_file, quiet, **limits) -> None:
     """Build an engine directory from a checkpoint (or straight from an HF directory or model id)."""
     from trtc.cli_build import run_build
 
@@ -183,7 +261,7 @@ def build(checkpoint_dir, model_dir, revision, from_onnx, output_dir, tp_size, d
         return
     run_build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, calib_dataset, calib_size,
               calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, target, gpu_memory, dry_run,
-              output_json, limits)
+              output_json, limits, progress_of(quiet))
 
 
 def _build_from_onnx(source: str, output_dir: str, overwrite: bool, limits: dict) -> None:
@@ -192,7 +270,7 @@ def _build_from_onnx(source: str, output_dir: str, overwrite: bool, limits: dict
 
     ctx = click.get_current_context()
     given = [name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-    allowed = ["from_onnx", "output_dir", "overwrite", *PROFILE_LIMITS]
+    allowed = ["from_onnx", "output_dir", "overwrite", "quiet", *PROFILE_LIMITS]
     if ctx.params["backend"] == "tensorrt":
         allowed.append("backend")
     extra = [name for name in given if name not in allowed]
@@ -207,17 +285,21 @@ def _build_from_onnx(source: str, output_dir: str, overwrite: bool, limits: dict
 @click.option("--engine_dir", required=True, type=click.Path(), help="An engine directory from `trtc build`.")
 @click.option("--dataset", "datasets", multiple=True, type=click.Path(), help="A plain-text file (repeat for more).")
 @click.option("--max_tokens", default=60000, show_default=True, type=int, help="Tokens of each text scored, from its start.")
-@click.option("--max_seq_len", "--window_len", "window_len", default=512, show_default=True, type=int,
-              help="Tokens per window: BOS, then max_seq_len - 1 text tokens (non-overlapping windows).")
+@click.option("--max_seq_len", "--window_len", "window_len", default=None, type=int,
+              help="Tokens per window: BOS, then max_seq_len - 1 text tokens (non-overlapping windows). "
+                   "[default: 512, or the engine's max_seq_len - 1 if smaller]")
 @click.option("--output_json", type=click.Path(),
               help='Write {"perplexity", "num_tokens", ...} (a list of them for several datasets).')
-@click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True)
+@kv_cache_options
+@quiet_option
 @user_errors
-def eval_(engine_dir, datasets, max_tokens, window_len, output_json, kv_cache_free_gpu_memory_fraction) -> None:
+def eval_(engine_dir, datasets, max_tokens, window_len, output_json, kv_cache_max_tokens,
+          kv_cache_free_gpu_memory_fraction, quiet) -> None:
     """Perplexity of an engine on text (teacher-forced windows, through the runtime)."""
     from trtc.cli_eval import eval_engine
 
-    eval_engine(engine_dir, list(datasets), max_tokens, window_len, output_json, kv_cache_free_gpu_memory_fraction)
+    eval_engine(engine_dir, list(datasets), max_tokens, window_len, output_json, kv_cache_free_gpu_memory_fraction,
+                kv_cache_max_tokens, progress_of(quiet))
 
 
 @main.command()
@@ -227,60 +309,94 @@ def eval_(engine_dir, datasets, max_tokens, window_len, output_json, kv_cache_fr
 @click.option("--input_file", type=click.Path(), help="Prompts from a .txt file (one per line) or a .json list.")
 @click.option("--max_output_len", default=64, show_default=True, type=int, help="New tokens at most.")
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (greedy when unset).")
-@click.option("--top_k", type=int, default=None)
-@click.option("--top_p", type=float, default=None)
-@click.option("--min_p", type=float, default=None)
-@click.option("--repetition_penalty", type=float, default=1.0, show_default=True)
-@click.option("--presence_penalty", type=float, default=0.0, show_default=True)
-@click.option("--frequency_penalty", type=float, default=0.0, show_default=True)
+@click.option("--top_k", type=int, default=None, help="Sample from the k most likely tokens (0: off; 1: greedy).")
+@click.option("--top_p", type=float, default=None,
+              help="Sample from the most likely tokens whose probabilities sum to p, in (0, 1] (1: off).")
+@click.option("--min_p", type=float, default=None,
+              help="Drop tokens less likely than min_p times the most likely one, in [0, 1] (0: off).")
+@click.option("--repetition_penalty", type=float, default=1.0, show_default=True,
+              help="HF's penalty on tokens of the prompt and output, > 0 (1: off).")
+@click.option("--presence_penalty", type=float, default=0.0, show_default=True,
+              help="OpenAI's penalty on tokens already in the output, in [-2, 2] (0: off).")
+@click.option("--frequency_penalty", type=float, default=0.0, show_default=True,
+              help="OpenAI's penalty per occurrence in the output, in [-2, 2] (0: off).")
 @click.option("--random_seed", type=int, default=None, help="Seed of every request's sampling.")
 @click.option("--stop_words", multiple=True, help="A string that ends generation (repeat the flag for more).")
 @click.option("--end_id", type=int, default=None, help="End token id [default: the model's EOS; -1: none].")
 @click.option("--streaming", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--output_json", type=click.Path(), help="Write the results as JSON for machines.")
-@click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True)
+@kv_cache_options
+@quiet_option
 @user_errors
 def run(engine_dir, input_text, more_input_text, input_file, max_output_len, random_seed, stop_words, streaming,
-        output_json, kv_cache_free_gpu_memory_fraction, **sampling) -> None:
+        output_json, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, quiet, **sampling) -> None:
     """Generate text with an engine (greedy unless sampling flags are given)."""
     from trtc.cli_run import run_engine
 
     if more_input_text and not input_text:
         raise TrtcError(f"unexpected argument {more_input_text[0]!r}; prompts go after --input_text")
     ok = run_engine(engine_dir, [*input_text, *more_input_text], input_file, max_output_len, random_seed,
-                    list(stop_words), streaming, output_json, kv_cache_free_gpu_memory_fraction, sampling)
+                    list(stop_words), streaming, output_json, kv_cache_free_gpu_memory_fraction, sampling,
+                    kv_cache_max_tokens)
     if not ok:
         sys.exit(1)
 
 
 @main.command()
-@click.option("--engine_dir", required=True, type=click.Path(), help="An engine directory from `trtc build`.")
+@click.option("--engine_dir", type=click.Path(), help="An engine directory from `trtc build` (offline benchmark).")
+@click.option("--url", default=None, help="Benchmark a running server instead (trtc serve or another OpenAI server).")
+@click.option("--request_rate", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="With --url: Poisson arrivals at this many requests/s. [default: all at once, up to --concurrency]")
+@click.option("--range_ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="With --url: prompt lengths uniform in [isl*(1-r), isl*(1+r)].")
+@click.option("--api_key", default=None, help="With --url: the server's API key [env: TRTC_API_KEY].")
 @click.option("--isl", default=128, show_default=True, type=click.IntRange(min=1), help="Input tokens per request.")
 @click.option("--osl", default=128, show_default=True, type=click.IntRange(min=1), help="Output tokens per request.")
-@click.option("--num_requests", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--num_requests", default=None, type=click.IntRange(min=1),
+              help="Requests to run. [default: 1000; in latency mode, one batch of --batch_size]")
 @click.option("--concurrency", default=None, type=click.IntRange(min=1),
-              help="Requests in flight at most. [default: the engine's max_batch_size]")
-@click.option("--latency", is_flag=True, help="Latency mode: --batch_size requests together; reports MBU.")
-@click.option("--batch_size", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True)
+              help="Requests in flight at most. [default: the engine's max_batch_size, at most --num_requests]")
+@click.option("--latency", is_flag=True,
+              help="Latency mode: batches of --batch_size requests, one after another; reports MBU.")
+@click.option("--batch_size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Latency mode: requests run together in each batch.")
+@kv_cache_options
 @click.option("--output_json", type=click.Path(), help="Write the figures as JSON.")
+@quiet_option
 @user_errors
-def bench(engine_dir, isl, osl, num_requests, concurrency, latency, batch_size, kv_cache_free_gpu_memory_fraction,
-          output_json) -> None:
-    """Measure throughput (default) or batch latency of an engine on synthetic prompts."""
+def bench(engine_dir, url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, latency, batch_size,
+          kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, output_json, quiet) -> None:
+    """Measure throughput (default) or batch latency of an engine on synthetic prompts, or with --url the
+    serving metrics of a running server (TTFT / TPOT / ITL / E2E)."""
     import json
+
+    if (engine_dir is None) == (url is None):
+        raise TrtcError("pass one of --engine_dir (an engine, offline) or --url (a running server)")
+    if url is not None:
+        _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests or 1000, concurrency, output_json)
+        return
 
     from trtc.runtime.executor import Executor
     from trtc.tools.bench import bench as run_bench
-    from trtc.tools.bench import format_result
+    from trtc.tools.bench import check_latency_batches, format_result
+    from trtc.utils.paths import check_output_file
 
-    ex = Executor(engine_dir, free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+    ctx = click.get_current_context()
+    if not latency and ctx.get_parameter_source("batch_size") == click.core.ParameterSource.COMMANDLINE:
+        raise TrtcError("--batch_size sets latency mode's batches; add --latency, or use --concurrency for throughput")
+    if latency and concurrency is not None:
+        raise TrtcError("--concurrency is for throughput mode; latency mode runs --batch_size requests together")
+    if latency:
+        check_latency_batches(num_requests, batch_size)
+    check_output_file(output_json, "--output_json")
+    ex = Executor(engine_dir, kv_cache_max_tokens=kv_cache_max_tokens,
+                  free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
     try:
         bc = ex.engine.build_config
         if isl + osl > bc.max_seq_len:
             raise TrtcError(f"--isl {isl} + --osl {osl} exceeds the engine's max_seq_len {bc.max_seq_len}; "
                             "use shorter requests or rebuild with a larger --max_seq_len")
-        result = run_bench(ex, isl, osl, num_requests, concurrency, latency, batch_size)
+        result = run_bench(ex, isl, osl, num_requests, concurrency, latency, batch_size, progress=progress_of(quiet))
     finally:
         ex.close()
     result.load_seconds = ex.load_seconds
@@ -311,6 +427,49 @@ def tune(engine_dir: str, force: bool) -> None:
 
     engine = tune_engine(Engine.load(engine_dir), force=force, log_line=click.echo)
     click.echo(f"tuned {engine.directory} on {engine.target.get('gpu_name')}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--host", default=None, help="Address to bind. [default: 127.0.0.1, loopback only]")
+@click.option("--port", default=None, type=click.IntRange(0, 65535), help="[default: 8000]")
+@click.option("--tp", "--tp_size", "tp_size", default=None, type=click.IntRange(min=1),
+              help="Tensor-parallel size when MODEL is an HF directory. [default: 1]")
+@click.option("--api_key", default=None, help="Require Authorization: Bearer KEY on /v1 routes [env: TRTC_API_KEY].")
+@click.option("--served_model_name", default=None, help="The model name clients send. [default: MODEL's folder name]")
+@click.option("--chat_template", default=None, type=click.Path(), help="A Jinja chat template file for /v1/chat/completions.")
+@click.option("--max_queued_requests", default=None, type=click.IntRange(min=0),
+              help="Waiting requests at most; past it the server answers 503. [default: no bound]")
+@click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=None, help="[default: 0.9]")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="[default: cuda if there is a GPU]")
+@click.option("--log_level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="uvicorn's log level. [default: info]")
+@click.option("--config", "config_file", default=None, type=click.Path(), help="A serve.yaml with any of these options.")
+@user_errors
+def serve(model, config_file, **flags) -> None:
+    """Serve MODEL (an engine directory or an HF directory) over an OpenAI-compatible HTTP API."""
+    from trtc.serve.server import ServeConfig, read_config
+    from trtc.serve.server import serve as run_serve
+
+    options = read_config(config_file) if config_file else {}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    run_serve(ServeConfig(model=model, **options))
+
+
+def _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, output_json) -> None:
+    import asyncio
+    import json
+    import os
+
+    from trtc.tools.serve_bench import format_serve_result, run_serve_bench
+
+    result = asyncio.run(run_serve_bench(url.rstrip("/"), None, isl, osl, num_requests, concurrency, request_rate,
+                                         range_ratio, api_key=api_key or os.environ.get("TRTC_API_KEY")))
+    click.echo(format_serve_result(result))
+    if output_json:
+        Path(output_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if result.errors:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

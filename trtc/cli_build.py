@@ -13,7 +13,7 @@ from trtc.errors import TrtcError
 
 def run_build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, calib_dataset, calib_size,
               calib_max_seq_length, awq_block_size, awq_algorithm, overwrite, backend, target, gpu_memory, dry_run,
-              output_json, limits: dict) -> None:
+              output_json, limits: dict, progress: bool | None = None) -> None:
     from trtc.compiler.build import build, build_from_hf, plan_checkpoint_build, plan_hf_build
     from trtc.compiler.targets import resolve_target
     from trtc.formats.build_config import BuildConfig
@@ -65,9 +65,9 @@ def run_build(checkpoint_dir, model_dir, output_dir, tp_size, dtype, qformats, c
                    "pass --gpu_memory GiB or --target h200)")
         return
     if model_dir is not None:
-        out = build_from_hf(model_dir, output_dir, tp_size, dtype, config, backend, overwrite, quantize=quantize,
+        out = build_from_hf(model_dir, output_dir, tp_size, dtype, config, backend, overwrite, progress, quantize=quantize,
                             target=target, gpu_memory=gpu_memory, build_flags=flags)
     else:
-        out = build(checkpoint_dir, output_dir, config, backend, overwrite, target=target, gpu_memory=gpu_memory,
+        out = build(checkpoint_dir, output_dir, config, backend, overwrite, progress, target=target, gpu_memory=gpu_memory,
                     build_flags=flags)
     click.echo(f"wrote engine {out}")

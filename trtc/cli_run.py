@@ -9,43 +9,64 @@ from pathlib import Path
 import click
 
 from trtc.errors import TrtcError
+from trtc.utils.paths import check_input_file, check_output_file
 
 
 def read_prompts(input_text: list[str], input_file: str | None) -> list[str]:
     prompts = list(input_text)
     if input_file is not None:
-        path = Path(input_file)
-        if not path.is_file():
-            raise TrtcError(f"--input_file {path} does not exist")
+        path = check_input_file(input_file, "--input_file", "pass a .txt file (one prompt a line) or a .json list")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TrtcError(f"--input_file {path} is not UTF-8 text ({e}); save it as UTF-8") from None
         if path.suffix == ".json":
             try:
-                data = json.loads(path.read_text())
+                data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise TrtcError(f"--input_file {path} is not valid JSON ({e})") from None
             if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
                 raise TrtcError(f"--input_file {path} must hold a JSON list of strings")
             prompts += data
         else:
-            prompts += [line for line in path.read_text().splitlines() if line.strip()]
+            prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise TrtcError("no prompt given; pass --input_text \"...\" or --input_file FILE")
     return prompts
 
 
-def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, stop_words, streaming, output_json,
-               free_gpu_memory_fraction, sampling: dict) -> bool:
-    """Run every prompt in flight together; returns False if any prompt was rejected."""
-    from trtc.llm import LLM
+# SamplingParams field -> the run flag that sets it, where the names differ
+FLAG_OF_FIELD = {"max_tokens": "--max_output_len", "seed": "--random_seed", "stop": "--stop_words"}
+
+
+def sampling_params(max_output_len, random_seed, stop_words, sampling: dict):
+    """The run flags as SamplingParams; a bad value is an error naming the flag the user typed."""
     from trtc.runtime.sampling_params import SamplingParams
 
-    prompts = read_prompts(prompts, input_file)
     try:
-        params = SamplingParams(max_tokens=max_output_len, seed=random_seed, stop=stop_words, **sampling)
+        return SamplingParams(max_tokens=max_output_len, seed=random_seed, stop=stop_words, **sampling)
     except ValueError as e:
-        raise TrtcError(f"invalid sampling value: {e}") from None
-    with LLM(engine_dir, kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction) as llm:
+        name, _, rest = str(e).partition(" ")
+        raise TrtcError(f"{FLAG_OF_FIELD.get(name, '--' + name)} {rest}") from None
+
+
+def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, stop_words, streaming, output_json,
+               free_gpu_memory_fraction, sampling: dict, kv_cache_max_tokens: int | None = None) -> bool:
+    """Run every prompt in flight together; returns False if any prompt was rejected."""
+    from trtc.formats.engine import Engine
+    from trtc.llm import LLM
+
+    prompts = read_prompts(prompts, input_file)
+    params = sampling_params(max_output_len, random_seed, stop_words, sampling)
+    check_output_file(output_json, "--output_json")
+    vocab = Engine.load(engine_dir).graph.vocab_size  # an engine, not a checkpoint or an HF directory
+    if params.end_id is not None and params.end_id >= vocab:
+        raise TrtcError(f"--end_id {params.end_id} is not a token of the model (vocabulary of {vocab}); "
+                        f"pass an id below {vocab}, or -1 for none")
+    with LLM(engine_dir, kv_cache_max_tokens=kv_cache_max_tokens,
+             kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction) as llm:
         if streaming:
-            outputs = [_stream(llm, i, p, params, len(prompts)) for i, p in enumerate(prompts)]
+            outputs = _stream(llm, prompts, params)
         else:
             outputs = llm.generate(prompts, params)
     ok = True
@@ -66,20 +87,26 @@ def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, sto
     return ok
 
 
-def _stream(llm, i: int, prompt: str, params, n: int):
-    """Stream one prompt's text to stdout as it grows."""
-    click.echo(f'Input [Text {i}]: "{prompt}"')
-    click.echo(f"Output [Text {i} Beam 0]: ", nl=False)
-    shown, out = 0, None
-    try:
-        for out in llm.generate_stream(prompt, params):
-            sys.stdout.write(out.text[shown:])
-            sys.stdout.flush()
-            shown = len(out.text)
-    except TrtcError as e:
-        from trtc.runtime.outputs import CompletionOutput, RequestOutput
-
-        click.echo("")
-        return RequestOutput(-1, prompt, [], [CompletionOutput("", [], "error")], finished=True, error=str(e))
-    click.echo("")
-    return out
+def _stream(llm, prompts: list[str], params) -> list:
+    """Run every prompt in flight together and stream their text to stdout in prompt order: the
+    first unfinished prompt's text is shown as it grows; the later ones (generated meanwhile) follow."""
+    outputs: list = [None] * len(prompts)
+    current, shown = 0, None  # shown: characters of prompt `current` on screen (None: header not yet)
+    for i, out in llm.generate_stream_batch(prompts, params):
+        outputs[i] = out
+        while current < len(prompts) and outputs[current] is not None:
+            out = outputs[current]
+            if out.error is None:
+                if shown is None:
+                    click.echo(f'Input [Text {current}]: "{prompts[current]}"')
+                    click.echo(f"Output [Text {current} Beam 0]: ", nl=False)
+                    shown = 0
+                sys.stdout.write(out.text[shown:])
+                sys.stdout.flush()
+                shown = len(out.text)
+            if not out.finished:
+                break
+            if out.error is None:
+                click.echo("")
+            current, shown = current + 1, None
+    return outputs

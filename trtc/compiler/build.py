@@ -44,6 +44,8 @@ from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
 from trtc.utils.safetensors_writer import SafetensorsWriter
 from trtc.version import __version__
 
+log = logging.getLogger("trtc")
+
 BACKENDS = ("auto", "cuda", "tensorrt")
 logger = logging.getLogger("trtc")
 
@@ -79,7 +81,7 @@ def build(
     GPU for the memory plan's check (None: the GPU present or named). build_flags: the resolved
     command-line/config-file flags, recorded in config.json."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-    log = print if progress is not False else _quiet
+    say = print if progress is not False else _quiet
     target_config = resolve_target(target)
     backend = resolve_backend(backend) if backend != "auto" or is_here(target_config) else "cuda"
     if backend == "tensorrt" and not is_here(target_config):
@@ -93,8 +95,8 @@ def build(
     if config.max_seq_len > ckpt.graph.max_position_embeddings:
         rope_types = {layer.attention.rope.type for layer in ckpt.graph.layers}
         if rope_types <= {"default"}:
-            print(f"warning: --max_seq_len {config.max_seq_len} exceeds the model's max_position_embeddings "
-                  f"{ckpt.graph.max_position_embeddings}; quality beyond it is not guaranteed")
+            log.warning(f"warning: --max_seq_len {config.max_seq_len} exceeds the model's max_position_embeddings "
+                        f"{ckpt.graph.max_position_embeddings}; quality beyond it is not guaranteed")
     world = ckpt.mapping.world_size
     for rank in range(world):
         if not rank_file(checkpoint_dir, rank).is_file():
@@ -122,10 +124,10 @@ def build(
                 _build_rank(checkpoint_dir, tmp, rank, ckpt, progress, build_id)
             if tune_here:
                 engine_config["tactics"] = autotune(tmp, ckpt.graph, ckpt.mapping, config, torch_dtype(ckpt.dtype),
-                                                    target_config, log=log)
+                                                    target_config, log=say)
             elif target_config["device"] == "cuda":
                 engine_config["tuning"] = UNTUNED
-                log(f"built for compute capability {target_config['compute_capability']} without that GPU: its kernel "
+                say(f"built for compute capability {target_config['compute_capability']} without that GPU: its kernel "
                     "tactics are tuned at the first load there (or by `trtc tune ENGINE`) and stored in the engine")
         else:
             from trtc.compiler.build_tensorrt import lower_and_build

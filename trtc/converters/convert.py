@@ -7,6 +7,7 @@ read: peak memory is about one tensor, whatever the model size.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trtc.converters import architecture_for
-from trtc.converters.hf_checkpoint import TOKENIZER_FILES, HFCheckpoint
+from trtc.converters.hf_checkpoint import TOKENIZER_FILES, TOKENIZER_MODEL_FILES, HFCheckpoint
 from trtc.converters.quantized import (
     TensorSource,
     ignorable,
@@ -37,6 +38,8 @@ from trtc.formats.mapping import Mapping
 from trtc.formats.quant_layout import checkpoint_dtype
 from trtc.utils.atomic_dir import atomic_output_dir, check_output_dir
 from trtc.utils.safetensors_writer import SafetensorsWriter
+
+log = logging.getLogger("trtc")
 
 
 def resolve_dtype(dtype: str, hf_config: dict, hf: HFCheckpoint, first_tensor: str) -> torch.dtype:
@@ -133,6 +136,10 @@ def _check_tensors(
 
 
 def _copy_tokenizer(model_dir: Path, dest: Path) -> None:
+    if not any((model_dir / name).is_file() for name in TOKENIZER_MODEL_FILES):
+        log.warning(f"warning: {model_dir} has no tokenizer ({', '.join(TOKENIZER_MODEL_FILES)}): its engine will take "
+                    "token ids only, and `trtc run` / `trtc eval` need text; add the model's tokenizer files and "
+                    "convert again")
     dest.mkdir()
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():

@@ -24,6 +24,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a tokenizer needs one of these
 
 
 def read_config(model_dir: Path) -> dict:

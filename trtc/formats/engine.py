@@ -14,7 +14,7 @@ import torch
 from trtc.errors import TrtcError
 from trtc.formats.build_config import BuildConfig
 from trtc.formats.build_id import read_build_id
-from trtc.formats.checkpoint import CheckpointConfig, load_weights_file, rank_file
+from trtc.formats.checkpoint import CHECKPOINT_FORMAT, CheckpointConfig, load_weights_file, rank_file
 from trtc.utils.config_json import check_format, read_config_json
 
 ENGINE_FORMAT = "trtc-engine"
@@ -27,6 +27,16 @@ def detect_target() -> dict:
         return {"device": "cpu"}
     major, minor = torch.cuda.get_device_capability()
     return {"device": "cuda", "compute_capability": f"{major}.{minor}", "gpu_name": torch.cuda.get_device_name()}
+
+
+def check_not_other_kind(config: dict, directory: Path) -> None:
+    """Refuse a checkpoint or an HF model directory given for an engine, with the command that builds one."""
+    if config.get("format") == CHECKPOINT_FORMAT:
+        raise TrtcError(f"{directory} is a trtc checkpoint (from `trtc convert` or `trtc quantize`), not an engine; "
+                        f"build one: trtc build --checkpoint_dir {directory} --output_dir ENGINE_DIR")
+    if "format" not in config and ("architectures" in config or "model_type" in config):
+        raise TrtcError(f"{directory} is an HF model directory, not an engine; "
+                        f"build one: trtc build --model_dir {directory} --output_dir ENGINE_DIR")
 
 
 @dataclass
@@ -54,6 +64,7 @@ class Engine:
         directory = Path(directory)
         fix = "rebuild the engine with `trtc build`"
         d = read_config_json(directory, "engine directory", fix)
+        check_not_other_kind(d, directory)
         check_format(d, directory, ENGINE_FORMAT, ENGINE_VERSION, fix)
         try:
             pretrained = CheckpointConfig.from_dict(d["pretrained_config"])

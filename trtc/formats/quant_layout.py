@@ -136,7 +136,7 @@ class QuantConfig:
         if inp % self.group_size:
             raise TrtcError(
                 f"{prefix} has {inp} input features, not a multiple of the INT4 group size {self.group_size}; "
-                "use a group size (--awq_block_size) that divides it"
+                "use a group size (--group_size) that divides it"
             )
         groups = inp // self.group_size
         shapes = {prefix + ".weight": (out, inp // 2), prefix + ".weight_scale": (out, groups)}

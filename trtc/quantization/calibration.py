@@ -4,11 +4,15 @@ sees text at inference (the same windows `trtc eval` scores)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from trtc.errors import TrtcError
+from trtc.utils.paths import check_input_file
+
+log = logging.getLogger("trtc")
 
 # The default calibration text, shipped so that quantization works offline: the first 300 kB of
 # Jane Austen's Pride and Prejudice (public domain).
@@ -20,9 +24,8 @@ def read_texts(paths: list[str | Path], flag: str = "--calib_dataset") -> list[s
     if not paths:
         raise TrtcError(f"no text given; pass {flag} FILE (plain UTF-8 text or .jsonl)")
     texts = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise TrtcError(f"{flag} {p} does not exist; pass a plain-text or .jsonl file")
+    for p in paths:
+        p = check_input_file(p, flag, "pass a plain-text or .jsonl file")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -82,7 +85,7 @@ def calibration_batches(
             "pass more text or a smaller --calib_max_seq_length"
         )
     if len(full) < num_windows:
-        print(f"warning: the calibration text holds {len(full)} windows of {window_len} tokens, fewer than "
-              f"--calib_size {num_windows}; calibrating on {len(full)}")
+        log.warning(f"warning: the calibration text holds {len(full)} windows of {window_len} tokens, fewer than "
+                    f"--calib_size {num_windows}; calibrating on {len(full)}")
     data = torch.tensor(full)
     return list(data.split(batch_size))

@@ -26,11 +26,13 @@ import copy
 import io
 import json
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from trtc.converters import architecture_for
 from trtc.converters.hf_checkpoint import TOKENIZER_FILES, HFCheckpoint
@@ -110,17 +112,27 @@ def _has_layerwise() -> bool:
 
 
 def calibrate(model: torch.nn.Module, qformat: str, batches: list[torch.Tensor], kv_cache_fp8: bool = False,
-              group_size: int = 128, awq_algorithm: str = "lite") -> torch.nn.Module:
-    """Quantize `model` in place with ModelOpt (fake-quantized afterwards); returns it."""
+              group_size: int = 128, awq_algorithm: str = "lite", progress: bool | None = False) -> torch.nn.Module:
+    """Quantize `model` in place with ModelOpt (fake-quantized afterwards); returns it. `progress`:
+    a bar of calibration windows per pass over them (None: on a terminal only)."""
     mtq = modelopt_quantization()
     cfg = quant_cfg(qformat, kv_cache_fp8, group_size, awq_algorithm)
     device = next(model.parameters()).device
+    # made before _quiet swaps stderr, so the bar reaches the terminal
+    bar = tqdm(total=sum(len(b) for b in batches), unit="window", disable=None if progress is None else not progress,
+               file=sys.stderr, leave=False)
+    passes = 0
 
     def forward_loop(m):
+        nonlocal passes
+        passes += 1
+        bar.reset()
+        bar.set_description(f"calibrate (pass {passes})")
         for batch in batches:
             m(batch.to(device), use_cache=False)
+            bar.update(len(batch))
 
-    with torch.no_grad(), _quiet("ModelOpt calibration"):
+    with bar, torch.no_grad(), _quiet("ModelOpt calibration"):
         mtq.quantize(model, cfg, forward_loop)
     return model
 
@@ -163,7 +175,7 @@ def quantize(
     if awq_algorithm not in AWQ_ALGORITHMS:
         raise TrtcError(f"--awq_algorithm {awq_algorithm!r} is not one of: {', '.join(AWQ_ALGORITHMS)}")
     if awq_block_size not in GROUP_SIZES:
-        raise TrtcError(f"--awq_block_size {awq_block_size} is not supported; use one of: {', '.join(map(str, GROUP_SIZES))}")
+        raise TrtcError(f"--group_size {awq_block_size} is not supported; use one of: {', '.join(map(str, GROUP_SIZES))}")
     if dtype != "auto":
         torch_dtype(dtype)
     check_output_dir(output_dir, overwrite)
@@ -188,7 +200,7 @@ def quantize(
     bos = graph.bos_token_id
     batches = calibration_batches(tokenizer, calib_dataset, calib_size, calib_max_seq_length, batch_size, bos)
     model = _load_model(model_dir, run_device, dtype)
-    calibrate(model, qformat, batches, kv_fp8, awq_block_size, awq_algorithm)
+    calibrate(model, qformat, batches, kv_fp8, awq_block_size, awq_algorithm, progress)
 
     from trtc.converters.convert import convert
 

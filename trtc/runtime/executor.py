@@ -107,6 +107,9 @@ class Executor:
         vocab = self.engine.graph.vocab_size
         if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
             raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab}); got {len(prompt_ids)} ids")
+        if params.end_id is not None and params.end_id >= vocab:
+            raise TrtcError(f"end_id {params.end_id} is not a token of the model (vocabulary of {vocab}); "
+                            f"pass an id below {vocab}, or -1 for none")
         end_id = params.end_id if params.end_id is not None else (self.eos_ids[0] if self.eos_ids else -1)
         stop_words = [list(s) for s in params.stop_token_ids]
         if params.end_id is None:  # a model with several EOS ids stops on any of them

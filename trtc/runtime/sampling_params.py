@@ -53,6 +53,26 @@ def _normalize_stop_token_ids(value) -> list[list[int]]:
 
 @dataclass(slots=True)
 class SamplingParams:
+    """How one request is decoded: greedy unless a sampling knob is set (see the module docstring).
+
+    Args:
+        max_tokens: tokens to generate at most (>= 1); `trtc run --max_output_len`.
+        temperature: >= 0; 0 is greedy; unset means 1.0 when another knob samples.
+        top_k: sample from the k most likely tokens; 0 is off, 1 is greedy.
+        top_p: nucleus sampling, in (0, 1]; 1 is off.
+        min_p: drop tokens less likely than min_p times the most likely one, in [0, 1]; 0 is off.
+        repetition_penalty: > 0, HF's, over prompt and output tokens; 1 is off.
+        presence_penalty, frequency_penalty: in [-2, 2], OpenAI's, over output tokens; 0 is off.
+        seed: seeds this request's own generator (`trtc run --random_seed`); None uses the device's.
+        end_id: the token that ends generation; None is the model's EOS (any of them), -1 none.
+        stop_token_ids: token sequences that end generation ([1, 2] means [[1], [2]]).
+        stop: strings that end generation (`trtc run --stop_words`); the text is cut before the
+            first one, and streamed text never shows it.
+        logprobs: also return the log-probability of each generated token.
+
+    Invalid values raise ValueError naming the field, its allowed range and the value.
+    """
+
     max_tokens: int = 32  # tokens to generate, >= 1
     temperature: float | None = None  # >= 0; 0 = greedy; None = 1.0 when sampling
     top_k: int | None = None  # >= 0; 0 = off; 1 = greedy

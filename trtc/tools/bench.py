@@ -1,7 +1,8 @@
 """`trtc bench`: throughput and latency of an engine on synthetic prompts (no dataset).
 
 Throughput mode keeps up to `concurrency` requests in flight and reports output tokens/s,
-requests/s, TTFT and TPOT percentiles. Latency mode runs `batch_size` requests together and
+requests/s, TTFT and TPOT percentiles. Latency mode runs `num_requests` requests in batches of
+`batch_size` (every request of a batch has the same length, so a batch ends before the next starts) and
 also reports the memory-bandwidth utilisation (MBU) of a decode step: bytes of weights and KV
 cache read per step / step time / the copy bandwidth measured on the same device in the same run.
 """
@@ -13,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from trtc.errors import TrtcError
 from trtc.plugins.gemm.w4a16_packed import decode_unread
 from trtc.runtime.executor import Executor
 from trtc.runtime.kv_cache import kv_bytes_per_token
@@ -77,13 +80,17 @@ def synthetic_prompts(n: int, isl: int, vocab_size: int, seed: int = 0) -> list[
     return torch.randint(low, vocab_size, (n, isl), generator=g).tolist()
 
 
-def run_requests(ex: Executor, prompts: list[list[int]], osl: int, concurrency: int) -> tuple[float, list[float], list[float]]:
-    """Keep up to `concurrency` requests in flight; returns wall seconds, TTFTs and TPOTs."""
+def run_requests(ex: Executor, prompts: list[list[int]], osl: int, concurrency: int,
+                 progress: bool | None = False) -> tuple[float, list[float], list[float]]:
+    """Keep up to `concurrency` requests in flight; returns wall seconds, TTFTs and TPOTs.
+    `progress`: a bar of finished requests (None: on a terminal only)."""
     params = SamplingParams(max_tokens=osl, end_id=-1)
     submitted, first, last, count = {}, {}, {}, {}
     pending = list(range(len(prompts)))[::-1]
     start = time.perf_counter()
     in_flight = 0
+    bar = tqdm(total=len(prompts), desc="bench", unit="req", disable=None if progress is None else not progress,
+               leave=False)
     while pending or ex.has_unfinished():
         while pending and in_flight < concurrency:
             rid = ex.add_request(prompts[pending.pop()], params)
@@ -98,22 +105,35 @@ def run_requests(ex: Executor, prompts: list[list[int]], osl: int, concurrency: 
                 count[e.request_id] += 1
             if e.finish_reason is not None:
                 in_flight -= 1
+                bar.update(1)
     seconds = time.perf_counter() - start
+    bar.close()
     ttft = [first[r] - submitted[r] for r in first]
     tpot = [(last[r] - first[r]) / (count[r] - 1) for r in first if count[r] > 1]
     return seconds, ttft, tpot
 
 
+def check_latency_batches(num_requests: int | None, batch_size: int) -> None:
+    if num_requests is not None and num_requests % batch_size:
+        raise TrtcError(f"--num_requests {num_requests} is not a whole number of batches of --batch_size "
+                        f"{batch_size}; pass a multiple of it")
+
+
 def bench(
-    ex: Executor, isl: int = 128, osl: int = 128, num_requests: int = 1000, concurrency: int | None = None,
-    latency: bool = False, batch_size: int = 1, warmup: int = 2,
+    ex: Executor, isl: int = 128, osl: int = 128, num_requests: int | None = None, concurrency: int | None = None,
+    latency: bool = False, batch_size: int = 1, warmup: int = 2, progress: bool | None = False,
 ) -> BenchResult:
+    """num_requests: 1000 in throughput mode, one batch in latency mode; concurrency: the engine's
+    max_batch_size, never more than num_requests (latency mode: batch_size)."""
     vocab = ex.engine.graph.vocab_size
     if latency:
-        num_requests, concurrency = batch_size, batch_size
-    concurrency = concurrency or ex.engine.build_config.max_batch_size
+        num_requests = num_requests or batch_size
+        check_latency_batches(num_requests, batch_size)
+        concurrency = batch_size
+    num_requests = num_requests or 1000
+    concurrency = min(concurrency or ex.engine.build_config.max_batch_size, num_requests)
     run_requests(ex, synthetic_prompts(min(warmup, num_requests), isl, vocab, seed=1), min(osl, 8), concurrency)
-    seconds, ttft, tpot = run_requests(ex, synthetic_prompts(num_requests, isl, vocab), osl, concurrency)
+    seconds, ttft, tpot = run_requests(ex, synthetic_prompts(num_requests, isl, vocab), osl, concurrency, progress)
     result = BenchResult(
         mode="latency" if latency else "throughput", isl=isl, osl=osl, num_requests=num_requests,
         concurrency=concurrency, seconds=seconds, output_tokens_per_s=num_requests * osl / seconds,

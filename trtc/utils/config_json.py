@@ -14,7 +14,8 @@ def read_config_json(directory: Path, what: str, fix: str) -> dict[str, Any]:
     """directory/config.json as a dict; otherwise a TrtcError naming the problem and `fix`."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise TrtcError(f"{what} {directory} does not exist; {fix}")
+        problem = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise TrtcError(f"{what} {directory} {problem}; {fix}")
     path = directory / "config.json"
     if not path.is_file():
         raise TrtcError(f"{path} is missing; {fix}")

@@ -1,0 +1,1 @@
+"""`trtc serve`: an OpenAI-compatible HTTP server over the async engine (FastAPI + uvicorn)."""
