@@ -8,7 +8,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from trtc.compiler.engine_cache import cached_engine
 from trtc.errors import TrtcError
@@ -16,9 +15,10 @@ from trtc.formats.build_config import BuildConfig
 from trtc.runtime.executor import Executor
 from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent
 from trtc.runtime.sampling_params import SamplingParams
+from trtc.runtime.tokenizer import has_tokenizer, load_tokenizer
 
 Prompt = str | Sequence[int]
-TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+__all__ = ["LLM", "load_tokenizer"]  # load_tokenizer: also for engine tools
 
 
 def is_engine_dir(path: Path) -> bool:
@@ -64,7 +64,7 @@ class LLM:
             enable_cuda_graphs,
         )
         self._tokenizer = None
-        self._has_tokenizer = any((self.engine_dir / "tokenizer" / f).is_file() for f in TOKENIZER_MODEL_FILES)
+        self._has_tokenizer = has_tokenizer(self.engine_dir)
         self._stop_strings: dict[int, list[str]] = {}  # request id -> stop strings, while it runs
 
     def close(self) -> None:
@@ -153,12 +153,3 @@ class LLM:
             if not out.finished:
                 c.finish_reason, out.finished = event.finish_reason, True
 
-
-def load_tokenizer(engine_dir: Path):
-    path = Path(engine_dir) / "tokenizer"
-    if not any((path / f).is_file() for f in TOKENIZER_MODEL_FILES):
-        raise TrtcError(f"engine {engine_dir} has no tokenizer; pass token ids, or build from an HF directory with tokenizer files")
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise TrtcError(f"could not load the tokenizer in {path} ({e}); rebuild the engine from an HF directory with tokenizer files") from None
