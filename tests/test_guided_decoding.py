@@ -185,3 +185,25 @@ def test_tensor_parallel_rank_0_masks_and_samples(llm, hf_dir):
     want = llm.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.finish_reason for o in got] == ["stop"] * 6 + ["length"]
+
+
+def test_forced_tool_choices_make_calls_that_validate(llm):
+    """tool_choice "required" / a named function, enforced by their grammar: the random model's replies
+    parse into calls of the given tools whose arguments validate against the tool's parameters."""
+    from trtc.serve.tool_parsers import forced_tool_choice_guided, parse_forced_tool_calls
+
+    city = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1,
+            "maximum": 7}}, "required": ["city", "days"], "additionalProperties": False}
+    zone = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}},
+             {"type": "function", "function": {"name": "get_time", "parameters": zone}}]
+    schemas = {"get_weather": city, "get_time": zone}
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        guided = forced_tool_choice_guided(tools, choice)
+        params = [SamplingParams(max_tokens=240, seed=i, temperature=1.0, guided_decoding=guided) for i in range(20)]
+        for out in llm.generate([f"call {i}" for i in range(20)], params):
+            calls = parse_forced_tool_calls(choice, out.text)
+            assert out.finish_reason == "stop" and calls, out.text
+            for call in calls:
+                jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+            assert choice == "required" or {c.name for c in calls} == {"get_time"}

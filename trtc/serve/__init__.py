@@ -1,0 +1,1 @@
+"""`trtc serve`: the OpenAI-compatible HTTP server."""
