@@ -123,8 +123,8 @@ def engine_throughput(hf_dir: Path, work: Path, vocab: int, batches: list[int], 
 
     config = BuildConfig(max_batch_size=max(batches), max_num_tokens=2048, tokens_per_block=16, max_seq_len=256)
     engine = build_from_hf(hf_dir, work / "engine", dtype="float32", build_config=config, progress=False)
-    # an array of integers: long enough that the random model rarely closes it before max_tokens
-    guided = GuidedDecodingParams(json={"type": "array", "items": {"type": "integer"}})
+    # an array of at least max_tokens integers: every request runs to max_tokens, as without a schema
+    guided = GuidedDecodingParams(json={"type": "array", "items": {"type": "integer"}, "minItems": max_tokens})
     results = []
     with LLM(engine, device=device) as llm:
         for batch in batches:
@@ -136,6 +136,7 @@ def engine_throughput(hf_dir: Path, work: Path, vocab: int, batches: list[int], 
                 t = time.perf_counter()
                 outs = llm.generate(prompts, params)
                 seconds = time.perf_counter() - t
+                assert all(len(o.token_ids) == max_tokens for o in outs)
                 row[f"{name}_tok_s"] = round(sum(len(o.token_ids) for o in outs) / seconds, 1)
             row["loss_pct"] = round(100 * (1 - row["json_schema_tok_s"] / row["none_tok_s"]), 1)
             results.append(row)

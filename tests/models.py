@@ -109,10 +109,11 @@ def byte_corpus() -> list[str]:
     return out
 
 
-def add_byte_tokenizer(directory: Path, special_tokens: tuple[str, ...] = ()) -> Path:
+def add_byte_tokenizer(directory: Path, special_tokens: tuple[str, ...] = (), chat_template: str | None = None) -> Path:
     """A byte-level BPE tokenizer (Llama 3 / Qwen style: any text encodes, multi-byte tokens such as
     '{"', '":', 'Ġ12') of BYTE_VOCAB tokens, plus `special_tokens` after them, trained
-    deterministically with `tokenizers` and saved as HF files. The model's vocab_size must cover it."""
+    deterministically with `tokenizers` and saved as HF files. The model's vocab_size must cover it.
+    chat_template: a name of tests/chat_templates.py TEMPLATES (adds its tokens too) or None."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -124,6 +125,12 @@ def add_byte_tokenizer(directory: Path, special_tokens: tuple[str, ...] = ()) ->
     tok.train_from_iterator(byte_corpus(), trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat_template is not None:
+        from chat_templates import TEMPLATES
+
+        hf.chat_template, special, plain = TEMPLATES[chat_template]
+        special_tokens = tuple(special_tokens) + special
+        hf.add_tokens(list(plain))
     if special_tokens:
         hf.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     hf.save_pretrained(directory)

@@ -147,3 +147,26 @@ def test_reasoning_whole_and_streamed(parser, text, reasoning, content):
         deltas = [stream.feed(text[i : i + size]) for i in range(0, len(text), size)] + [stream.finish()]
         assert "".join(d.reasoning_content for d in deltas) == (reasoning or "")
         assert "".join(d.content for d in deltas) == (content or "")
+
+
+# Chat templates with tools (the tiny test models') -------------------------------------------------------
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json"])
+def test_chat_template_renders_tools_and_its_calls_parse_back(parser, tmp_path):
+    """A conversation with a tool call and its result goes through the template; the assistant turn is
+    written in the format the parser reads (the model learns to write what it was shown)."""
+    from models import add_byte_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(add_byte_tokenizer(tmp_path, chat_template=parser))
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+    prompt = tok.apply_chat_template(messages, tools=[WEATHER, TIME], tokenize=False, add_generation_prompt=True)
+    assert json.dumps(WEATHER["function"]["parameters"]) in prompt and '{"temp": 21}' in prompt
+    turn_start = "<|im_start|>assistant\n" if parser == "hermes" else "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    turn = prompt.split(turn_start)[1].split("<|im_end|>" if parser == "hermes" else "<|eot_id|>")[0]
+    reply = parse_tool_calls(parser, turn)
+    assert _calls(reply.tool_calls) == [CALL_PARIS] and reply.content is None
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == prompt  # every marker is one token and decodes back
