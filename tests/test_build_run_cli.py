@@ -52,7 +52,9 @@ def test_run_greedy_equals_hf_generate(case, engines, tmp_path):
         assert record["input_ids"] == tokenizer(prompt).input_ids
         assert record["output_ids"] == hf_greedy(hf_dir, record["input_ids"])
         assert record["finish_reason"] == "length" and len(record["output_ids"]) == NEW_TOKENS
-        assert record["output_text"] == tokenizer.decode(record["output_ids"], skip_special_tokens=True)
+        # the output's text is the decode of prompt + output less the prompt's: it keeps its leading space
+        whole = tokenizer.decode(record["input_ids"] + record["output_ids"], skip_special_tokens=True)
+        assert record["output_text"] == whole[len(tokenizer.decode(record["input_ids"], skip_special_tokens=True)):]
     assert f'Output [Text 2 Beam 0]: "{records[2]["output_text"]}"' in result.output
 
 

@@ -289,5 +289,30 @@ def bench(engine_dir, isl, osl, num_requests, concurrency, latency, batch_size, 
         Path(output_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--host", default=None, help="Address to bind. [default: 127.0.0.1, loopback only]")
+@click.option("--port", default=None, type=click.IntRange(0, 65535), help="[default: 8000]")
+@click.option("--tp", "--tp_size", "tp_size", default=None, type=click.IntRange(min=1),
+              help="Tensor-parallel size when MODEL is an HF directory. [default: 1]")
+@click.option("--api_key", default=None, help="Require Authorization: Bearer KEY on /v1 routes [env: TRTC_API_KEY].")
+@click.option("--served_model_name", default=None, help="The model name clients send. [default: MODEL's folder name]")
+@click.option("--chat_template", default=None, type=click.Path(), help="A Jinja chat template file for /v1/chat/completions.")
+@click.option("--max_queued_requests", default=None, type=click.IntRange(min=0),
+              help="Waiting requests at most; past it the server answers 503. [default: no bound]")
+@click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=None, help="[default: 0.9]")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="[default: cuda if there is a GPU]")
+@click.option("--config", "config_file", default=None, type=click.Path(), help="A serve.yaml with any of these options.")
+@user_errors
+def serve(model, config_file, **flags) -> None:
+    """Serve MODEL (an engine directory or an HF directory) over an OpenAI-compatible HTTP API."""
+    from trtc.serve.server import ServeConfig, read_config
+    from trtc.serve.server import serve as run_serve
+
+    options = read_config(config_file) if config_file else {}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    run_serve(ServeConfig(model=model, **options))
+
+
 if __name__ == "__main__":
     main()

@@ -45,7 +45,7 @@ def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, sto
         raise TrtcError(f"invalid sampling value: {e}") from None
     with LLM(engine_dir, kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction) as llm:
         if streaming:
-            outputs = [_stream(llm, i, p, params, len(prompts)) for i, p in enumerate(prompts)]
+            outputs = _stream(llm, prompts, params)
         else:
             outputs = llm.generate(prompts, params)
     ok = True
@@ -66,20 +66,26 @@ def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, sto
     return ok
 
 
-def _stream(llm, i: int, prompt: str, params, n: int):
-    """Stream one prompt's text to stdout as it grows."""
-    click.echo(f'Input [Text {i}]: "{prompt}"')
-    click.echo(f"Output [Text {i} Beam 0]: ", nl=False)
-    shown, out = 0, None
-    try:
-        for out in llm.generate_stream(prompt, params):
-            sys.stdout.write(out.text[shown:])
-            sys.stdout.flush()
-            shown = len(out.text)
-    except TrtcError as e:
-        from trtc.runtime.outputs import CompletionOutput, RequestOutput
-
-        click.echo("")
-        return RequestOutput(-1, prompt, [], [CompletionOutput("", [], "error")], finished=True, error=str(e))
-    click.echo("")
-    return out
+def _stream(llm, prompts: list[str], params) -> list:
+    """Run every prompt in flight together and stream their text to stdout in prompt order: the
+    first unfinished prompt's text is shown as it grows; the later ones (generated meanwhile) follow."""
+    outputs: list = [None] * len(prompts)
+    current, shown = 0, None  # shown: characters of prompt `current` on screen (None: header not yet)
+    for i, out in llm.generate_stream_batch(prompts, params):
+        outputs[i] = out
+        while current < len(prompts) and outputs[current] is not None:
+            out = outputs[current]
+            if out.error is None:
+                if shown is None:
+                    click.echo(f'Input [Text {current}]: "{prompts[current]}"')
+                    click.echo(f"Output [Text {current} Beam 0]: ", nl=False)
+                    shown = 0
+                sys.stdout.write(out.text[shown:])
+                sys.stdout.flush()
+                shown = len(out.text)
+            if not out.finished:
+                break
+            if out.error is None:
+                click.echo("")
+            current, shown = current + 1, None
+    return outputs

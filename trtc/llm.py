@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,8 +11,11 @@ import torch
 from trtc.compiler.engine_cache import cached_engine
 from trtc.errors import TrtcError
 from trtc.formats.build_config import BuildConfig
+from trtc.runtime.async_engine import AsyncEngine
+from trtc.runtime.detokenizer import Detokenizer
 from trtc.runtime.executor import Executor
 from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent
+from trtc.runtime.request_stream import RequestStream, snapshot
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.tokenizer import has_tokenizer, load_tokenizer
 
@@ -65,11 +67,17 @@ class LLM:
         )
         self._tokenizer = None
         self._has_tokenizer = has_tokenizer(self.engine_dir)
-        self._stop_strings: dict[int, list[str]] = {}  # request id -> stop strings, while it runs
+        self._detokenizers: dict[int, Detokenizer | None] = {}  # request id -> its detokenizer, while it runs
+        self._closed = False
+        self.async_engine: AsyncEngine | None = None  # the engine thread, once generate_async is used
 
     def close(self) -> None:
         """Free the engine's memory and stop its other ranks; the LLM is unusable after."""
-        self.executor.close()
+        if not self._closed:
+            self._closed = True
+            if self.async_engine is not None:
+                self.async_engine.close()
+            self.executor.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -83,9 +91,6 @@ class LLM:
             self._tokenizer = load_tokenizer(self.engine_dir)
         return self._tokenizer
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if self._has_tokenizer else ""
-
     # Generation -----------------------------------------------------------------------------------
     def generate(
         self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -94,31 +99,84 @@ class LLM:
         batched in flight together. A prompt is text or a list of token ids. A prompt the engine
         cannot take (longer than max_seq_len, say) comes back with `error` set and finish_reason
         "error"; the others run."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        batch = [prompts] if single else list(prompts)
-        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(batch)
-        if len(params) != len(batch):
-            raise TrtcError(f"{len(params)} SamplingParams for {len(batch)} prompts; pass one, or one per prompt")
-        outputs = [self._submit(p, sp, reject_ok=True) for p, sp in zip(batch, params)]
-        by_id = {o.request_id: o for o in outputs if o.error is None}
-        while self.executor.has_unfinished():
-            for event in self.executor.step():
-                if event.request_id in by_id:
-                    self._on_event(by_id[event.request_id], event)
+        single = _is_single(prompts)
+        outputs = self._submit_all([prompts] if single else list(prompts), sampling_params)
+        for _ in self._run(outputs):
+            pass
         return outputs[0] if single else outputs
 
     def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after each new token (`.outputs[0].text` grows), the last
-        with `finished` set. Other queued requests keep running in the same steps."""
+        with `finished` set. Other queued requests keep running in the same steps. Each yielded
+        output is a snapshot: later tokens do not change it."""
+        self._check_open()
         out = self._submit(prompt, sampling_params)
-        while not out.finished:
-            events = [e for e in self.executor.step() if e.request_id == out.request_id]
-            for event in events:
-                self._on_event(out, event)
-            if events:
-                yield copy.deepcopy(out)
+        for changed in self._run([out]):
+            if changed:
+                yield snapshot(out)
+
+    def generate_stream_batch(
+        self, prompts: Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Stream many prompts in flight together: yield (index of the prompt, snapshot of its
+        output) each time a request gains text or ends. A rejected prompt is yielded once, first,
+        finished with `error` set."""
+        outputs = self._submit_all(list(prompts), sampling_params)
+        for i, out in enumerate(outputs):
+            if out.error is not None:
+                yield i, out
+        index = {out.request_id: i for i, out in enumerate(outputs) if out.error is None}
+        for changed in self._run(outputs):
+            for out in changed:
+                yield index[out.request_id], snapshot(out)
+
+    def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> RequestStream:
+        """Submit one prompt to the engine thread (started on the first call, on the running asyncio
+        loop) and return at once. `await` the result for the finished RequestOutput, or `async for`
+        over it for snapshots as text arrives; requests from any number of tasks join the same
+        in-flight batch. `.abort()` (or leaving the iteration early) cancels the request and frees
+        its KV blocks. Raises TrtcError on a prompt the engine cannot take. Once this is used, the
+        LLM's executor belongs to its engine thread: generate() and generate_stream() refuse."""
+        if self._closed:
+            self._check_open()
+        params = sampling_params or SamplingParams()
+        engine = self.start_async_engine()
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
+        self.check_prompt(ids, params)
+        detok = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
+        return RequestStream(engine, engine.submit(ids, params), text, detok)
+
+    def start_async_engine(self) -> AsyncEngine:
+        """The engine thread for generate_async, started (on the running asyncio loop) on first use."""
+        if self.async_engine is None:
+            self.async_engine = AsyncEngine(self.executor)
+        return self.async_engine
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise TrtcError (naming the limit) for a prompt the engine can never run."""
+        engine, max_seq_len = self.executor.engine, self.executor.engine.build_config.max_seq_len
+        vocab = engine.graph.vocab_size
+        if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
+            raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > max_seq_len:
+            raise TrtcError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                            f"engine's max_seq_len {max_seq_len}; shorten the prompt or lower max_tokens")
 
     # Internals ------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TrtcError("this LLM is closed (its engine memory was freed); create a new LLM(...) to generate again")
+        if self.async_engine is not None:
+            raise TrtcError("this LLM serves requests through generate_async; use generate_async for more")
+
+    def _submit_all(self, prompts: list[Prompt], sampling_params) -> list[RequestOutput]:
+        self._check_open()
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise TrtcError(f"{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt")
+        return [self._submit(p, sp, reject_ok=True) for p, sp in zip(prompts, params)]
+
     def _submit(self, prompt: Prompt, params: SamplingParams | None, reject_ok: bool = False) -> RequestOutput:
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
@@ -129,27 +187,51 @@ class LLM:
             if not reject_ok:
                 raise
             return RequestOutput(-1, text, ids, [CompletionOutput("", [], "error")], finished=True, error=str(e))
-        self._stop_strings[rid] = params.stop
+        self._detokenizers[rid] = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
         return RequestOutput(rid, text, ids, [CompletionOutput("", [], None, [] if params.logprobs else None)])
 
-    def _on_event(self, out: RequestOutput, event: TokenEvent) -> None:
-        c, stop = out.outputs[0], self._stop_strings.get(out.request_id)
+    def _run(self, outputs: list[RequestOutput]) -> Iterator[list[RequestOutput]]:
+        """Step the executor until every one of `outputs` is finished; after each step, yield those
+        of them that changed (other requests in flight advance in the same steps)."""
+        by_id = {o.request_id: o for o in outputs if not o.finished}
+        while by_id:
+            changed = {}
+            for event in self.executor.step():
+                out = by_id.get(event.request_id)
+                if out is not None and self._on_event(out, event):
+                    changed[out.request_id] = out
+            for rid in [rid for rid, o in by_id.items() if o.finished]:
+                del by_id[rid]
+            yield list(changed.values())
+            if by_id and not self.executor.has_unfinished():
+                raise RuntimeError(f"requests {sorted(by_id)} were lost by the executor")
+
+    def _on_event(self, out: RequestOutput, event: TokenEvent) -> bool:
+        """Add one event to its request's output; returns whether the output changed."""
+        c = out.outputs[0]
         if out.finished:  # ended by a stop string; the scheduler's late "cancelled" changes nothing
-            return
+            return False
+        detok = self._detokenizers.get(out.request_id)
         if event.token_id is not None:
             c.token_ids.append(event.token_id)
             if c.logprobs is not None:
                 c.logprobs.append(event.logprob)
-        c.text = self._decode(c.token_ids)
-        if stop and event.finish_reason is None:
-            hit = [i for i in (c.text.find(s) for s in stop) if i >= 0]
-            if hit:  # a stop string ends the request; the text is cut before it
-                c.text = c.text[: min(hit)]
-                self.executor.cancel(out.request_id)
-                c.finish_reason, out.finished = "stop", True
-                return
+            if detok is not None:
+                detok.push([event.token_id])
+        if detok is not None and event.finish_reason is not None:
+            detok.flush()
+        if detok is not None:
+            c.text = detok.text
+            if detok.stopped:  # a stop string ends the request; the text is cut before it
+                if event.finish_reason is None:
+                    self.executor.cancel(out.request_id)
+                event = TokenEvent(event.request_id, None, None, "stop")
         if event.finish_reason is not None:
-            self._stop_strings.pop(out.request_id, None)
-            if not out.finished:
-                c.finish_reason, out.finished = event.finish_reason, True
+            self._detokenizers.pop(out.request_id, None)
+            c.finish_reason, out.finished = event.finish_reason, True
+        return True
+
+
+def _is_single(prompts) -> bool:
+    return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
 

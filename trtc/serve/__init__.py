@@ -1,1 +1,1 @@
-"""`trtc serve`: the OpenAI-compatible HTTP server."""
+"""`trtc serve`: an OpenAI-compatible HTTP server over the async engine (FastAPI + uvicorn)."""

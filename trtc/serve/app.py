@@ -1,0 +1,107 @@
+"""The FastAPI application: OpenAI routes, /health, /version, /metrics, bearer-key auth, errors.
+
+Every error a client can cause is answered with an OpenAI error object and a 4xx; an unexpected
+exception is logged and answered with a 500 error object (never a traceback), and the server goes
+on serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from trtc.llm import LLM
+from trtc.runtime.async_engine import EngineStats
+from trtc.serve.completions import ServeContext, serve_completion
+from trtc.serve.errors import APIError, error_response, parse_body
+from trtc.serve.metrics import ServerMetrics
+from trtc.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from trtc.version import __version__
+
+log = logging.getLogger("trtc")
+
+
+def create_app(llm: LLM, model_name: str, chat_template: str | None = None, api_key: str | None = None,
+               max_queued_requests: int | None = None) -> FastAPI:
+    def stats() -> EngineStats:
+        engine = llm.async_engine
+        return engine.stats if engine is not None else EngineStats(num_blocks=llm.executor.num_blocks)
+
+    ctx = ServeContext(llm, model_name, ServerMetrics(stats, model_name), chat_template, max_queued_requests)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        llm.start_async_engine()  # the engine thread, on uvicorn's loop
+        yield
+        ctx.shutting_down = True
+
+    app = FastAPI(title="trtc", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "missing or wrong API key; send Authorization: Bearer KEY")
+        try:
+            return await call_next(request)
+        except Exception:  # noqa: BLE001 - logged; the client gets an error object, the server goes on
+            log.exception("error serving %s", request.url.path)
+            return error_response(500, "internal error while serving the request; see the server log")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, str(exc.errors()[0].get("msg", exc)))
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model")
+
+    @app.get("/health")
+    async def health():
+        engine = llm.async_engine
+        if ctx.shutting_down or engine is None or not engine.alive:
+            return error_response(503, "the engine is not running")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        card = ModelCard(id=model_name, max_model_len=llm.executor.engine.build_config.max_seq_len)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse_body(request, CompletionRequest)
+        check_model(req.model)
+        return await serve_completion(ctx, request, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse_body(request, ChatCompletionRequest)
+        check_model(req.model)
+        return await serve_completion(ctx, request, req)
+
+    return app

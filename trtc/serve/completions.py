@@ -1,0 +1,232 @@
+"""/v1/completions and /v1/chat/completions: a request → engine streams → an OpenAI response.
+
+The handler only translates: it tokenizes, submits one engine request per (prompt, sample), then
+either awaits them all or streams their deltas as SSE chunks ending in `data: [DONE]`. A client
+that disconnects aborts its requests (the ASGI http.disconnect message is watched alongside, as
+vLLM does), so their KV blocks go back to the pool at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from trtc.errors import TrtcError
+from trtc.llm import LLM
+from trtc.runtime.request_stream import RequestStream
+from trtc.serve.chat import render_chat
+from trtc.serve.errors import APIError
+from trtc.serve.metrics import ServerMetrics
+from trtc.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+FINISH_REASONS = {"end_id": "stop", "stop_words": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}
+
+
+@dataclass
+class ServeContext:
+    llm: LLM
+    model_name: str
+    metrics: ServerMetrics
+    chat_template: str | None = None
+    max_queued_requests: int | None = None
+    shutting_down: bool = False
+
+
+@dataclass
+class Choice:
+    index: int
+    stream: RequestStream
+    prompt_text: str | None  # for echo
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else FINISH_REASONS.get(reason, reason)
+
+
+async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_tokens: int | None,
+                  logprobs: bool) -> tuple[list[Choice], int]:
+    """Tokenize, check and submit every (prompt, sample); returns the choices and the prompt tokens."""
+    llm, max_seq_len = ctx.llm, ctx.llm.executor.engine.build_config.max_seq_len
+    ids = [llm.tokenizer(p).input_ids if isinstance(p, str) else p for p in prompts]
+    plans = []
+    for p, prompt_ids in zip(prompts, ids):
+        n_tokens = max_tokens if max_tokens is not None else max(1, max_seq_len - len(prompt_ids))
+        for j in range(req.n):
+            try:
+                params = req.sampling_params(n_tokens, logprobs, seed_offset=j)
+            except ValueError as e:
+                raise APIError(400, str(e)) from None
+            try:
+                llm.check_prompt(prompt_ids, params)
+            except TrtcError as e:
+                raise APIError(400, str(e), "prompt" if isinstance(req, CompletionRequest) else "messages") from None
+            plans.append((p if isinstance(p, str) else None, prompt_ids, params))
+    engine = llm.start_async_engine()
+    if ctx.shutting_down or not engine.alive:
+        raise APIError(503, "the server is shutting down" if ctx.shutting_down else "the engine is not running")
+    if ctx.max_queued_requests is not None and engine.num_waiting() + len(plans) > ctx.max_queued_requests:
+        raise APIError(503, f"the server is at capacity ({engine.num_waiting()} requests waiting, at most "
+                            f"{ctx.max_queued_requests}); retry later")
+    choices = [Choice(i, llm.generate_async(prompt_ids, params), text)
+               for i, (text, prompt_ids, params) in enumerate(plans)]
+    for c in choices:
+        c.stream.output.prompt = c.prompt_text
+    return choices, sum(len(x) for x in ids) * req.n
+
+
+async def _watch_disconnect(request: Request, choices: list[Choice]) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for c in choices:
+                c.stream.abort()
+            return
+
+
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(len(c.stream.output.outputs[0].token_ids) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _token_strings(llm: LLM, token_ids: list[int]) -> list[str]:
+    return [llm.tokenizer.decode([t]) for t in token_ids] if token_ids else []
+
+
+def _completion_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], offset: int) -> dict:
+    tokens = _token_strings(llm, token_ids)
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def _chat_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float]) -> dict:
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                        for t, lp in zip(_token_strings(llm, token_ids), logprobs)]}
+
+
+def _record(ctx: ServeContext, choice: Choice) -> None:
+    ctx.metrics.record(choice.stream, openai_finish_reason(choice.stream.output.outputs[0].finish_reason) or "abort")
+
+
+async def serve_completion(ctx: ServeContext, request: Request, req: CompletionRequest | ChatCompletionRequest):
+    chat = isinstance(req, ChatCompletionRequest)
+    if chat:
+        prompts = [render_chat(ctx.llm.tokenizer, req.messages, ctx.chat_template, req.add_generation_prompt)]
+        max_tokens, logprobs = req.requested_max_tokens(), req.logprobs
+    else:
+        prompts, max_tokens, logprobs = req.prompts(), req.max_tokens, req.logprobs is not None
+    choices, prompt_tokens = await _submit(ctx, req, prompts, max_tokens, logprobs)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    if req.stream:
+        return StreamingResponse(_sse(ctx, request, req, choices, prompt_tokens, rid, chat),
+                                 media_type="text/event-stream")
+    gather = asyncio.ensure_future(asyncio.gather(*[c.stream.aresult() for c in choices]))
+    watch = asyncio.ensure_future(_watch_disconnect(request, choices))
+    try:
+        await asyncio.wait({gather, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    try:
+        await gather  # after a disconnect the aborted requests end at the next step
+    except TrtcError as e:
+        raise APIError(503, str(e)) from None
+    for c in choices:
+        _record(ctx, c)
+    if watch.done() and not watch.cancelled():
+        return Response(status_code=499)  # nobody reads it
+    return JSONResponse(_full_response(ctx, req, choices, prompt_tokens, rid, chat))
+
+
+def _full_response(ctx, req, choices: list[Choice], prompt_tokens: int, rid: str, chat: bool) -> dict:
+    out = []
+    for c in choices:
+        o = c.stream.output.outputs[0]
+        reason = openai_finish_reason(o.finish_reason)
+        if chat:
+            lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs) if req.logprobs else None
+            out.append({"index": c.index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
+                        "finish_reason": reason})
+        else:
+            prefix = (c.prompt_text or "") if req.echo else ""
+            lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, len(prefix)) if req.logprobs is not None else None
+            out.append({"index": c.index, "text": prefix + o.text, "logprobs": lp, "finish_reason": reason})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": ctx.model_name, "choices": out, "usage": _usage(prompt_tokens, choices)}
+
+
+async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]:
+    """Deltas of all choices as they come: (choice, RequestOutput delta)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: Choice) -> None:
+        try:
+            async for delta in c.stream.deltas():
+                await queue.put((c, delta))
+        except TrtcError as e:
+            await queue.put((c, e))
+        finally:
+            await queue.put((c, None))
+
+    tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+    try:
+        for _ in range(len(choices)):
+            while True:
+                c, item = await queue.get()
+                if item is None:
+                    break
+                yield c, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], prompt_tokens: int, rid: str,
+               chat: bool) -> AsyncIterator[str]:
+    created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+    watch = asyncio.ensure_future(_watch_disconnect(request, choices))
+
+    def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
+        body = {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": choice_list}
+        if req.include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        if chat:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for c in choices])
+        elif req.echo:
+            yield chunk([{"index": c.index, "text": c.prompt_text or "", "logprobs": None, "finish_reason": None}
+                         for c in choices])
+        async for c, delta in _merged(choices):
+            if isinstance(delta, TrtcError):
+                yield f"data: {json.dumps({'error': {'message': str(delta), 'type': 'ServiceUnavailableError', 'param': None, 'code': 503}})}\n\n"
+                continue
+            o = delta.outputs[0]
+            reason = openai_finish_reason(o.finish_reason) if delta.finished else None
+            if chat:
+                lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs) if req.logprobs else None
+                yield chunk([{"index": c.index, "delta": {"content": o.text} if o.text or reason is None else {},
+                              "logprobs": lp, "finish_reason": reason}])
+            else:
+                lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, 0) if req.logprobs is not None else None
+                yield chunk([{"index": c.index, "text": o.text, "logprobs": lp, "finish_reason": reason}])
+            if delta.finished:
+                _record(ctx, c)
+        if req.include_usage:
+            yield chunk([], _usage(prompt_tokens, choices))
+        yield "data: [DONE]\n\n"
+    finally:
+        watch.cancel()
+        for c in choices:
+            if not c.stream.finished:
+                c.stream.abort()
