@@ -256,7 +256,13 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
 
 
 @main.command()
-@click.option("--engine_dir", required=True, type=click.Path(), help="An engine directory from `trtc build`.")
+@click.option("--engine_dir", type=click.Path(), help="An engine directory from `trtc build` (offline benchmark).")
+@click.option("--url", default=None, help="Benchmark a running server instead (trtc serve or another OpenAI server).")
+@click.option("--request_rate", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="With --url: Poisson arrivals at this many requests/s. [default: all at once, up to --concurrency]")
+@click.option("--range_ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="With --url: prompt lengths uniform in [isl*(1-r), isl*(1+r)].")
+@click.option("--api_key", default=None, help="With --url: the server's API key [env: TRTC_API_KEY].")
 @click.option("--isl", default=128, show_default=True, type=click.IntRange(min=1), help="Input tokens per request.")
 @click.option("--osl", default=128, show_default=True, type=click.IntRange(min=1), help="Output tokens per request.")
 @click.option("--num_requests", default=1000, show_default=True, type=click.IntRange(min=1))
@@ -267,10 +273,17 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
 @click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, show_default=True)
 @click.option("--output_json", type=click.Path(), help="Write the figures as JSON.")
 @user_errors
-def bench(engine_dir, isl, osl, num_requests, concurrency, latency, batch_size, kv_cache_free_gpu_memory_fraction,
-          output_json) -> None:
-    """Measure throughput (default) or batch latency of an engine on synthetic prompts."""
+def bench(engine_dir, url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, latency, batch_size,
+          kv_cache_free_gpu_memory_fraction, output_json) -> None:
+    """Measure throughput (default) or batch latency of an engine on synthetic prompts, or with --url the
+    serving metrics of a running server (TTFT / TPOT / ITL / E2E)."""
     import json
+
+    if (engine_dir is None) == (url is None):
+        raise TrtcError("pass one of --engine_dir (an engine, offline) or --url (a running server)")
+    if url is not None:
+        _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, output_json)
+        return
 
     from trtc.runtime.executor import Executor
     from trtc.tools.bench import bench as run_bench
@@ -309,6 +322,8 @@ def bench(engine_dir, isl, osl, num_requests, concurrency, latency, batch_size, 
                    "(Hermes, Qwen 2.5/3 <tool_call> blocks) or llama3_json (Llama 3.x JSON calls).")
 @click.option("--reasoning_parser", default=None, type=click.Choice(list(REASONING_PARSERS)),
               help="Split <think>...</think> out of chat replies into reasoning_content.")
+@click.option("--log_level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="uvicorn's log level. [default: info]")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="A serve.yaml with any of these options.")
 @user_errors
 def serve(model, config_file, **flags) -> None:
@@ -319,6 +334,22 @@ def serve(model, config_file, **flags) -> None:
     options = read_config(config_file) if config_file else {}
     options.update({k: v for k, v in flags.items() if v is not None})
     run_serve(ServeConfig(model=model, **options))
+
+
+def _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, output_json) -> None:
+    import asyncio
+    import json
+    import os
+
+    from trtc.tools.serve_bench import format_serve_result, run_serve_bench
+
+    result = asyncio.run(run_serve_bench(url.rstrip("/"), None, isl, osl, num_requests, concurrency, request_rate,
+                                         range_ratio, api_key=api_key or os.environ.get("TRTC_API_KEY")))
+    click.echo(format_serve_result(result))
+    if output_json:
+        Path(output_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if result.errors:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

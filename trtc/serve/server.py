@@ -70,6 +70,10 @@ class GracefulServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after shutting down (so the process dies of it); the shutdown
+        # here is complete and orderly, so `trtc serve` exits 0 instead
+        if hasattr(self, "_captured_signals"):
+            self._captured_signals.clear()
 
 
 def serve(cfg: ServeConfig) -> None:

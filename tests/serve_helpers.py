@@ -1,0 +1,87 @@
+"""A real `trtc serve` process on a free loopback port, for the server tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+from conftest import FIXTURES
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = (  # a small template: stories260K's tokenizer has none
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def stories260k() -> Path:
+    path = FIXTURES / "stories260K"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, *flags: str, env: dict | None = None, startup_s: float = 120) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trtc-serve-{self.port}.log", "w+")
+        cmd = [sys.executable, "-m", "trtc.cli", "serve", str(model), "--port", str(self.port), "--device", "cpu",
+               "--served_model_name", "test-model", *flags]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+        deadline = time.monotonic() + startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {startup_s} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples by name with labels, e.g. 'trtc:num_requests_running{model_name="x"}'."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"^(\S+)\s+(\S+)$", line)
+            if m and not line.startswith("#"):
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+    def metric(self, name: str, **labels) -> float:
+        label = ",".join(f'{k}="{v}"' for k, v in sorted({"model_name": "test-model", **labels}.items()))
+        return self.metrics().get(f"{name}{{{label}}}", 0.0)

@@ -1,0 +1,140 @@
+"""`trtc bench --url`: load a running OpenAI-compatible server (trtc serve, vLLM, trtllm-serve) with
+asyncio streaming clients, at a fixed concurrency or with Poisson arrivals at a request rate.
+
+Reports what TensorRT-LLM's and vLLM's `benchmark_serving` report: request throughput, output
+tokens/s, and TTFT / TPOT / ITL / E2E latency mean, median and p99 (milliseconds). Prompts are
+random token ids (`ISL` of them, or lengths drawn uniformly in [ISL*(1-r), ISL*(1+r)] with
+--range_ratio r), sent with `ignore_eos` so every request produces exactly its OSL tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx2 as httpx
+import numpy as np
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class ServeBenchResult:
+    url: str
+    num_requests: int
+    concurrency: int | None
+    request_rate: float | None
+    seconds: float
+    completed: int
+    errors: int
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    itl_ms: dict[str, float]
+    e2e_ms: dict[str, float]
+    first_errors: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "median": float("nan"), "p99": float("nan")}
+    a = np.asarray(values) * 1000
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p99": float(np.percentile(a, 99))}
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], osl: int,
+               headers: dict) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": osl, "stream": True, "ignore_eos": True,
+            "temperature": 0, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    last, result = start, RequestResult(ok=False)
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                return RequestResult(ok=False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
+                    else:
+                        result.itls.append(now - last)
+                    last = now
+    except (httpx.HTTPError, OSError, ValueError) as e:
+        return RequestResult(ok=False, error=f"{type(e).__name__}: {e}")
+    result.e2e = time.perf_counter() - start
+    result.ok = result.output_tokens == osl
+    if not result.ok:
+        result.error = f"{result.output_tokens} output tokens, expected {osl}"
+    return result
+
+
+async def run_serve_bench(url: str, model: str | None, isl: int, osl: int, num_requests: int,
+                          concurrency: int | None, request_rate: float | None, range_ratio: float = 0.0,
+                          max_token_id: int = 500, api_key: str | None = None, seed: int = 0,
+                          timeout_s: float = 600) -> ServeBenchResult:
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=(concurrency or num_requests) + 8, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        if model is None:
+            r = await client.get(url + "/v1/models", headers=headers)
+            r.raise_for_status()
+            model = r.json()["data"][0]["id"]
+        lengths = [max(1, round(isl * rng.uniform(1 - range_ratio, 1 + range_ratio))) for _ in range(num_requests)]
+        prompts = [[rng.randrange(3, max_token_id) for _ in range(n)] for n in lengths]
+        gate = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def limited(prompt):
+            if gate is None:
+                return await _one(client, url, model, prompt, osl, headers)
+            async with gate:
+                return await _one(client, url, model, prompt, osl, headers)
+
+        start, tasks = time.perf_counter(), []
+        for prompt in prompts:
+            tasks.append(asyncio.ensure_future(limited(prompt)))
+            if request_rate:
+                await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
+        results = await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+    return ServeBenchResult(
+        url=url, num_requests=num_requests, concurrency=concurrency, request_rate=request_rate, seconds=seconds,
+        completed=len(ok), errors=len(results) - len(ok), requests_per_s=len(ok) / seconds,
+        output_tokens_per_s=sum(r.output_tokens for r in ok) / seconds,
+        ttft_ms=_stats([r.ttft for r in ok]),
+        tpot_ms=_stats([(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]),
+        itl_ms=_stats([x for r in ok for x in r.itls]), e2e_ms=_stats([r.e2e for r in ok]),
+        first_errors=[r.error for r in results if not r.ok][:5],
+    )
+
+
+def format_serve_result(r: ServeBenchResult) -> str:
+    lines = [f"{r.url}: {r.completed}/{r.num_requests} requests ok, {r.errors} errors in {r.seconds:.2f} s "
+             f"(concurrency {r.concurrency or 'unbounded'}, rate {r.request_rate or 'inf'} req/s)",
+             f"  request throughput {r.requests_per_s:.2f} req/s, output {r.output_tokens_per_s:.1f} tokens/s"]
+    for name, s in (("TTFT", r.ttft_ms), ("TPOT", r.tpot_ms), ("ITL", r.itl_ms), ("E2E", r.e2e_ms)):
+        lines.append(f"  {name:5s} ms: mean {s['mean']:.2f}  median {s['median']:.2f}  p99 {s['p99']:.2f}")
+    lines += [f"  error: {e}" for e in r.first_errors]
+    return "\n".join(lines)
