@@ -5,23 +5,16 @@ with a Hermes-style chat template (tools rendered by it), served with --tool_cal
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
-import requests
 from models import add_byte_tokenizer, make_hf_model
+from serve_helpers import Server
 
 from trtc.compiler.build import build_from_hf
 from trtc.formats.build_config import BuildConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1,
           "maximum": 9}}, "required": ["city", "days"], "additionalProperties": False}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast", "parameters": SCHEMA}}
@@ -34,34 +27,16 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_structured")
     hf = add_byte_tokenizer(make_hf_model(root / "hf", "llama3_gqa", vocab_size=400, num_hidden_layers=1,
-                                           max_position_embeddings=1024),
-                            chat_template="hermes")
+                                          max_position_embeddings=1024), chat_template="hermes")
     engine = build_from_hf(hf, root / "engine", dtype="float32", build_config=BuildConfig(
         max_batch_size=16, max_num_tokens=1024, tokens_per_block=16, max_seq_len=1024), progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "trtc.cli", "serve", str(engine), "--port", str(port), "--device", "cpu",
-                             "--tool_call_parser", "hermes", "--reasoning_parser", "qwen3", "--served_model_name", "tiny"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"trtc serve exited: {proc.stdout.read()}")
-        time.sleep(0.1)
-    yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    proc.terminate()
-    proc.wait(timeout=60)
+    server = Server(engine, "--tool_call_parser", "hermes", "--reasoning_parser", "qwen3")
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    assert server.stop() == 0, server.output()
 
 
 def chat(client, **kwargs):
-    return client.chat.completions.create(model="tiny", messages=kwargs.pop("messages", USER), **kwargs)
+    return client.chat.completions.create(model="test-model", messages=kwargs.pop("messages", USER), **kwargs)
 
 
 def streamed(client, **kwargs) -> tuple[str, str, list, str | None]:
