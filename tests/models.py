@@ -117,3 +117,46 @@ def add_word_tokenizer(directory: Path) -> Path:
 
 def text_of(ids) -> str:
     return " ".join(WORDS[i - 3] for i in ids)
+
+
+BYTE_VOCAB = 384  # <unk> 0, <s> 1, </s> 2, the 256 bytes, then merges learnt from byte_corpus()
+
+
+def byte_corpus() -> list[str]:
+    """JSON documents and sentences that the byte-level BPE tokenizer learns its merges from."""
+    words = ["name", "age", "city", "true", "false", "null", "items", "id", "value", "the", "cat", "sat", "on",
+             "mat", "Paris", "weather", "tool_call", "arguments", "function"]
+    out = []
+    for i in range(300):
+        w = words[i % 19], words[(i * 7) % 19], words[(i * 3) % 19]
+        out.append(json.dumps({w[0]: i, w[1]: w[2], "list": [i, i + 1.5, None, True]}))
+        out.append(" ".join(words[(i * k) % 19] for k in range(1, 9)) + ".")
+    return out
+
+
+def add_byte_tokenizer(directory: Path, special_tokens: tuple[str, ...] = (), chat_template: str | None = None) -> Path:
+    """A byte-level BPE tokenizer (Llama 3 / Qwen style: any text encodes, multi-byte tokens such as
+    '{"', '":', 'Ġ12') of BYTE_VOCAB tokens, plus `special_tokens` after them, trained
+    deterministically with `tokenizers` and saved as HF files. The model's vocab_size must cover it.
+    chat_template: a name of tests/chat_templates.py TEMPLATES (adds its tokens too) or None."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BYTE_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(byte_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat_template is not None:
+        from chat_templates import TEMPLATES
+
+        hf.chat_template, special, plain = TEMPLATES[chat_template]
+        special_tokens = tuple(special_tokens) + special
+        hf.add_tokens(list(plain))
+    if special_tokens:
+        hf.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    hf.save_pretrained(directory)
+    return directory

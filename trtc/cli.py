@@ -13,6 +13,8 @@ import click
 
 from trtc.cli_config import config_file_option
 from trtc.errors import TrtcError
+from trtc.serve.reasoning_parsers import REASONING_PARSERS  # light: the parsers import no model code
+from trtc.serve.tool_parsers import TOOL_PARSERS
 from trtc.version import __version__
 
 DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16"]
@@ -442,6 +444,11 @@ def tune(engine_dir: str, force: bool) -> None:
               help="Waiting requests at most; past it the server answers 503. [default: no bound]")
 @click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=None, help="[default: 0.9]")
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="[default: cuda if there is a GPU]")
+@click.option("--tool_call_parser", default=None, type=click.Choice(list(TOOL_PARSERS)),
+              help="Parse tool calls out of replies to requests with tools and tool_choice 'auto': hermes "
+                   "(Hermes, Qwen 2.5/3 <tool_call> blocks) or llama3_json (Llama 3.x JSON calls).")
+@click.option("--reasoning_parser", default=None, type=click.Choice(list(REASONING_PARSERS)),
+              help="Split <think>...</think> out of chat replies into reasoning_content.")
 @click.option("--log_level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
               help="uvicorn's log level. [default: info]")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="A serve.yaml with any of these options.")

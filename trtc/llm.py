@@ -7,10 +7,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from trtc.compiler.engine_cache import cached_engine
-from trtc.converters.hf_checkpoint import TOKENIZER_MODEL_FILES
 from trtc.converters.hub import resolve_model_dir
 from trtc.errors import TrtcError
 from trtc.formats.build_config import BuildConfig
@@ -22,8 +20,10 @@ from trtc.runtime.executor import Executor
 from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent
 from trtc.runtime.request_stream import RequestStream, snapshot
 from trtc.runtime.sampling_params import SamplingParams
+from trtc.runtime.tokenizer import has_tokenizer, load_tokenizer
 
 Prompt = str | Sequence[int]
+__all__ = ["LLM", "load_tokenizer"]  # load_tokenizer: also for engine tools
 
 
 def _config_format(path: Path) -> str | None:
@@ -77,7 +77,7 @@ class LLM:
             enable_cuda_graphs,
         )
         self._tokenizer = None
-        self._has_tokenizer = any((self.engine_dir / "tokenizer" / f).is_file() for f in TOKENIZER_MODEL_FILES)
+        self._has_tokenizer = has_tokenizer(self.engine_dir)
         self._detokenizers: dict[int, Detokenizer | None] = {}  # request id -> its detokenizer, while it runs
         self._closed = False
         self.async_engine: AsyncEngine | None = None  # the engine thread, once generate_async is used
@@ -246,12 +246,3 @@ class LLM:
 def _is_single(prompts) -> bool:
     return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
 
-
-def load_tokenizer(engine_dir: Path):
-    path = Path(engine_dir) / "tokenizer"
-    if not any((path / f).is_file() for f in TOKENIZER_MODEL_FILES):
-        raise TrtcError(f"engine {engine_dir} has no tokenizer; pass token ids, or build from an HF directory with tokenizer files")
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise TrtcError(f"could not load the tokenizer in {path} ({e}); rebuild the engine from an HF directory with tokenizer files") from None

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,7 +32,11 @@ from trtc.runtime.parallel.step import Step
 from trtc.runtime.ranks import start_ranks
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.scheduler import Scheduler
+from trtc.runtime.tokenizer import load_tokenizer
 from trtc.runtime.worker import RankOptions, Worker
+
+if TYPE_CHECKING:  # imported with the first guided request: xgrammar takes ~1.5 s to import
+    from trtc.runtime.guided_decoding import GuidedDecoder, TokenBitmask
 
 log = logging.getLogger("trtc")
 
@@ -96,6 +101,7 @@ class Executor:
         self._ids = itertools.count()
         graph = self.engine.graph
         self.eos_ids = list(graph.eos_token_id)
+        self._guided: GuidedDecoder | None = None  # built with the first guided request (it needs the tokenizer)
 
     # Requests -------------------------------------------------------------------------------------
     def add_request(
@@ -114,13 +120,30 @@ class Executor:
         stop_words = [list(s) for s in params.stop_token_ids]
         if params.end_id is None:  # a model with several EOS ids stops on any of them
             stop_words += [[e] for e in self.eos_ids[1:]]
+        if params.guided_decoding is not None:  # compile (or find in the cache) before anything is queued
+            self.guided_decoder.compile(params.guided_decoding)
         rid = next(self._ids)
         try:
             self.scheduler.add_request(rid, list(prompt_ids), params.max_tokens, end_id, stop_words)
         except ValueError as e:
             raise TrtcError(str(e)) from None
+        if params.guided_decoding is not None:
+            stop_ids = ([end_id] if end_id >= 0 else []) + [w[0] for w in stop_words if len(w) == 1]
+            self._guided.add(rid, params.guided_decoding, stop_ids)
         self.requests[rid] = RequestState(rid, list(prompt_ids), params, make_generator(params.seed, self.device), on_event)
         return rid
+
+    @property
+    def guided_decoder(self) -> GuidedDecoder:
+        """The engine's grammar compiler (xgrammar, with its cache) and guided requests' matchers."""
+        if self._guided is None:
+            from trtc.runtime.guided_decoding import GuidedDecoder
+
+            graph = self.engine.graph
+            self._guided = GuidedDecoder(
+                load_tokenizer(self.engine.directory), graph.vocab_size, self.device, self.engine.build_config.max_batch_size
+            )
+        return self._guided
 
     @property
     def runner(self):
@@ -169,6 +192,9 @@ class Executor:
         # logits rows: the sampled sequences' last tokens, then every token of those keeping prompt logits
         index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
         logits = self._execute(Step.from_batch(batch, index))  # [len(index), vocab]
+        bitmask = None  # grammars' masks, filled on the host while a GPU runs the step
+        if self._guided is not None and self._guided.matchers:
+            bitmask = self._guided.fill([int(rid) for rid in rids[sample_rows]])
         offset = len(sample_rows)
         for i in keep:  # rows written by position: a recompute after preemption writes the same rows again
             n = int(query_lens[i])
@@ -177,15 +203,20 @@ class Executor:
             offset += n
         if len(sample_rows) == 0:
             return [], {}
-        return self._sample(rids[sample_rows], logits[: len(sample_rows)])
+        return self._sample(rids[sample_rows], logits[: len(sample_rows)], bitmask)
 
     def _execute(self, step: Step) -> torch.Tensor:
         if self.ranks is not None:
             self.ranks.send(step)  # the other ranks run it alongside
         return self.worker.execute(step)
 
-    def _sample(self, request_ids: np.ndarray, logits: torch.Tensor) -> tuple[list[int], dict[int, float]]:
-        """One token per request from its logits [S, vocab], on the device."""
+    def _sample(
+        self, request_ids: np.ndarray, logits: torch.Tensor, bitmask: TokenBitmask | None = None
+    ) -> tuple[list[int], dict[int, float]]:
+        """One token per request from its logits [S, vocab], on the device; rows with a grammar are
+        masked first (in place, after the forward and outside its CUDA graph)."""
+        if bitmask is not None:
+            bitmask.apply(logits)
         reqs = [self.requests[int(rid)] for rid in request_ids]
         if all(r.params.is_greedy and not _has_penalty(r.params) for r in reqs):  # the common case: argmax only
             tokens = logits.argmax(dim=-1)
@@ -206,6 +237,11 @@ class Executor:
             r = self.requests.get(rid)
             if r is None:
                 continue
+            if token >= 0 and self._guided is not None:
+                guided_reason = self._guided.advance(rid, token, reason)
+                if guided_reason != reason and reason is None:
+                    self.scheduler.cancel(rid)  # the grammar ended it: the blocks are freed now
+                reason = guided_reason
             if token >= 0:
                 r.output_ids.append(token)
                 r.logprobs.append(logprobs[rid])
@@ -219,6 +255,8 @@ class Executor:
             if reason is not None:  # ended: the caller has had its last event
                 self.scheduler.pop(rid)
                 del self.requests[rid]
+                if self._guided is not None:
+                    self._guided.remove(rid)
         return events
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:

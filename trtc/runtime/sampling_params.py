@@ -3,6 +3,10 @@
 The default is greedy decoding (TensorRT-LLM's default): a request samples only when it sets one of
 `temperature`, `top_k`, `top_p`, `min_p` to something other than greedy (temperature 0 or top_k 1).
 An unset `temperature` means 1.0 when the request samples.
+
+`guided_decoding` constrains the output to a JSON schema, any JSON object, a regex, an EBNF grammar
+or a list of choices (vLLM's `GuidedDecodingParams`, TensorRT-LLM's `guided_decoding`); the runtime
+compiles it with xgrammar (trtc/runtime/guided_decoding.py).
 """
 
 from __future__ import annotations
@@ -51,6 +55,40 @@ def _normalize_stop_token_ids(value) -> list[list[int]]:
     return sequences
 
 
+@dataclass(frozen=True, slots=True)
+class GuidedDecodingParams:
+    """One constraint on the output, exactly one field set (vLLM's names). Whether the schema,
+    regex or grammar compiles is checked when the request is added (TrtcError with the reason)."""
+
+    json: str | dict | None = None  # a JSON schema (text or dict): the output is a JSON value it validates
+    json_object: bool = False  # the output is any JSON object
+    regex: str | None = None  # the output matches this regex (whole output)
+    grammar: str | None = None  # an EBNF grammar (xgrammar's GBNF dialect; the start rule is `root`)
+    choice: tuple[str, ...] | None = None  # the output is one of these strings
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError(f"guided_decoding choice must be a non-empty list of strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"guided_decoding json must be a JSON schema (a dict or its text), got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"guided_decoding {name} must be a non-empty string, got {value!r}")
+        set_ = [name for name in ("json", "json_object", "regex", "grammar", "choice") if getattr(self, name) not in (None, False)]
+        if len(set_) != 1:
+            raise ValueError(
+                "guided_decoding takes exactly one of json, json_object, regex, grammar, choice; "
+                f"got {', '.join(set_) if set_ else 'none'}"
+            )
+
+    @property
+    def kind(self) -> str:
+        return next(n for n in ("json", "json_object", "regex", "grammar", "choice") if getattr(self, n) not in (None, False))
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How one request is decoded: greedy unless a sampling knob is set (see the module docstring).
@@ -86,6 +124,7 @@ class SamplingParams:
     stop_token_ids: list[list[int]] = field(default_factory=list)  # token sequences that stop
     stop: list[str] = field(default_factory=list)  # strings that stop (matched in the decoded text, cut before them)
     logprobs: bool = False  # return the log-probability of each generated token
+    guided_decoding: GuidedDecodingParams | None = None  # structured output: schema / regex / grammar / choice
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
@@ -109,6 +148,10 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         self.stop = stop
+        if isinstance(self.guided_decoding, dict):
+            self.guided_decoding = GuidedDecodingParams(**self.guided_decoding)
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise ValueError(f"guided_decoding must be a GuidedDecodingParams, got {type(self.guided_decoding).__name__}")
 
     @property
     def is_greedy(self) -> bool:

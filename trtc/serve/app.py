@@ -28,12 +28,14 @@ log = logging.getLogger("trtc")
 
 
 def create_app(llm: LLM, model_name: str, chat_template: str | None = None, api_key: str | None = None,
-               max_queued_requests: int | None = None) -> FastAPI:
+               max_queued_requests: int | None = None, tool_call_parser: str | None = None,
+               reasoning_parser: str | None = None) -> FastAPI:
     def stats() -> EngineStats:
         engine = llm.async_engine
         return engine.stats if engine is not None else EngineStats(num_blocks=llm.executor.num_blocks)
 
-    ctx = ServeContext(llm, model_name, ServerMetrics(stats, model_name), chat_template, max_queued_requests)
+    ctx = ServeContext(llm, model_name, ServerMetrics(stats, model_name), chat_template, max_queued_requests,
+                       tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

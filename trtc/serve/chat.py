@@ -32,7 +32,8 @@ def _content_text(message: ChatMessage) -> str:
     return "".join(texts)
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], template: str | None, add_generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages: list[ChatMessage], template: str | None, add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> str:
     """The prompt text for `messages`; a 400 when the model has no chat template."""
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; start the server with --chat_template FILE "
@@ -40,6 +41,6 @@ def render_chat(tokenizer, messages: list[ChatMessage], template: str | None, ad
     conversation = [{**m.model_dump(exclude_none=True), "content": _content_text(m)} for m in messages]
     try:
         return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, tools=tools or None)
     except Exception as e:  # a template that rejects the conversation (roles out of order, say)
         raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None

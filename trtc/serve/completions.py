@@ -25,6 +25,8 @@ from trtc.serve.chat import render_chat
 from trtc.serve.errors import APIError
 from trtc.serve.metrics import ServerMetrics
 from trtc.serve.protocol import ChatCompletionRequest, CompletionRequest
+from trtc.serve.structured import ChatReplyParser
+from trtc.serve.tool_parsers import TOOL_PARSERS
 
 FINISH_REASONS = {"end_id": "stop", "stop_words": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}
 
@@ -37,6 +39,8 @@ class ServeContext:
     chat_template: str | None = None
     max_queued_requests: int | None = None
     shutting_down: bool = False
+    tool_call_parser: str | None = None  # --tool_call_parser: tool calls of tool_choice "auto"
+    reasoning_parser: str | None = None  # --reasoning_parser: <think>...</think> -> reasoning_content
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Choice:
     index: int
     stream: RequestStream
     prompt_text: str | None  # for echo
+    reply: ChatReplyParser | None = None  # chat: reasoning and tool calls out of the text
 
 
 def openai_finish_reason(reason: str | None) -> str | None:
@@ -63,6 +68,11 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
                 params = req.sampling_params(n_tokens, logprobs, seed_offset=j)
             except ValueError as e:
                 raise APIError(400, str(e)) from None
+            if params.guided_decoding is not None and j == 0:  # compiled off the event loop, once (cached)
+                try:
+                    await asyncio.to_thread(llm.executor.guided_decoder.compile, params.guided_decoding)
+                except TrtcError as e:
+                    raise APIError(400, str(e)) from None
             try:
                 llm.check_prompt(prompt_ids, params)
             except TrtcError as e:
@@ -120,11 +130,16 @@ def _record(ctx: ServeContext, choice: Choice) -> None:
 async def serve_completion(ctx: ServeContext, request: Request, req: CompletionRequest | ChatCompletionRequest):
     chat = isinstance(req, ChatCompletionRequest)
     if chat:
-        prompts = [render_chat(ctx.llm.tokenizer, req.messages, ctx.chat_template, req.add_generation_prompt)]
+        tools = _check_tools(ctx, req)
+        prompts = [render_chat(ctx.llm.tokenizer, req.messages, ctx.chat_template, req.add_generation_prompt, tools)]
         max_tokens, logprobs = req.requested_max_tokens(), req.logprobs
     else:
         prompts, max_tokens, logprobs = req.prompts(), req.max_tokens, req.logprobs is not None
     choices, prompt_tokens = await _submit(ctx, req, prompts, max_tokens, logprobs)
+    if chat:
+        for c in choices:
+            c.reply = ChatReplyParser(ctx.reasoning_parser, ctx.tool_call_parser if tools else None, req.tool_choice,
+                                      req.forced_tool_choice)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if req.stream:
         return StreamingResponse(_sse(ctx, request, req, choices, prompt_tokens, rid, chat),
@@ -146,6 +161,20 @@ async def serve_completion(ctx: ServeContext, request: Request, req: CompletionR
     return JSONResponse(_full_response(ctx, req, choices, prompt_tokens, rid, chat))
 
 
+def _check_tools(ctx: ServeContext, req: ChatCompletionRequest) -> list[dict] | None:
+    """The tools the chat template renders (none for tool_choice "none"); a 400 for "auto" without a parser."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if req.tool_choice in (None, "auto") and ctx.tool_call_parser is None:
+        raise APIError(400, "tools with tool_choice 'auto' need the server started with --tool_call_parser NAME "
+                            f"({', '.join(TOOL_PARSERS)}); or send tool_choice 'required' or a named function", "tool_choice")
+    return req.tools
+
+
+def _chat_finish_reason(c: Choice, reason: str | None) -> str | None:
+    return "tool_calls" if reason == "stop" and c.reply is not None and c.reply.calls else reason
+
+
 def _full_response(ctx, req, choices: list[Choice], prompt_tokens: int, rid: str, chat: bool) -> dict:
     out = []
     for c in choices:
@@ -153,8 +182,9 @@ def _full_response(ctx, req, choices: list[Choice], prompt_tokens: int, rid: str
         reason = openai_finish_reason(o.finish_reason)
         if chat:
             lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs) if req.logprobs else None
-            out.append({"index": c.index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
-                        "finish_reason": reason})
+            message = c.reply.message(o.text) if c.reply is not None else {"role": "assistant", "content": o.text}
+            out.append({"index": c.index, "message": message, "logprobs": lp,
+                        "finish_reason": _chat_finish_reason(c, reason)})
         else:
             prefix = (c.prompt_text or "") if req.echo else ""
             lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, len(prefix)) if req.logprobs is not None else None
@@ -189,6 +219,18 @@ async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]
             t.cancel()
 
 
+def _chat_delta(reply: ChatReplyParser | None, text: str, finished: bool) -> dict:
+    """The choice's delta: content, and reasoning_content / tool_calls fragments (the parsers hold back text
+    that may open a marker until the next delta)."""
+    if reply is None:
+        return {"content": text} if text else {}
+    d = reply.feed(text)
+    if finished:
+        for key, value in reply.finish().items():
+            d[key] = d.get(key, [] if key == "tool_calls" else "") + value
+    return d
+
+
 async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], prompt_tokens: int, rid: str,
                chat: bool) -> AsyncIterator[str]:
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
@@ -215,8 +257,10 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
             reason = openai_finish_reason(o.finish_reason) if delta.finished else None
             if chat:
                 lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs) if req.logprobs else None
-                yield chunk([{"index": c.index, "delta": {"content": o.text} if o.text or reason is None else {},
-                              "logprobs": lp, "finish_reason": reason}])
+                d = _chat_delta(c.reply, o.text, delta.finished)
+                if d or reason is not None or lp is not None:
+                    yield chunk([{"index": c.index, "delta": d, "logprobs": lp,
+                                  "finish_reason": _chat_finish_reason(c, reason)}])
             else:
                 lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, 0) if req.logprobs is not None else None
                 yield chunk([{"index": c.index, "text": o.text, "logprobs": lp, "finish_reason": reason}])

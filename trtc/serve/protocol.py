@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trtc.runtime.sampling_params import SamplingParams
+from trtc.runtime.sampling_params import GuidedDecodingParams, SamplingParams
+from trtc.serve.structured import guided_decoding_of
 
 
 class StreamOptions(BaseModel):
@@ -41,6 +42,15 @@ class SamplingRequest(BaseModel):
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     ignore_eos: bool = False
+    # structured output: OpenAI's response_format, vLLM's guided_* extensions (trtc/serve/structured.py)
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        return guided_decoding_of(self)
 
     def sampling_params(self, max_tokens: int, logprobs: bool, seed_offset: int = 0) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -51,6 +61,7 @@ class SamplingRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + seed_offset,
             end_id=-1 if self.ignore_eos else None, stop=[s for s in stop if s], logprobs=logprobs,
+            guided_decoding=self.guided_decoding(),
         )
 
     @property
@@ -93,6 +104,15 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # the sampled token's logprob only
     add_generation_prompt: bool = True  # vLLM's extension
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None  # "auto" (the default with tools), "none", "required", a named function
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        return guided_decoding_of(self, self.tools, self.tool_choice)
+
+    @property
+    def forced_tool_choice(self) -> bool:
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -38,6 +38,8 @@ class ServeConfig:
     kv_cache_free_gpu_memory_fraction: float = 0.9
     device: str | None = None
     log_level: str = "info"
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 def read_config(path: str | Path) -> dict:
@@ -83,7 +85,7 @@ def serve(cfg: ServeConfig) -> None:
               device=cfg.device)
     try:
         name = cfg.served_model_name or Path(cfg.model).name
-        app = create_app(llm, name, template, api_key, cfg.max_queued_requests)
+        app = create_app(llm, name, template, api_key, cfg.max_queued_requests, cfg.tool_call_parser, cfg.reasoning_parser)
 
         def on_exit() -> None:
             app.state.ctx.shutting_down = True
