@@ -111,7 +111,7 @@ def main() -> int:
         for dtype in args.dtypes.split(","):
             engine = build_from_hf(hf_dir, Path(tmp) / dtype, dtype=dtype, build_config=BuildConfig(max_seq_len=1024),
                                    progress=False)
-            ex = Executor(engine, device="cpu")
+            ex = Executor(engine, device="cpu", enable_prefix_reuse=False)  # as `trtc eval`: every position scored
             model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=getattr(torch, dtype)).eval()
             one = random_prompts(1, isl, vocab, seed=1)
             many = random_prompts(in_flight, isl, vocab, seed=2)

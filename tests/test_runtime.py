@@ -178,3 +178,25 @@ def test_largest_step_runs_over_its_scratch_pool(engine, hf_model):
     with torch.no_grad():
         expected = hf_model(input_ids[None]).logits[0, :8]
     assert float((logits - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
+def test_prompt_logits_refuse_a_reused_prefix(tmp_path):
+    """Teacher-forced logits of a prompt whose prefix blocks were reused would hold never-computed
+    rows: one clear error instead (and none without prefix reuse)."""
+    from models import make_hf_model
+
+    from trtc.compiler.build import build_from_hf
+    from trtc.errors import TrtcError
+    from trtc.formats.build_config import BuildConfig
+    from trtc.runtime.executor import Executor
+
+    engine = build_from_hf(make_hf_model(tmp_path / "hf", "llama3_gqa"), tmp_path / "e",
+                           build_config=BuildConfig(max_seq_len=128, tokens_per_block=8), progress=False)
+    prompt = [(7 * i) % 100 + 3 for i in range(40)]
+    reusing = Executor(engine, device="cpu")
+    first = reusing.prompt_logits([prompt])[0]
+    with pytest.raises(TrtcError, match="enable_prefix_reuse=False"):
+        reusing.prompt_logits([prompt])
+    fresh = Executor(engine, device="cpu", enable_prefix_reuse=False)
+    torch.testing.assert_close(fresh.prompt_logits([prompt])[0], first)
+    torch.testing.assert_close(fresh.prompt_logits([prompt])[0], first)

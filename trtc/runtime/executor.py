@@ -261,14 +261,20 @@ class Executor:
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Teacher-forced logits [len(prompt), vocab] f32 of each prompt (row i predicts token i+1),
-        computed by the runtime like any request (in-flight batched, chunked prefill, paged KV cache)."""
+        computed by the runtime like any request (in-flight batched, chunked prefill, paged KV cache).
+        A prompt whose prefix came from cached blocks (prefix reuse) has positions that were never
+        computed: that raises, naming the fix."""
         states = []
         for prompt in prompts:
             rid = self.add_request(prompt, SamplingParams(max_tokens=1, end_id=-1))
-            self.requests[rid].prompt_logits = torch.empty(len(prompt), self.engine.graph.vocab_size, device=self.device)
+            self.requests[rid].prompt_logits = torch.full((len(prompt), self.engine.graph.vocab_size), float("nan"),
+                                                          device=self.device)
             states.append(self.requests[rid])
         while any(s.request_id in self.requests for s in states):
             self._step_or_raise()
+        if any(s.prompt_logits[:, 0].isnan().any() for s in states):  # a row is written whole or not at all
+            raise TrtcError("prompt logits need every prompt position computed, but a prompt's prefix came from the "
+                            "prefix cache; create the executor with enable_prefix_reuse=False")
         return [s.prompt_logits for s in states]
 
     def _step_or_raise(self) -> None:
