@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 COMMON = dict(
     hidden_size=64,
@@ -41,6 +48,12 @@ CASES = {
     )),
     # q/k RMSNorm, head_dim != hidden / heads, one KV head (replicated under tp 2 and 4)
     "qwen3_qknorm": (Qwen3Config, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)),
+    # four (1 + w) norms, scaled embeddings, GeGLU, soft-caps small enough to bind, query_pre_attn_scalar,
+    # sliding (window 7) and global layers alternating
+    "gemma2": (Gemma2Config, dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=7,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+    )),
 }
 
 
@@ -52,7 +65,7 @@ def make_hf_model(directory: Path, case: str, seed: int = 0, legacy_rope: bool =
     """
     config_cls, kwargs = CASES[case]
     config = config_cls(**{**COMMON, **kwargs, **overrides})
-    config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
+    config.architectures = [config_cls.__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(directory)

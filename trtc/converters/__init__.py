@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from trtc.converters import llama, mistral, qwen2, qwen3
+from trtc.converters import gemma2, llama, mistral, qwen2, qwen3
 from trtc.converters.architecture import Architecture
 from trtc.errors import TrtcError
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (llama.ARCHITECTURE, mistral.ARCHITECTURE, qwen2.ARCHITECTURE, qwen3.ARCHITECTURE)
+    a.name: a
+    for a in (
+        llama.ARCHITECTURE, mistral.ARCHITECTURE, qwen2.ARCHITECTURE, qwen3.ARCHITECTURE, gemma2.ARCHITECTURE,
+    )
 }
 
 

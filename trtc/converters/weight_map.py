@@ -81,3 +81,16 @@ LLAMA_WEIGHTS = WeightMap(
     },
     unused=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),
 )
+
+
+# Gemma 2 / 3: four norms per layer; HF's post_attention_layernorm is the norm of the attention
+# output, pre_feedforward_layernorm the MLP's pre-norm.
+GEMMA_WEIGHTS = WeightMap(
+    names={
+        **LLAMA_WEIGHTS.names,
+        "layers.{i}.attention_output_norm": "model.layers.{i}.post_attention_layernorm",
+        "layers.{i}.post_attention_norm": "model.layers.{i}.pre_feedforward_layernorm",
+        "layers.{i}.mlp_output_norm": "model.layers.{i}.post_feedforward_layernorm",
+    },
+    unused=LLAMA_WEIGHTS.unused,
+)
