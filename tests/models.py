@@ -11,6 +11,7 @@ from transformers import (
     Gemma2Config,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -53,6 +54,14 @@ CASES = {
     "gemma2": (Gemma2Config, dict(
         num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=7,
         attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+    )),
+    # fused qkv / gate_up, partial rotary (half the head), LongRoPE past its original context from the
+    # first token on (HF's generate recomputes the cache where a sequence crosses it; see
+    # test_reference_vs_hf for the crossing), a sliding window on every layer
+    "phi3": (Phi3Config, dict(
+        num_key_value_heads=2, sliding_window=13, original_max_position_embeddings=2, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 5.0, 9.0]},
     )),
 }
 

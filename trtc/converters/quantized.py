@@ -156,9 +156,10 @@ def tensor_sources(
             src = weights.source(name)
             if quant is not None and QuantConfig.is_optional(name) and src not in hf:
                 continue
-            sources[name] = plain(src, shape)
+            sources[name] = _fused_rows(weights, name, shapes) or plain(src, shape)
         elif fmt.kind == "modelopt":
-            source = _modelopt_source(weights.source_module(module), suffix, shape, quant, hf)
+            fused = _fused_rows(weights, name, shapes) if quant.is_fp8 and suffix == "weight" else None
+            source = fused or _modelopt_source(weights.source_module(module), suffix, shape, quant, hf)
             if source is not None:
                 sources[name] = source
         else:
@@ -166,6 +167,27 @@ def tensor_sources(
             if source is not None:
                 sources[name] = source
     return sources
+
+
+def _fused_rows(weights: WeightMap, name: str, shapes: dict[str, tuple[int, ...]]) -> TensorSource | None:
+    """The rows of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj) that trtc tensor `name` holds
+    (a weight or bias stacked along the output rows), or None when its module is not fused.
+    Per-tensor scales of a fused FP8 module are shared by its parts and read whole."""
+    module, suffix = name.rsplit(".", 1)
+    parts = weights.fused_parts(module)
+    if parts is None or suffix not in ("weight", "bias"):
+        return None
+    rows = [shapes[f"{p}.{suffix}"][0] for p in parts]
+    offset, n = sum(rows[: parts.index(module)]), shapes[name][0]
+    src = weights.source(name)
+    full = (sum(rows), *shapes[name][1:])
+
+    def read(hf: HFCheckpoint, s: Shard) -> torch.Tensor:
+        start, stop = (s.start, s.stop) if s.dim == 0 else (0, n)
+        t = hf.read(src, 0, offset + start, offset + min(stop, n))
+        return t if s.dim is None or s.dim == 0 else t.narrow(s.dim, s.start, s.stop - s.start)
+
+    return TensorSource({src: full}, read)
 
 
 def ignorable(fmt: SourceFormat, hf: HFCheckpoint, name: str) -> bool:
