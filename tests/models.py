@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
@@ -62,6 +63,14 @@ CASES = {
         num_key_value_heads=2, sliding_window=13, original_max_position_embeddings=2, pad_token_id=0,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                          "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 5.0, 9.0]},
+    )),
+    # Gemma 2's layers plus (1 + w) q/k norms; layers 0, 2 local (window 5, θ 100), 1 global (θ 10000,
+    # linear scaling 2)
+    "gemma3": (Gemma3TextConfig, dict(
+        num_hidden_layers=3, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=3.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
     )),
 }
 
