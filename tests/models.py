@@ -12,6 +12,7 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    NemotronConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
@@ -71,6 +72,11 @@ CASES = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=3.0,
         rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+    )),
+    # layernorm1p, squared-ReLU non-gated MLP with bias, partial rotary (a quarter of the head)
+    "nemotron": (NemotronConfig, dict(
+        num_key_value_heads=2, mlp_bias=True, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     )),
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trtc.converters import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
+from trtc.converters import gemma2, gemma3, llama, mistral, nemotron, phi3, qwen2, qwen3
 from trtc.converters.architecture import Architecture
 from trtc.errors import TrtcError
 
@@ -13,7 +13,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         llama.ARCHITECTURE, mistral.ARCHITECTURE, qwen2.ARCHITECTURE, qwen3.ARCHITECTURE, gemma2.ARCHITECTURE,
-        phi3.ARCHITECTURE, gemma3.ARCHITECTURE,
+        phi3.ARCHITECTURE, gemma3.ARCHITECTURE, nemotron.ARCHITECTURE,
     )
 }
 
