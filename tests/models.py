@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Exaone4Config,
     Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
@@ -77,6 +78,10 @@ CASES = {
     "nemotron": (NemotronConfig, dict(
         num_key_value_heads=2, mlp_bias=True, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    )),
+    # post-norm, q/k norm, local layers 0, 1 (window 6, RoPE) and a global layer 2 without RoPE
+    "exaone4": (Exaone4Config, dict(
+        num_hidden_layers=3, num_key_value_heads=2, sliding_window=6, sliding_window_pattern=3, pad_token_id=0,
     )),
 }
 

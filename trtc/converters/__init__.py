@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trtc.converters import gemma2, gemma3, llama, mistral, nemotron, phi3, qwen2, qwen3
+from trtc.converters import exaone4, gemma2, gemma3, llama, mistral, nemotron, phi3, qwen2, qwen3
 from trtc.converters.architecture import Architecture
 from trtc.errors import TrtcError
 
@@ -14,6 +14,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     for a in (
         llama.ARCHITECTURE, mistral.ARCHITECTURE, qwen2.ARCHITECTURE, qwen3.ARCHITECTURE, gemma2.ARCHITECTURE,
         phi3.ARCHITECTURE, gemma3.ARCHITECTURE, nemotron.ARCHITECTURE,
+        exaone4.ARCHITECTURE,
     )
 }
 

@@ -123,3 +123,15 @@ PHI3_WEIGHTS = WeightMap(
         "model.layers.{i}.mlp.gate_up_proj": ("layers.{i}.mlp.gate", "layers.{i}.mlp.up"),
     },
 )
+
+
+# EXAONE 4: post-norm, HF's post_attention_layernorm and post_feedforward_layernorm normalise the
+# attention and MLP outputs; there are no pre-norms
+EXAONE4_WEIGHTS = WeightMap(
+    names={
+        **{k: v for k, v in LLAMA_WEIGHTS.names.items() if k not in ("layers.{i}.input_norm", "layers.{i}.post_attention_norm")},
+        "layers.{i}.attention_output_norm": "model.layers.{i}.post_attention_layernorm",
+        "layers.{i}.mlp_output_norm": "model.layers.{i}.post_feedforward_layernorm",
+    },
+    unused=LLAMA_WEIGHTS.unused,
+)
