@@ -158,8 +158,7 @@ def tensor_sources(
                 continue
             sources[name] = _fused_rows(weights, name, shapes) or plain(src, shape)
         elif fmt.kind == "modelopt":
-            fused = _fused_rows(weights, name, shapes) if quant.is_fp8 and suffix == "weight" else None
-            source = fused or _modelopt_source(weights.source_module(module), suffix, shape, quant, hf)
+            source = _fused_rows(weights, name, shapes, quant) or _modelopt_source(weights.source_module(module), suffix, shape, quant, hf)
             if source is not None:
                 sources[name] = source
         else:
@@ -169,22 +168,33 @@ def tensor_sources(
     return sources
 
 
-def _fused_rows(weights: WeightMap, name: str, shapes: dict[str, tuple[int, ...]]) -> TensorSource | None:
+def _fused_rows(
+    weights: WeightMap, name: str, shapes: dict[str, tuple[int, ...]], quant: QuantConfig | None = None
+) -> TensorSource | None:
     """The rows of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj) that trtc tensor `name` holds
-    (a weight or bias stacked along the output rows), or None when its module is not fused.
-    Per-tensor scales of a fused FP8 module are shared by its parts and read whole."""
+    (a tensor stacked along the output rows: weight, bias, an INT4 export's weight_scale), or None
+    when its module is not fused. A fused FP8 module's per-tensor scales are shared by its parts
+    and read whole; an INT4 export's pre_quant_scale too (per input feature)."""
     module, suffix = name.rsplit(".", 1)
     parts = weights.fused_parts(module)
-    if parts is None or suffix not in ("weight", "bias"):
+    int4 = quant is not None and quant.is_int4
+    if parts is None or suffix not in ("weight", "bias", *(("weight_scale",) if int4 else ())):
         return None
     rows = [shapes[f"{p}.{suffix}"][0] for p in parts]
     offset, n = sum(rows[: parts.index(module)]), shapes[name][0]
     src = weights.source(name)
-    full = (sum(rows), *shapes[name][1:])
+    if int4 and suffix == "weight":  # ModelOpt packs two output rows per byte: [out / 2, in]
+        full = (sum(rows) // 2, shapes[name][1] * 2)
+    else:
+        full = (sum(rows), *shapes[name][1:])
 
     def read(hf: HFCheckpoint, s: Shard) -> torch.Tensor:
         start, stop = (s.start, s.stop) if s.dim == 0 else (0, n)
-        t = hf.read(src, 0, offset + start, offset + min(stop, n))
+        rows_shard = Shard(0, offset + start, offset + min(stop, n))
+        if int4 and suffix == "weight":
+            t = _modelopt_int4(hf, src, rows_shard)
+        else:
+            t = hf.read(src, 0, rows_shard.start, rows_shard.stop)
         return t if s.dim is None or s.dim == 0 else t.narrow(s.dim, s.start, s.stop - s.start)
 
     return TensorSource({src: full}, read)
