@@ -8,9 +8,14 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Exaone4Config,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    NemotronConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen2MoeConfig,
     Qwen3Config,
@@ -50,6 +55,37 @@ CASES = {
     )),
     # q/k RMSNorm, head_dim != hidden / heads, one KV head (replicated under tp 2 and 4)
     "qwen3_qknorm": (Qwen3Config, dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)),
+    # four (1 + w) norms, scaled embeddings, GeGLU, soft-caps small enough to bind, query_pre_attn_scalar,
+    # sliding (window 7) and global layers alternating
+    "gemma2": (Gemma2Config, dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=7,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+    )),
+    # fused qkv / gate_up, partial rotary (half the head), LongRoPE past its original context from the
+    # first token on (HF's generate recomputes the cache where a sequence crosses it; see
+    # test_reference_vs_hf for the crossing), a sliding window on every layer
+    "phi3": (Phi3Config, dict(
+        num_key_value_heads=2, sliding_window=13, original_max_position_embeddings=2, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 5.0, 9.0]},
+    )),
+    # Gemma 2's layers plus (1 + w) q/k norms; layers 0, 2 local (window 5, θ 100), 1 global (θ 10000,
+    # linear scaling 2)
+    "gemma3": (Gemma3TextConfig, dict(
+        num_hidden_layers=3, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=3.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+    )),
+    # layernorm1p, squared-ReLU non-gated MLP with bias, partial rotary (a quarter of the head)
+    "nemotron": (NemotronConfig, dict(
+        num_key_value_heads=2, mlp_bias=True, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    )),
+    # post-norm, q/k norm, local layers 0, 1 (window 6, RoPE) and a global layer 2 without RoPE
+    "exaone4": (Exaone4Config, dict(
+        num_hidden_layers=3, num_key_value_heads=2, sliding_window=6, sliding_window_pattern=3, pad_token_id=0,
+    )),
 }
 
 # Mixtures of experts: 4 experts of 32, top 2, a sharper router (initializer_range) so that every
@@ -77,7 +113,7 @@ def make_hf_model(directory: Path, case: str, seed: int = 0, legacy_rope: bool =
     """
     config_cls, kwargs = CASES[case] if case in CASES else MOE_CASES[case]
     config = config_cls(**{**COMMON, **kwargs, **overrides})
-    config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
+    config.architectures = [config_cls.__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(directory)

@@ -95,7 +95,8 @@ def test_unsupported_architecture(hf_dir, tmp_path):
     config["architectures"] = ["GPT2LMHeadModel"]
     (d / "config.json").write_text(json.dumps(config))
     assert_one_line_error(run("--model_dir", d, "--output_dir", tmp_path / "o"),
-                          "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen3ForCausalLM")
+                          "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+                          "Gemma3ForCausalLM", "Phi3ForCausalLM", "NemotronForCausalLM", "Exaone4ForCausalLM")
 
 
 def test_pickle_weights_refused(hf_dir, tmp_path):

@@ -42,7 +42,19 @@ def hf_steps(model, prompt: torch.Tensor, steps: int):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_prefill_and_decode_match_hf(case, hf_models, tmp_path):
-    hf_dir = hf_models[case]
+    check_prefill_and_decode(hf_models[case], tmp_path)
+
+
+def test_longrope_switches_to_long_factors_mid_decode(tmp_path):
+    """The prompt is within the original context (short factors), decoding passes it (long factors;
+    keys cached before keep their rotation, as in HF's cache)."""
+    params = {**CASES["phi3"][1]["rope_parameters"], "original_max_position_embeddings": PROMPT_LEN + 4}
+    hf_dir = make_hf_model(tmp_path / "hf", "phi3", original_max_position_embeddings=PROMPT_LEN + 4,
+                           rope_parameters=params)
+    check_prefill_and_decode(hf_dir, tmp_path)
+
+
+def check_prefill_and_decode(hf_dir, tmp_path):
     convert(hf_dir, tmp_path / "ckpt", progress=False)
     ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt")
     hf = load_hf(hf_dir)

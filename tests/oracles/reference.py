@@ -62,22 +62,34 @@ class ReferenceModel:
         b, t = input_ids.shape
         positions = torch.arange(cache.length, cache.length + t, device=self.device)
         h = self._all_reduce([self._embed(r, input_ids) for r in range(len(self.ranks))])  # [B, T, hidden]
+        if self.graph.embedding_scale is not None:
+            h = h * torch.tensor(self.graph.embedding_scale, dtype=h.dtype)
         w0 = self.ranks[0]  # replicated tensors (norms, row-parallel biases) are read from rank 0
         for i, layer in enumerate(self.graph.layers):
             p = f"layers.{i}."
-            x = norm(h, layer.input_norm, w0[p + "input_norm.weight"], w0.get(p + "input_norm.bias"))
-            h = h + self._all_reduce([self._attention(r, i, x, positions, cache) for r in range(len(self.ranks))])
+            x = self._norm(h, layer.input_norm, p + "input_norm")
+            a = self._all_reduce([self._attention(r, i, x, positions, cache) for r in range(len(self.ranks))])
             if layer.attention.o_bias:
-                h = h + w0[p + "attention.o.bias"]
-            x = norm(h, layer.post_attention_norm, w0[p + "post_attention_norm.weight"], w0.get(p + "post_attention_norm.bias"))
-            h = h + self._all_reduce([self._mlp(w, i, x) for w in self.ranks])
+                a = a + w0[p + "attention.o.bias"]
+            h = h + self._norm(a, layer.attention_output_norm, p + "attention_output_norm")
+            x = self._norm(h, layer.post_attention_norm, p + "post_attention_norm")
+            m = self._all_reduce([self._mlp(w, i, x) for w in self.ranks])
             if layer.mlp.bias:
-                h = h + w0[p + "mlp.down.bias"]
+                m = m + w0[p + "mlp.down.bias"]
+            h = h + self._norm(m, layer.mlp_output_norm, p + "mlp_output_norm")
         cache.length += t
         h = norm(h, self.graph.final_norm, w0["final_norm.weight"], w0.get("final_norm.bias"))
         head = "embedding.weight" if self.graph.tie_word_embeddings else "lm_head.weight"
         logits = torch.cat([F.linear(h, w[head]) for w in self.ranks], dim=-1)  # the vocab-parallel gather
+        cap = self.graph.final_logit_soft_cap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
         return logits[..., : self.graph.vocab_size].float()
+
+    def _norm(self, x: torch.Tensor, cfg, name: str) -> torch.Tensor:
+        """cfg None: the identity."""
+        w0 = self.ranks[0]
+        return x if cfg is None else norm(x, cfg, w0[name + ".weight"], w0.get(name + ".bias"))
 
     @staticmethod
     def _all_reduce(partials: list[torch.Tensor]) -> torch.Tensor:
@@ -101,12 +113,13 @@ class ReferenceModel:
         k = linear(x, w, p + "k").view(b, t, hkv, d)
         v = linear(x, w, p + "v").view(b, t, hkv, d)
         if a.qk_norm:
-            q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps)
-            k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps)
-        freq = inv_freq(a.rope, d, int(positions[-1]) + 1, self.graph.max_position_embeddings)
-        cos, sin = rope_cos_sin(freq, positions, x.dtype)
-        q = torch.stack([apply_rope(q[s], cos, sin) for s in range(b)])
-        k = torch.stack([apply_rope(k[s], cos, sin) for s in range(b)])
+            q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps, a.qk_norm_offset)
+            k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps, a.qk_norm_offset)
+        if a.use_rope:
+            freq = inv_freq(a.rope, a.rope_dim, int(positions[-1]) + 1, self.graph.max_position_embeddings)
+            cos, sin = rope_cos_sin(freq, positions, x.dtype, a.rope.attention_factor)
+            q = torch.stack([apply_rope(q[s], cos, sin) for s in range(b)])
+            k = torch.stack([apply_rope(k[s], cos, sin) for s in range(b)])
         if p + "k_cache_scale" in w:  # FP8 KV cache: attention reads back what the pool stores
             k = dequantize_fp8(quantize_fp8(k, w[p + "k_cache_scale"]), w[p + "k_cache_scale"], k.dtype)
             v = dequantize_fp8(quantize_fp8(v, w[p + "v_cache_scale"]), w[p + "v_cache_scale"], v.dtype)

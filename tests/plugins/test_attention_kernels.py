@@ -237,13 +237,13 @@ def test_rope_and_write_kv_fp8_pool():
     check_rope_kv_fp8(300, 32, 8, 128, 32, torch.bfloat16, "cuda", seed=3)
 
 
-def check_rope_kv(t, hq, hkv, dim, tpb, dtype, device, seed, rope_type="default"):
+def check_rope_kv(t, hq, hkv, dim, tpb, dtype, device, seed, rope_type="default", rotary_dim=None):
     from trtc.plugins.attention.triton_rope_kv import rope_and_write_kv as kernel
 
     g = torch.Generator().manual_seed(seed)
     rope = (RopeConfig(type="llama3", theta=500000.0, factor=8.0, original_max_position_embeddings=8192)
             if rope_type == "llama3" else RopeConfig(theta=10000.0))  # Llama-3.1's llama3 scaling
-    cos, sin = rope_cos_sin(inv_freq(rope, dim), torch.arange(4096), dtype)
+    cos, sin = rope_cos_sin(inv_freq(rope, rotary_dim or dim), torch.arange(4096), dtype)  # [4096, R]
     qkv = torch.randn(t, (hq + 2 * hkv) * dim, generator=g).to(dtype)  # strided views, as the runner splits them
     q, k, v = qkv.split([hq * dim, hkv * dim, hkv * dim], dim=-1)
     q, k, v = q.reshape(t, hq, dim), k.reshape(t, hkv, dim), v.reshape(t, hkv, dim)
@@ -273,6 +273,13 @@ def check_rope_kv(t, hq, hkv, dim, tpb, dtype, device, seed, rope_type="default"
 @pytest.mark.parametrize("rope_type", ["default", "llama3"])
 def test_rope_and_write_kv(t, hq, hkv, dim, tpb, rope_type):
     check_rope_kv(t, hq, hkv, dim, tpb, torch.bfloat16, "cuda", seed=t + dim, rope_type=rope_type)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dim,rotary_dim", [(128, 64), (96, 24), (256, 256)])  # Phi-4-mini-like, Nemotron-like, Gemma
+def test_rope_and_write_kv_partial_rotary(dim, rotary_dim):
+    check_rope_kv(77, 16, 4, dim, 16, torch.bfloat16, "cuda", seed=dim, rotary_dim=rotary_dim)
 
 
 @pytest.mark.gpu
@@ -312,6 +319,7 @@ def _interpreter_cases() -> None:
     check_attention(specs, 8, 2, 32, 16, torch.float16, "cpu", seed=1, run=run)
     check_attention(specs, 8, 2, 32, 16, torch.float16, "cpu", seed=2, run=run, window=10, cap=20.0)
     check_rope_kv(9, 4, 2, 32, 16, torch.float16, "cpu", seed=0, rope_type="llama3")
+    check_rope_kv(9, 4, 2, 40, 16, torch.float16, "cpu", seed=1, rotary_dim=16)  # partial rotary
 
     def run_fp8(q, kc, vc, meta, scale, window, cap, out, ks, vs):
         nd, b = meta.num_decodes, len(meta.query_lens)

@@ -5,13 +5,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from trtc.converters import llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
+from trtc.converters import (
+    exaone4,
+    gemma2,
+    gemma3,
+    llama,
+    mistral,
+    mixtral,
+    nemotron,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 from trtc.converters.architecture import Architecture
 from trtc.errors import TrtcError
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (
-        llama.ARCHITECTURE, mistral.ARCHITECTURE, qwen2.ARCHITECTURE, qwen3.ARCHITECTURE,
+    a.name: a
+    for a in (
+        llama.ARCHITECTURE, mistral.ARCHITECTURE, qwen2.ARCHITECTURE, qwen3.ARCHITECTURE, gemma2.ARCHITECTURE,
+        phi3.ARCHITECTURE, gemma3.ARCHITECTURE, nemotron.ARCHITECTURE, exaone4.ARCHITECTURE,
         mixtral.ARCHITECTURE, qwen2_moe.ARCHITECTURE, qwen3_moe.ARCHITECTURE,
     )
 }

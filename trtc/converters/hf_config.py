@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from trtc.errors import TrtcError
@@ -14,7 +15,9 @@ from trtc.formats.graph import (
     RopeConfig,
 )
 
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_ACTIVATIONS = {
+    "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "relu2": "relu2",
+}
 
 
 def positive_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -29,9 +32,13 @@ def positive_int(config: dict[str, Any], key: str, default: int | None = None) -
     return value
 
 
-def rope_config(config: dict[str, Any]) -> RopeConfig:
-    """RoPE from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4)."""
+def rope_config(config: dict[str, Any], layer_type: str | None = None) -> RopeConfig:
+    """RoPE from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4).
+    Per-layer-type parameters (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}) are
+    read for `layer_type`."""
     params = config.get("rope_parameters")
+    if isinstance(params, dict) and layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
     if isinstance(params, dict) and params:
         theta, scaling = params.get("rope_theta", config.get("rope_theta", 10000.0)), params
     else:
@@ -39,14 +46,38 @@ def rope_config(config: dict[str, Any]) -> RopeConfig:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return RopeConfig(theta=float(theta))
+    original = scaling.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    if kind == "longrope":  # HF modeling_rope_utils._compute_longrope_parameters
+        factor = scaling.get("factor")
+        if factor is None and original:
+            factor = positive_int(config, "max_position_embeddings", 2048) / original
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if not factor or factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return RopeConfig(
+            type=kind, theta=float(theta), original_max_position_embeddings=original,
+            short_factor=[float(f) for f in scaling.get("short_factor") or []] or None,
+            long_factor=[float(f) for f in scaling.get("long_factor") or []] or None,
+            attention_factor=float(attention_factor),
+        )
     return RopeConfig(
         type=kind,
         theta=float(theta),
         factor=float(scaling.get("factor", 1.0)),
         low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
         high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=scaling.get("original_max_position_embeddings"),
+        original_max_position_embeddings=original,
     )
+
+
+def rotary_dim(config: dict[str, Any], head_dim: int) -> int | None:
+    """The rotary dimension of a partial rotary embedding (`partial_rotary_factor` < 1), else None."""
+    params = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    factor = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    dim = int(head_dim * float(factor))
+    if dim % 2 or dim <= 0:
+        raise TrtcError(f"partial_rotary_factor {factor} gives an odd or empty rotary dimension {dim}; fix config.json")
+    return None if dim == head_dim else dim
 
 
 def activation(config: dict[str, Any]) -> str:
@@ -80,8 +111,12 @@ def decoder_graph(
         raise TrtcError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}; fix config.json")
     head_dim = positive_int(config, "head_dim", hidden // heads)
     eps = float(config.get("rms_norm_eps", 1e-6))
-    rope = rope_config(config)
     windows = sliding_windows or [None] * layers
+    types = config.get("layer_types") or [None] * layers
+    if len(types) != layers:
+        raise TrtcError(f"config.json layer_types has {len(types)} entries for {layers} layers; fix config.json")
+    ropes = {t: rope_config(config, t) for t in set(types)}
+    partial = rotary_dim(config, head_dim)
     norm = NormConfig(kind="rms", eps=eps)
     mlp = MLPConfig(
         intermediate_size=positive_int(config, "intermediate_size"),
@@ -100,7 +135,8 @@ def decoder_graph(
                     num_heads=heads,
                     num_kv_heads=kv_heads,
                     head_dim=head_dim,
-                    rope=rope,
+                    rope=ropes[types[i]],
+                    rotary_dim=partial,
                     qkv_bias=qkv_bias,
                     o_bias=o_bias,
                     qk_norm=qk_norm,

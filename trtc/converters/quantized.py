@@ -119,11 +119,11 @@ def tensor_sources(
     sources: dict[str, TensorSource] = {}
     for name, shape in shapes.items():
         if ".experts." in name:  # [E, ...]: one source per expert, stacked
-            experts = [_tensor_source(fmt, hf, weights, name, shape[1:], e) for e in range(shape[0])]
+            experts = [_tensor_source(fmt, hf, weights, name, shape[1:], shapes, e) for e in range(shape[0])]
             if experts[0] is not None:
                 sources[name] = _stacked(experts)
             continue
-        source = _tensor_source(fmt, hf, weights, name, shape)
+        source = _tensor_source(fmt, hf, weights, name, shape, shapes)
         if source is not None:
             sources[name] = source
     return sources
@@ -139,8 +139,9 @@ def _stacked(experts: list[TensorSource]) -> TensorSource:
 
 
 def _tensor_source(fmt: SourceFormat, hf: HFCheckpoint, weights: WeightMap, name: str, shape: tuple[int, ...],
-                   expert: int | None = None) -> TensorSource | None:
-    """The source of trtc tensor `name` (of expert `expert` of a stack: its HF module's `{e}` filled)."""
+                   shapes: dict[str, tuple[int, ...]], expert: int | None = None) -> TensorSource | None:
+    """The source of trtc tensor `name` (of expert `expert` of a stack: its HF module's `{e}` filled;
+    else, where the HF checkpoint fuses its module with others, its rows of the fused tensor)."""
     quant = fmt.quant
     module, suffix = name.rsplit(".", 1)
 
@@ -152,12 +153,45 @@ def _tensor_source(fmt: SourceFormat, hf: HFCheckpoint, weights: WeightMap, name
         src = weights.source(name).replace(EXPERT, str(expert))
         if quant is not None and QuantConfig.is_optional(name) and src not in hf:
             return None
-        return plain(src, shape)
+        return (_fused_rows(weights, name, shapes) if expert is None else None) or plain(src, shape)
     if fmt.kind == "modelopt":
-        return _modelopt_source(source_module(module), suffix, shape, quant, hf)
+        fused = _fused_rows(weights, name, shapes, quant) if expert is None else None
+        return fused or _modelopt_source(source_module(module), suffix, shape, quant, hf)
     if fmt.kind == "compressed-tensors":
         return ct_source(source_module(module), suffix, shape, quant)
     return _gptq_source(source_module(module), suffix, shape, quant, fmt.gptq_v1_zeros, hf)
+
+
+def _fused_rows(
+    weights: WeightMap, name: str, shapes: dict[str, tuple[int, ...]], quant: QuantConfig | None = None
+) -> TensorSource | None:
+    """The rows of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj) that trtc tensor `name` holds
+    (a tensor stacked along the output rows: weight, bias, an INT4 export's weight_scale), or None
+    when its module is not fused. A fused FP8 module's per-tensor scales are shared by its parts
+    and read whole; an INT4 export's pre_quant_scale too (per input feature)."""
+    module, suffix = name.rsplit(".", 1)
+    parts = weights.fused_parts(module)
+    int4 = quant is not None and quant.is_int4
+    if parts is None or suffix not in ("weight", "bias", *(("weight_scale",) if int4 else ())):
+        return None
+    rows = [shapes[f"{p}.{suffix}"][0] for p in parts]
+    offset, n = sum(rows[: parts.index(module)]), shapes[name][0]
+    src = weights.source(name)
+    if int4 and suffix == "weight":  # ModelOpt packs two output rows per byte: [out / 2, in]
+        full = (sum(rows) // 2, shapes[name][1] * 2)
+    else:
+        full = (sum(rows), *shapes[name][1:])
+
+    def read(hf: HFCheckpoint, s: Shard) -> torch.Tensor:
+        start, stop = (s.start, s.stop) if s.dim == 0 else (0, n)
+        rows_shard = Shard(0, offset + start, offset + min(stop, n))
+        if int4 and suffix == "weight":
+            t = _modelopt_int4(hf, src, rows_shard)
+        else:
+            t = hf.read(src, 0, rows_shard.start, rows_shard.stop)
+        return t if s.dim is None or s.dim == 0 else t.narrow(s.dim, s.start, s.stop - s.start)
+
+    return TensorSource({src: full}, read)
 
 
 def ignorable(fmt: SourceFormat, hf: HFCheckpoint, name: str) -> bool:

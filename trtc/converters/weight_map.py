@@ -11,7 +11,7 @@ mapped nor declared unused is an error; so is a mapped tensor that is missing or
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -29,6 +29,17 @@ def _fill(pattern: str, like: str) -> str:
 class WeightMap:
     names: dict[str, str]  # trtc module or tensor pattern -> HF module or tensor pattern
     unused: tuple[str, ...] = ()  # HF tensor patterns dropped on purpose
+    # an HF module holding several trtc modules stacked along its output rows, in order
+    # (`...qkv_proj` -> q, k, v); the trtc modules map to the fused HF module in `names`
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def fused_parts(self, trtc_module: str) -> tuple[str, ...] | None:
+        """The trtc modules stacked with `trtc_module` in one HF tensor (itself included), or None."""
+        pattern = _pattern(trtc_module)
+        for parts in self.fused.values():
+            if pattern in parts:
+                return tuple(_fill(p, trtc_module) for p in parts)
+        return None
 
     def source_module(self, trtc_module: str) -> str:
         """The HF module of a trtc module (`layers.3.mlp.down` -> `model.layers.3.mlp.down_proj`)."""
@@ -80,4 +91,47 @@ LLAMA_WEIGHTS = WeightMap(
         "lm_head": "lm_head",
     },
     unused=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),
+)
+
+
+# Gemma 2 / 3: four norms per layer; HF's post_attention_layernorm is the norm of the attention
+# output, pre_feedforward_layernorm the MLP's pre-norm.
+GEMMA_WEIGHTS = WeightMap(
+    names={
+        **LLAMA_WEIGHTS.names,
+        "layers.{i}.attention_output_norm": "model.layers.{i}.post_attention_layernorm",
+        "layers.{i}.post_attention_norm": "model.layers.{i}.pre_feedforward_layernorm",
+        "layers.{i}.mlp_output_norm": "model.layers.{i}.post_feedforward_layernorm",
+    },
+    unused=LLAMA_WEIGHTS.unused,
+)
+
+
+# Phi-3 / Phi-4: q, k, v fused in qkv_proj and gate, up in gate_up_proj (split at convert)
+PHI3_WEIGHTS = WeightMap(
+    names={
+        **LLAMA_WEIGHTS.names,
+        "layers.{i}.attention.q": "model.layers.{i}.self_attn.qkv_proj",
+        "layers.{i}.attention.k": "model.layers.{i}.self_attn.qkv_proj",
+        "layers.{i}.attention.v": "model.layers.{i}.self_attn.qkv_proj",
+        "layers.{i}.mlp.gate": "model.layers.{i}.mlp.gate_up_proj",
+        "layers.{i}.mlp.up": "model.layers.{i}.mlp.gate_up_proj",
+    },
+    unused=LLAMA_WEIGHTS.unused,
+    fused={
+        "model.layers.{i}.self_attn.qkv_proj": ("layers.{i}.attention.q", "layers.{i}.attention.k", "layers.{i}.attention.v"),
+        "model.layers.{i}.mlp.gate_up_proj": ("layers.{i}.mlp.gate", "layers.{i}.mlp.up"),
+    },
+)
+
+
+# EXAONE 4: post-norm, HF's post_attention_layernorm and post_feedforward_layernorm normalise the
+# attention and MLP outputs; there are no pre-norms
+EXAONE4_WEIGHTS = WeightMap(
+    names={
+        **{k: v for k, v in LLAMA_WEIGHTS.names.items() if k not in ("layers.{i}.input_norm", "layers.{i}.post_attention_norm")},
+        "layers.{i}.attention_output_norm": "model.layers.{i}.post_attention_layernorm",
+        "layers.{i}.mlp_output_norm": "model.layers.{i}.post_feedforward_layernorm",
+    },
+    unused=LLAMA_WEIGHTS.unused,
 )

@@ -16,8 +16,8 @@ from trtc.errors import TrtcError
 if TYPE_CHECKING:
     from trtc.formats.quant_layout import QuantConfig
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")  # relu2: relu(x)**2
 NORM_KINDS = ("rms", "layer")
 ROUTER_SCORINGS = ("softmax",)
 
@@ -31,7 +31,12 @@ class RopeConfig:
     factor: float = 1.0  # linear / dynamic / llama3
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_position_embeddings: int | None = None  # llama3
+    original_max_position_embeddings: int | None = None  # llama3, longrope
+    # longrope: per-frequency divisors, `short_factor` while the sequence (its last position + 1) is
+    # within original_max_position_embeddings, `long_factor` past it; cos and sin are scaled by attention_factor
+    short_factor: list[float] | None = None
+    long_factor: list[float] | None = None
+    attention_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.type not in ROPE_TYPES:
@@ -40,6 +45,14 @@ class RopeConfig:
             )
         if self.type == "llama3" and self.original_max_position_embeddings is None:
             raise TrtcError("llama3 RoPE scaling needs original_max_position_embeddings in rope_scaling")
+        if self.type == "longrope" and (self.short_factor is None or self.long_factor is None
+                                        or self.original_max_position_embeddings is None):
+            raise TrtcError("longrope RoPE scaling needs short_factor, long_factor and original_max_position_embeddings")
+
+    @property
+    def per_step(self) -> bool:
+        """The frequencies depend on the sequence length (dynamic NTK, longrope): tables are built per step."""
+        return self.type in ("dynamic", "longrope")
 
 
 @dataclass
@@ -64,9 +77,12 @@ class AttentionConfig:
     o_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     qk_norm_eps: float = 1e-6
+    qk_norm_offset: float = 0.0  # q/k norm weight applied as (offset + w); 1.0 for Gemma 3
     sliding_window: int | None = None  # a query attends to the last `sliding_window` positions, itself included
     soft_cap: float | None = None  # logits -> cap * tanh(logits / cap)
     scale: float | None = None  # None means 1 / sqrt(head_dim)
+    use_rope: bool = True  # False: a layer without position embedding (EXAONE 4 global layers)
+    rotary_dim: int | None = None  # partial rotary: RoPE on the first rotary_dim dims of a head; None: all
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -78,6 +94,10 @@ class AttentionConfig:
     @property
     def softmax_scale(self) -> float:
         return self.scale if self.scale is not None else self.head_dim**-0.5
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
 
 
 @dataclass
@@ -128,10 +148,18 @@ class MLPConfig:
 
 @dataclass
 class DecoderLayerConfig:
-    input_norm: NormConfig
+    """h += attention_output_norm(attention(input_norm(h))); h += mlp_output_norm(mlp(post_attention_norm(h))).
+
+    A norm that is None is the identity: input_norm / post_attention_norm are the pre-norms (None in a
+    post-norm model such as EXAONE 4), attention_output_norm / mlp_output_norm the norms of a block's
+    output before its residual add (Gemma 2/3 post-attention and post-feedforward norms)."""
+
+    input_norm: NormConfig | None
     attention: AttentionConfig
-    post_attention_norm: NormConfig
+    post_attention_norm: NormConfig | None
     mlp: MLPConfig
+    attention_output_norm: NormConfig | None = None
+    mlp_output_norm: NormConfig | None = None
 
 
 @dataclass
@@ -148,6 +176,8 @@ class ModelGraph:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    embedding_scale: float | None = None  # embeddings multiplied by it (in the model dtype), Gemma's sqrt(hidden)
+    final_logit_soft_cap: float | None = None  # logits -> cap * tanh(logits / cap)
 
     @property
     def num_layers(self) -> int:
@@ -161,12 +191,14 @@ class ModelGraph:
         d = dict(d)
         d["layers"] = [
             DecoderLayerConfig(
-                input_norm=NormConfig(**layer["input_norm"]),
+                input_norm=_norm(layer["input_norm"]),
                 attention=AttentionConfig(
                     **{**layer["attention"], "rope": RopeConfig(**layer["attention"]["rope"])}
                 ),
-                post_attention_norm=NormConfig(**layer["post_attention_norm"]),
+                post_attention_norm=_norm(layer["post_attention_norm"]),
                 mlp=MLPConfig(**layer["mlp"]),
+                attention_output_norm=_norm(layer.get("attention_output_norm")),
+                mlp_output_norm=_norm(layer.get("mlp_output_norm")),
             )
             for layer in d["layers"]
         ]
@@ -201,6 +233,7 @@ class ModelGraph:
                 shapes[p + "attention.q_norm.weight"] = (a.head_dim,)
                 shapes[p + "attention.k_norm.weight"] = (a.head_dim,)
             linear(i, "attention.o", h, q, a.o_bias)
+            shapes.update(_norm_shapes(p + "attention_output_norm", layer.attention_output_norm, h))
             if quant is not None and quant.kv_cache_fp8:
                 shapes[p + "attention.k_cache_scale"] = ()
                 shapes[p + "attention.v_cache_scale"] = ()
@@ -211,13 +244,20 @@ class ModelGraph:
             for name in ("gate", "up") if m.gated else ("up",):
                 linear(i, f"mlp.{name}", m.intermediate_size, h, m.bias)
             linear(i, "mlp.down", h, m.intermediate_size, m.bias)
+            shapes.update(_norm_shapes(p + "mlp_output_norm", layer.mlp_output_norm, h))
         shapes.update(_norm_shapes("final_norm", self.final_norm, h))
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (v, h)
         return shapes
 
 
-def _norm_shapes(prefix: str, norm: NormConfig, hidden: int) -> dict[str, tuple[int, ...]]:
+def _norm(d: dict[str, Any] | None) -> NormConfig | None:
+    return None if d is None else NormConfig(**d)
+
+
+def _norm_shapes(prefix: str, norm: NormConfig | None, hidden: int) -> dict[str, tuple[int, ...]]:
+    if norm is None:
+        return {}
     shapes = {prefix + ".weight": (hidden,)}
     if norm.bias:
         shapes[prefix + ".bias"] = (hidden,)

@@ -11,7 +11,7 @@ TensorRT's plugin aliases the two buffers, a runtime binds both names to the sam
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,16 +80,25 @@ class Lowering:
             x, residual = self.add_norm(h, residual, layer.input_norm, p + "input_norm")
             g.scope = f"layers.{i}/attention"
             h = self.attention(i, x)
+            if layer.attention_output_norm is not None:
+                g.scope = f"layers.{i}/attention_output_norm"
+                h = self.norm(h, layer.attention_output_norm, p + "attention_output_norm.weight")
             g.scope = f"layers.{i}/post_attention_norm"
             x, residual = self.add_norm(h, residual, layer.post_attention_norm, p + "post_attention_norm")
             g.scope = f"layers.{i}/mlp"
             h = self.mlp(i, x)
+            if layer.mlp_output_norm is not None:
+                g.scope = f"layers.{i}/mlp_output_norm"
+                h = self.norm(h, layer.mlp_output_norm, p + "mlp_output_norm.weight")
         g.scope = "lm_head"
         h = g.op("Gather", [h, "logits_indices"], axis=0)  # [S, hidden]
         residual = g.op("Gather", [residual, "logits_indices"], axis=0)
         h, _ = self.add_norm(h, residual, graph.final_norm, "final_norm")
         head = "embedding.weight" if graph.tie_word_embeddings else "lm_head.weight"
         logits = self.cast(g.op("Gemm", [h, head], transB=1), TensorProto.FLOAT)  # [S, local_vocab]
+        if graph.final_logit_soft_cap is not None:
+            cap = g.const(graph.final_logit_soft_cap, np.float32)
+            logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])
         vocab = self._rows(head) * self.s.mapping.tp_size  # padded to a multiple of tp
         if self.s.mapping.tp_size > 1:
             logits = self.collective("AllGather", logits, TensorProto.FLOAT, [S, vocab])
@@ -127,17 +136,24 @@ class Lowering:
         g, m = self.g, self.s.mapping
         self.g.scope = "embedding"
         if m.tp_size == 1:
-            return g.op("Gather", ["embedding.weight", "input_ids"], axis=0)
+            return self.scale_embedding(g.op("Gather", ["embedding.weight", "input_ids"], axis=0))
         rows = self._rows("embedding.weight")  # vocab-parallel: ids outside this rank's rows give zeros
         local = g.op("Sub", ["input_ids", g.const(self.s.rank * rows)])
         inside = g.op("And", [g.op("GreaterOrEqual", [local, g.const(0)]), g.op("Less", [local, g.const(rows)])])
         h = g.op("Gather", ["embedding.weight", g.op("Clip", [local, g.const(0), g.const(rows - 1)])], axis=0)
         h = g.op("Mul", [h, g.op("Unsqueeze", [g.op("Cast", [inside], to=self.act), g.const([1])])])
-        return self.all_reduce(h)
+        return self.scale_embedding(self.all_reduce(h))
 
-    def add_norm(self, x: str, residual: str | None, cfg: NormConfig, name: str) -> tuple[str, str]:
-        """(norm(x + residual), x + residual); the add in the activation dtype, as the runner does."""
+    def scale_embedding(self, h: str) -> str:
+        scale = self.s.graph.embedding_scale
+        return h if scale is None else self.g.op("Mul", [h, self.g.const(scale, np.float32, elem_type=self.act)])
+
+    def add_norm(self, x: str, residual: str | None, cfg: NormConfig | None, name: str) -> tuple[str, str]:
+        """(norm(x + residual), x + residual); the add in the activation dtype, as the runner does;
+        cfg None: no norm."""
         h = x if residual is None else self.g.op("Add", [x, residual])
+        if cfg is None:
+            return h, h
         return self.norm(h, cfg, name + ".weight", name + ".bias" if cfg.bias else None), h
 
     def norm(self, x: str, cfg: NormConfig, weight: str, bias: str | None = None, eps: float | None = None) -> str:
@@ -181,21 +197,42 @@ class Lowering:
         return g.op("Add", [y, b]) if b else y
 
     def rope(self, i: int) -> tuple[str, str]:
-        """cos, sin [T, D] of each token's angles positions * inv_freq, once per RoPE kind."""
+        """cos, sin [T, R] of each token's angles positions * inv_freq, once per RoPE kind; R < D for
+        a partial rotary (the attention op rotates the first R dims of a head). A layer without RoPE
+        has zero frequencies (cos 1, sin 0: the identity)."""
         a = self.s.graph.layers[i].attention
-        key = (*astuple(a.rope), a.head_dim)
+        key = (repr(a.rope), a.rope_dim, a.head_dim, a.use_rope)
         if key not in self._rope:
             g, scope = self.g, self.g.scope
             g.scope = "rope"
             pos = g.op("Unsqueeze", [g.op("Cast", ["positions"], to=TensorProto.FLOAT), g.const([1])])  # [T, 1]
-            freq = self.dynamic_inv_freq(a.rope, a.head_dim) if a.rope.type == "dynamic" else \
-                g.const(inv_freq(a.rope, a.head_dim).numpy()[None, :], np.float32)  # [1, D/2]
+            if not a.use_rope:
+                freq = g.const(np.zeros((1, a.head_dim // 2), np.float32), np.float32)
+            elif a.rope.type == "dynamic":
+                freq = self.dynamic_inv_freq(a.rope, a.head_dim)
+            elif a.rope.type == "longrope":
+                freq = self.longrope_inv_freq(a.rope, a.rope_dim)
+            else:
+                freq = g.const(inv_freq(a.rope, a.rope_dim).numpy()[None, :], np.float32)  # [1, R/2]
             angles = g.op("Mul", [pos, freq])
-            emb = g.op("Concat", [angles, angles], axis=1)  # [T, D]
+            emb = g.op("Concat", [angles, angles], axis=1)  # [T, R]
             cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+            if a.use_rope and a.rope.attention_factor != 1.0:
+                factor = g.const(a.rope.attention_factor, np.float32)
+                cos, sin = g.op("Mul", [cos, factor]), g.op("Mul", [sin, factor])
             self._rope[key] = tuple(self.cast(c, self.act, TensorProto.FLOAT) for c in (cos, sin))
             g.scope = scope
         return self._rope[key]
+
+    def longrope_inv_freq(self, rope: RopeConfig, rotary_dim: int) -> str:
+        """LongRoPE: the long factors once the step's longest sequence (max position + 1) exceeds
+        original_max_position_embeddings, the short ones before (trtc/plugins/attention/rope.py)."""
+        g = self.g
+        n = g.op("Add", [g.op("ReduceMax", ["positions"], keepdims=0), g.const(1)])  # []
+        short = inv_freq(rope, rotary_dim, 0).numpy()[None, :]
+        long = inv_freq(rope, rotary_dim, rope.original_max_position_embeddings + 1).numpy()[None, :]
+        past = g.op("Greater", [n, g.const(rope.original_max_position_embeddings)])
+        return g.op("Where", [past, g.const(long, np.float32), g.const(short, np.float32)])
 
     def dynamic_inv_freq(self, rope: RopeConfig, head_dim: int) -> str:
         """Dynamic NTK: the base grows once the step's longest sequence (max position + 1) exceeds
@@ -218,8 +255,8 @@ class Lowering:
         if a.qk_norm:
             sizes = g.const(list(local_qkv_sizes(self.s.graph, m, i)))
             q, k, v = g.op("Split", [qkv, sizes], num_outputs=3, axis=1)
-            q = self.head_norm(q, hq, d, p + "q_norm.weight", a.qk_norm_eps)
-            k = self.head_norm(k, hkv, d, p + "k_norm.weight", a.qk_norm_eps)
+            q = self.head_norm(q, hq, d, p + "q_norm.weight", a.qk_norm_eps, a.qk_norm_offset)
+            k = self.head_norm(k, hkv, d, p + "k_norm.weight", a.qk_norm_eps, a.qk_norm_offset)
             qkv = g.op("Concat", [q, k, v], axis=1)
         cos, sin = self.rope(i)
         if self.kv == TensorProto.FLOAT8E4M3FN:
@@ -239,10 +276,11 @@ class Lowering:
         h = self.all_reduce(self.linear(out, p + "o", bias=False))
         return g.op("Add", [h, p + "o.bias"]) if a.o_bias else h
 
-    def head_norm(self, x: str, heads: int, head_dim: int, weight: str, eps: float) -> str:
+    def head_norm(self, x: str, heads: int, head_dim: int, weight: str, eps: float, offset: float = 0.0) -> str:
         """Per-head RMSNorm (q/k norm): x [T, heads * D] -> [T, heads, D], normed, back."""
         g = self.g
-        y = self.norm(g.op("Reshape", [x, g.const([0, heads, head_dim])]), NormConfig("rms"), weight, eps=eps)
+        cfg = NormConfig("rms", offset=offset)
+        y = self.norm(g.op("Reshape", [x, g.const([0, heads, head_dim])]), cfg, weight, eps=eps)
         return g.op("Reshape", [y, g.const([0, heads * head_dim])])
 
     def mlp(self, i: int, x: str) -> str:
@@ -294,6 +332,9 @@ class Lowering:
             return g.op("Mul", [x, g.op("Sigmoid", [x])])
         if kind == "relu":
             return g.op("Relu", [x])
+        if kind == "relu2":
+            r = g.op("Relu", [x])
+            return g.op("Mul", [r, r])
         return g.op("Gelu", [x], approximate="tanh" if kind == "gelu_tanh" else "none")
 
 

@@ -60,8 +60,8 @@ PAGED_ATTENTION = OpSpec(
         "and decode tokens mix in one step. The pool is updated in place: output 1 aliases input 3.",
     inputs=(
         Port("qkv", "activation", "[T, (Hq + 2 Hkv) D] q, k, v of the fused qkv GEMM (after q/k norm, before RoPE)"),
-        Port("rope_cos", "activation", "[T, D] cos of each token's rotary angles"),
-        Port("rope_sin", "activation", "[T, D] sin of each token's rotary angles"),
+        Port("rope_cos", "activation", "[T, R] cos of each token's rotary angles (R < D: partial rotary, the first R dims)"),
+        Port("rope_sin", "activation", "[T, R] sin of each token's rotary angles"),
         Port("kv_cache_pool", "kv", "[2, N, P, Hkv, D] this layer's K (index 0) and V (index 1) blocks"),
         Port("k_scale", "FLOAT", "[] dequantization scale of an FP8 pool's K (1 otherwise, unused)"),
         Port("v_scale", "FLOAT", "[] dequantization scale of an FP8 pool's V (1 otherwise, unused)"),

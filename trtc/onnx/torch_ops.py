@@ -39,7 +39,7 @@ def paged_attention(
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
     tokens_per_block: int, scale: float, sliding_window: int, soft_cap: float,
 ) -> torch.Tensor:
-    """qkv: [T, (Hq + 2 Hkv) D]; rope_cos, rope_sin: [T, D]; kv_cache_pool: [2, N, P, Hkv, D], written
+    """qkv: [T, (Hq + 2 Hkv) D]; rope_cos, rope_sin: [T, R] (R <= D); kv_cache_pool: [2, N, P, Hkv, D], written
     in place (k at [0], v at [1]: each a contiguous paged cache). Returns [T, Hq D]."""
     t, d = qkv.shape[0], head_dim
     q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)

@@ -22,7 +22,7 @@ from trtc.formats.build_config import kv_cache_torch_dtype
 from trtc.formats.engine import Engine
 from trtc.formats.engine_layout import local_qkv_sizes
 from trtc.formats.graph import NormConfig
-from trtc.formats.quant_layout import FP8
+from trtc.formats.quant_layout import FP8, quantize_fp8
 from trtc.plugins.activation import ACTIVATION_FNS, gated_activation, silu_and_mul
 from trtc.plugins.attention import (
     decode_tactics,
@@ -141,21 +141,21 @@ class ModelRunner:
         """cos, sin tables [n, head_dim] of layer i, read at `positions` by the kernels; built once
         per RoPE kind for every position up to max_seq_len."""
         a = self.graph.layers[i].attention
-        if a.rope.type == "dynamic":  # frequencies depend on the sequence length: a table for this step
+        if a.rope.per_step:  # frequencies depend on the sequence length: a table for this step
             n = int(positions.max()) + 1
-            freq = inv_freq(a.rope, a.head_dim, n, self.graph.max_position_embeddings)
-            return rope_cos_sin(freq, torch.arange(n, device=self.device), self.dtype)
-        key = (*astuple(a.rope), a.head_dim)
+            freq = inv_freq(a.rope, a.rope_dim, n, self.graph.max_position_embeddings)
+            return rope_cos_sin(freq, torch.arange(n, device=self.device), self.dtype, a.rope.attention_factor)
+        key = (*astuple(a.rope), a.rope_dim)
         if key not in self._rope_tables:
             all_pos = torch.arange(self.build_config.max_seq_len, device=self.device)
-            self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.head_dim), all_pos, self.dtype)
+            self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.rope_dim), all_pos, self.dtype)
         return self._rope_tables[key]
 
     def graph_capturable(self) -> bool:
         """Decode can be captured as a CUDA graph: kernels without host syncs (the Triton ones and
         cuBLAS, which run for bf16/fp16 models on a GPU, quantized or not, over a pool in the model
         dtype or FP8) and RoPE tables that do not change with the sequence length."""
-        dynamic = any(layer.attention.rope.type == "dynamic" for layer in self.graph.layers)
+        dynamic = any(layer.attention.rope.per_step for layer in self.graph.layers)
         kv_dtype = kv_cache_torch_dtype(self.build_config.kv_cache_dtype)
         return self.dtype in (torch.bfloat16, torch.float16) and kv_dtype in (self.dtype, FP8) and not dynamic
 
@@ -168,29 +168,44 @@ class ModelRunner:
         Returns logits [S, vocab] float32."""
         w = self.w
         h, residual = self._embed(input_ids), None  # h: [T, hidden]
+        if self.graph.embedding_scale is not None:
+            h = h * torch.tensor(self.graph.embedding_scale, dtype=h.dtype)
         for i, layer in enumerate(self.graph.layers):
             p = f"layers.{i}."
             x, residual = self._add_norm(h, residual, layer.input_norm, p + "input_norm", p + "attention.qkv")
             h = self.all_reduce(self._attention(i, x, meta))
             if layer.attention.o_bias:
                 h = h + w[p + "attention.o.bias"]
+            if layer.attention_output_norm is not None:
+                h = norm(h, layer.attention_output_norm, w[p + "attention_output_norm.weight"])
             x, residual = self._add_norm(h, residual, layer.post_attention_norm, p + "post_attention_norm",
                                          p + ("mlp.gate_up" if layer.mlp.gated else "mlp.up"))
             h = self.all_reduce(self._mlp(i, x))
             if layer.mlp.bias:
                 h = h + w[p + "mlp.down.bias"]
+            if layer.mlp_output_norm is not None:
+                h = norm(h, layer.mlp_output_norm, w[p + "mlp_output_norm.weight"])
         h, _ = self._add_norm(h[logits_indices], residual[logits_indices], self.graph.final_norm, "final_norm")
         head = w["embedding.weight"] if self.graph.tie_word_embeddings else w["lm_head.weight"]
         logits = F.linear(h.to(head.dtype), head)  # [S, local_vocab]
+        if self.graph.final_logit_soft_cap is not None:
+            cap = self.graph.final_logit_soft_cap
+            logits = cap * torch.tanh(logits / cap)
         if self.group is not None and logits.shape[0] > 0:
             logits = self.group.all_gather_vocab(logits)  # [S, padded_vocab]
         return logits[:, : self.graph.vocab_size].float()
 
     def _add_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, cfg: NormConfig, name: str, next_linear: str | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None, cfg: NormConfig | None, name: str,
+        next_linear: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); residual None means x is the first input. When the
-        linear layer that reads the norm is FP8, the norm's output is quantized for it in the same kernel."""
+        """(norm(x + residual), x + residual); residual None means x is the first input; cfg None: no
+        norm. When the linear layer that reads the norm is FP8, the norm's output is quantized for it
+        in the same kernel."""
+        if cfg is None:
+            h = x if residual is None else x + residual
+            scale = self.w.get(f"{next_linear}.input_scale") if next_linear else None
+            return (h if scale is None else quantize_fp8(h, scale)), h
         weight = self.w[name + ".weight"]
         if cfg.kind == "rms" and not cfg.bias:
             out_scale = self.w.get(f"{next_linear}.input_scale") if next_linear else None
@@ -217,9 +232,9 @@ class ModelRunner:
         k = k.reshape(t, -1, a.head_dim)  # [T, Hkv, D]
         v = v.reshape(t, -1, a.head_dim)
         if a.qk_norm:
-            q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps)
-            k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps)
-        cos, sin = self._rope(i, meta.positions)
+            q = rms_norm(q, w[p + "q_norm.weight"], a.qk_norm_eps, a.qk_norm_offset)
+            k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps, a.qk_norm_offset)
+        cos, sin = self._rope(i, meta.positions) if a.use_rope else (None, None)
         k_scale, v_scale = self._kv_scales[i]  # None, or the FP8 pool's scales
         q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i],
                                  meta.slot_mapping, k_scale, v_scale)

@@ -10,6 +10,7 @@ ACTIVATION_FNS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),  # squared ReLU (Nemotron)
 }
 
 

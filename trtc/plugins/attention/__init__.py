@@ -52,7 +52,12 @@ def rope_and_write_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D]; k, v: [T, Hkv, D]; cos, sin: [max_seq_len, D] tables (activation dtype) read at
     positions [T]; k_cache, v_cache: [num_blocks, tokens_per_block, Hkv, D]. Writes rotated k and v at
-    slot_mapping [T] (quantized with k_scale, v_scale: float32 [] into an FP8 pool); returns (q_rot, k_rot)."""
+    slot_mapping [T] (quantized with k_scale, v_scale: float32 [] into an FP8 pool); returns (q_rot, k_rot).
+    cos, sin None: a layer without RoPE (k and v are written as they are); tables narrower than D: a
+    partial rotary (the dims past their width pass through)."""
+    if cos is None:
+        paged.write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
+        return q, k
     if _kernels_take(q, k_cache, k, v, cos, sin):
         from trtc.plugins.attention.triton_rope_kv import rope_and_write_kv as kernel
 

@@ -3,7 +3,8 @@
 One program per token: it reads the token's cos/sin row from the tables at its position, rotates
 all its q and k heads in float32 (one rounding at the end), writes rotated q and k out, and writes
 rotated k and v into the cache slot of the token (slot = block * tokens_per_block + offset).
-Any RoPE kind whose cos/sin tables the runner builds (default, linear, llama3) goes through here.
+Any RoPE kind whose cos/sin tables the runner builds goes through here; tables narrower than the
+head (partial rotary) rotate its first dims and copy the rest.
 bytes = T * (Hq + 2 Hkv) * D * itemsize read + T * (Hq + 3 Hkv) * D written (+ 2 cos/sin rows per token).
 """
 
@@ -40,6 +41,7 @@ def _rope_write_kv_kernel(
     stride_qot, stride_qoh, stride_kot, stride_koh, stride_cslot, stride_ch, stride_vslot, stride_vch,
     n_q_heads, n_kv_heads,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr, KV_FP8: tl.constexpr,
+    PASS: tl.constexpr, PASS_PAD: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -73,6 +75,22 @@ def _rope_write_kv_kernel(
     vc = v_cache_ptr + slot * stride_vslot + h * stride_vch + d
     tl.store(vc, v1.to(v_cache_ptr.dtype.element_ty), mask=kmask)
     tl.store(vc + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=kmask)
+    if PASS > 0:  # partial rotary: dims [2 HALF, 2 HALF + PASS) of every head are copied as they are
+        e = 2 * HALF + tl.arange(0, PASS_PAD)[None, :]
+        em = e < 2 * HALF + PASS
+        hq = tl.arange(0, HQ_PAD)[:, None]
+        qm = (hq < n_q_heads) & em
+        xq = tl.load(q_ptr + t * stride_qt + hq * stride_qh + e, mask=qm)
+        tl.store(q_out_ptr + t * stride_qot + hq * stride_qoh + e, xq.to(q_out_ptr.dtype.element_ty), mask=qm)
+        km = (h < n_kv_heads) & em
+        xk = tl.load(k_ptr + t * stride_kt + h * stride_kh + e, mask=km).to(k_out_ptr.dtype.element_ty)
+        tl.store(k_out_ptr + t * stride_kot + h * stride_koh + e, xk, mask=km)
+        xv = tl.load(v_ptr + t * stride_vt + h * stride_vh + e, mask=km)
+        if KV_FP8:
+            xk = fp8_saturate(xk, tl.load(k_scale_ptr))
+            xv = fp8_saturate(xv, tl.load(v_scale_ptr))
+        tl.store(k_cache_ptr + slot * stride_cslot + h * stride_ch + e, xk.to(k_cache_ptr.dtype.element_ty), mask=km)
+        tl.store(v_cache_ptr + slot * stride_vslot + h * stride_vch + e, xv.to(v_cache_ptr.dtype.element_ty), mask=km)
 
 
 def rope_and_write_kv(
@@ -82,7 +100,8 @@ def rope_and_write_kv(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (strided views of the fused qkv are fine, last dim contiguous);
-    cos, sin: [max_seq_len, D] tables indexed by positions [T]; k_cache, v_cache:
+    cos, sin: [max_seq_len, R] tables indexed by positions [T] (R < D: partial rotary, dims past R pass
+    through); k_cache, v_cache:
     [num_blocks, tokens_per_block, Hkv, D] written at slot_mapping [T]. Returns (q_rot, k_rot), written into
 q_out [T, Hq, D] and k_out [T, Hkv, D] when given (last dim contiguous). An FP8 pool
     (float8_e4m3fn caches) takes k_scale and v_scale (float32 [])."""
@@ -98,7 +117,9 @@ q_out [T, Hq, D] and k_out [T, Hkv, D] when given (last dim contiguous). An FP8 
     k_out = torch.empty((t, hkv, dim), dtype=k.dtype, device=k.device) if k_out is None else k_out
     if t == 0:
         return q_out, k_out
-    half = dim // 2
+    rot = cos.shape[-1]
+    assert rot % 2 == 0 and rot <= dim and sin.shape[-1] == rot, (cos.shape, dim)
+    half = rot // 2
     _rope_write_kv_kernel[(t,)](
         q, k, v, cos, sin, positions, slot_mapping, q_out, k_out, k_cache, v_cache,
         k_scale if k_scale is not None else cos, v_scale if v_scale is not None else cos,
@@ -108,6 +129,6 @@ q_out [T, Hq, D] and k_out [T, Hkv, D] when given (last dim contiguous). An FP8 
         hq, hkv,
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
         HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv), KV_FP8=k_scale is not None,
-        num_warps=4,
+        PASS=dim - rot, PASS_PAD=triton.next_power_of_2(max(dim - rot, 1)), num_warps=4,
     )
     return q_out, k_out
