@@ -9,7 +9,7 @@ import pytest
 import torch
 from models import MOE_CASES, load_hf, make_hf_model
 from oracles.reference import ReferenceModel
-from test_reference_vs_hf import DECODE_STEPS, PROMPT_LEN, REL_TOL, hf_steps, rel_err
+from test_reference_vs_hf import PROMPT_LEN, assert_follows_hf, rel_err
 
 from trtc.compiler.build import build
 from trtc.converters.convert import convert
@@ -56,12 +56,7 @@ def test_prefill_and_decode_match_hf(case, moe_models):
     k = hf.config.num_experts_per_tok
     for logits in routers:
         assert set(logits.topk(k, dim=-1).indices.flatten().tolist()) == set(range(logits.shape[-1]))
-    hf_logits, tokens = hf_steps(hf, prompt, DECODE_STEPS)
-    cache = ref.new_cache()
-    errors = [rel_err(ref.forward(prompt, cache), hf_logits[0])]
-    for step, token in enumerate(tokens):
-        errors.append(rel_err(ref.forward(token, cache), hf_logits[step + 1]))
-    assert max(errors) < REL_TOL, f"relative errors per step: {errors}"
+    assert_follows_hf(ref, hf, prompt)
 
 
 @pytest.mark.parametrize("case", list(MOE_CASES))

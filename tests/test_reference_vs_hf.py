@@ -40,6 +40,16 @@ def hf_steps(model, prompt: torch.Tensor, steps: int):
     return logits, tokens
 
 
+def assert_follows_hf(ref, hf, prompt: torch.Tensor) -> None:
+    """The oracle forward's logits equal HF's (REL_TOL) on the prompt and DECODE_STEPS greedy steps."""
+    hf_logits, tokens = hf_steps(hf, prompt, DECODE_STEPS)
+    cache = ref.new_cache()
+    errors = [rel_err(ref.forward(prompt, cache), hf_logits[0])]
+    for step, token in enumerate(tokens):
+        errors.append(rel_err(ref.forward(token, cache), hf_logits[step + 1]))
+    assert max(errors) < REL_TOL, f"relative errors per step: {errors}"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_prefill_and_decode_match_hf(case, hf_models, tmp_path):
     check_prefill_and_decode(hf_models[case], tmp_path)
@@ -59,13 +69,7 @@ def check_prefill_and_decode(hf_dir, tmp_path):
     ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt")
     hf = load_hf(hf_dir)
     prompt = torch.randint(3, hf.config.vocab_size, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
-    hf_logits, tokens = hf_steps(hf, prompt, DECODE_STEPS)
-
-    cache = ref.new_cache()
-    errors = [rel_err(ref.forward(prompt, cache), hf_logits[0])]
-    for step, token in enumerate(tokens):
-        errors.append(rel_err(ref.forward(token, cache), hf_logits[step + 1]))
-    assert max(errors) < REL_TOL, f"relative errors per step: {errors}"
+    assert_follows_hf(ref, hf, prompt)
 
 
 @pytest.mark.parametrize("case", list(CASES))

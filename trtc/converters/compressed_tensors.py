@@ -23,7 +23,14 @@ from __future__ import annotations
 import torch
 
 from trtc.converters.hf_checkpoint import HFCheckpoint
-from trtc.converters.tensor_source import SourceFormat, TensorSource, check_lm_head, plain, unquantized_linears
+from trtc.converters.tensor_source import (
+    SourceFormat,
+    TensorSource,
+    check_lm_head,
+    plain,
+    read_int4_words,
+    unquantized_linears,
+)
 from trtc.converters.tp import Shard
 from trtc.converters.weight_map import WeightMap
 from trtc.errors import TrtcError
@@ -134,16 +141,7 @@ def _packed_weight(hf: HFCheckpoint, hf_module: str, shape: tuple[int, int], s: 
     if stored != shape:
         raise TrtcError(f"{hf_module}.weight_shape is {list(stored)} but config.json implies {list(shape)}; "
                         "the weights and config.json disagree")
-    if s.dim == 0:
-        q = hf.read(src, 0, s.start, s.stop)
-    elif s.dim == 1:
-        if s.start % 4 or s.stop % 4:
-            raise TrtcError(f"{src}: a tensor-parallel shard must hold a multiple of 8 input columns")
-        q = hf.read(src, 1, s.start // 4, s.stop // 4)
-    else:
-        q = hf.read(src)
-    if q.dtype != torch.int32:
-        raise TrtcError(f"{src} is {q.dtype}, not int32; pack-quantized weights hold eight 4-bit values per int32")
+    q = read_int4_words(hf, src, s, 0, "a pack-quantized weight")  # [out, in/8]
     return q.contiguous().view(torch.uint8)  # [out, in/2]: little-endian bytes, low nibble = even column
 
 

@@ -31,6 +31,7 @@ from trtc.converters.tensor_source import (
     TensorSource,
     check_lm_head,
     plain,
+    read_int4_words,
     unquantized_linears,
 )
 from trtc.converters.tp import Shard
@@ -278,17 +279,7 @@ def _gptq_perm(hf: HFCheckpoint, hf_module: str, quant: QuantConfig) -> torch.Te
 def _gptq_weight(hf: HFCheckpoint, hf_module: str, s: Shard, quant: QuantConfig) -> torch.Tensor:
     """qweight int32 [in/8, out], nibble j of word [r, o] = column 8r + j: its little-endian bytes
     are already trtc's byte order along `in` (low nibble = even column)."""
-    src = f"{hf_module}.qweight"
-    if s.dim == 0:
-        q = hf.read(src, 1, s.start, s.stop)
-    elif s.dim == 1:
-        if s.start % 4 or s.stop % 4:
-            raise TrtcError(f"{src}: a tensor-parallel shard must hold a multiple of 8 input columns")
-        q = hf.read(src, 0, s.start // 4, s.stop // 4)
-    else:
-        q = hf.read(src)
-    if q.dtype != torch.int32:
-        raise TrtcError(f"{src} is {q.dtype}, not int32; a GPTQ qweight packs eight 4-bit values per int32")
+    q = read_int4_words(hf, f"{hf_module}.qweight", s, 1, "a GPTQ qweight")  # [in/8, out]
     packed = q.T.contiguous().view(torch.uint8)  # [out, in/2]
     perm = _gptq_perm(hf, hf_module, quant)
     if perm is not None:

@@ -60,3 +60,20 @@ def check_lm_head(hf: HFCheckpoint, weights: WeightMap, marker: str) -> None:
 
 
 # Tensor sources ---------------------------------------------------------------------------------------
+
+
+def read_int4_words(hf: HFCheckpoint, src: str, s: Shard, out_axis: int, what: str) -> torch.Tensor:
+    """An int32 tensor packing eight 4-bit values per word along the input features, read for shard
+    `s` of trtc's packed uint8 [out, in/2] (its rows, or its bytes of columns: four per word).
+    out_axis: the stored tensor's axis of the output features (the other holds the words)."""
+    if s.dim == 0:
+        q = hf.read(src, out_axis, s.start, s.stop)
+    elif s.dim == 1:
+        if s.start % 4 or s.stop % 4:
+            raise TrtcError(f"{src}: a tensor-parallel shard must hold a multiple of 8 input columns")
+        q = hf.read(src, 1 - out_axis, s.start // 4, s.stop // 4)
+    else:
+        q = hf.read(src)
+    if q.dtype != torch.int32:
+        raise TrtcError(f"{src} is {q.dtype}, not int32; {what} packs eight 4-bit values per int32")
+    return q
