@@ -23,7 +23,7 @@ from trtc.formats.engine import Engine
 from trtc.formats.engine_layout import local_qkv_sizes
 from trtc.formats.graph import NormConfig
 from trtc.formats.quant_layout import FP8, quantize_fp8
-from trtc.plugins.activation import ACTIVATION_FNS, gated_activation, silu_and_mul
+from trtc.plugins.activation import ACTIVATION_FNS, act_and_mul
 from trtc.plugins.attention import (
     decode_tactics,
     paged_attention,
@@ -251,10 +251,7 @@ class ModelRunner:
             return self._moe(i, x)
         if m.gated:
             gate_up = self._linear(x, p + "gate_up", out_dtype=self.dtype)  # [T, 2 * intermediate]
-            if m.activation == "silu":  # quantized for down in the same kernel when down is FP8
-                y = silu_and_mul(gate_up, w.get(p + "down.input_scale"))
-            else:
-                y = gated_activation(*gate_up.chunk(2, dim=-1), m.activation)
+            y = act_and_mul(gate_up, m.activation, w.get(p + "down.input_scale"))  # quantized for an FP8 down
         else:
             y = ACTIVATION_FNS[m.activation](self._linear(x, p + "up", out_dtype=self.dtype))
         return self._linear(y, p + "down", bias=False, out_dtype=self.dtype)

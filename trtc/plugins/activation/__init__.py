@@ -22,4 +22,16 @@ def silu_and_mul(gate_up: torch.Tensor, out_scale: torch.Tensor | None = None) -
     return y if out_scale is None else quantize_fp8(y, out_scale)
 
 
-__all__ = ["ACTIVATION_FNS", "gated_activation", "silu_and_mul"]
+def act_and_mul(gate_up: torch.Tensor, activation: str, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up: [T, 2I] -> act(gate) * up [T, I] for any graph activation; the fused kernel for silu
+    and gelu_tanh on CUDA bf16/fp16 tensors. out_scale as in silu_and_mul."""
+    if use_triton(gate_up):
+        from trtc.plugins.activation import triton as kernels
+
+        if activation in kernels.GATED_ACTIVATIONS:
+            return kernels.act_and_mul(gate_up, activation, out_scale)
+    y = gated_activation(*gate_up.chunk(2, dim=-1), activation)
+    return y if out_scale is None else quantize_fp8(y, out_scale)
+
+
+__all__ = ["ACTIVATION_FNS", "act_and_mul", "gated_activation", "silu_and_mul"]
