@@ -264,7 +264,7 @@ class ModelRunner:
                 m.activation)
         if m.moe.shared_intermediate_size:
             gate_up = self._linear(x, p + "shared.gate_up", out_dtype=self.dtype)  # [T, 2 * shared]
-            shared = self._linear(gated_activation(*gate_up.chunk(2, dim=-1), m.activation), p + "shared.down",
+            shared = self._linear(act_and_mul(gate_up, m.activation), p + "shared.down",
                                   bias=False, out_dtype=self.dtype)
             if m.moe.shared_gate:
                 shared = torch.sigmoid(F.linear(x, w[p + "shared_gate.weight"])) * shared  # [T, 1] * [T, hidden]
