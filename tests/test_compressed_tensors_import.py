@@ -8,28 +8,14 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import assert_one_line_error, cli
 from ct_checkpoints import make_ct_model
 from oracles.reference import ReferenceModel
 from safetensors.torch import load_file
 
-from trtc.cli import main
 from trtc.runtime.executor import Executor
 
 PROMPT = [int(t) for t in torch.randint(3, 131, (23,), generator=torch.Generator().manual_seed(1))]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def one_line_error(result, *words):
-    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 # tolerance: float32 everywhere; the engine and the library differ in summation order only (FP8:
@@ -43,7 +29,7 @@ def one_line_error(result, *words):
 def test_engine_equals_the_libraries_fake_quantized_model(tmp_path, scheme, algo, tensors):
     oracle, qdir = make_ct_model(tmp_path, scheme)
     ckpt, engine = tmp_path / "ckpt", tmp_path / "engine"
-    assert invoke("convert", "--model_dir", qdir, "--output_dir", ckpt).exit_code == 0
+    assert cli("convert", "--model_dir", qdir, "--output_dir", ckpt).exit_code == 0
     quant = json.loads((ckpt / "config.json").read_text())["quantization"]
     assert quant["quant_algo"] == algo and quant["producer"]["name"] == "compressed-tensors"
     assert quant["has_zero_point"] == (scheme == "W4A16_ASYM")
@@ -51,7 +37,7 @@ def test_engine_equals_the_libraries_fake_quantized_model(tmp_path, scheme, algo
     w = load_file(str(ckpt / "rank0.safetensors"))
     for name, shape in tensors.items():
         assert tuple(w[name].shape) == shape, name
-    result = invoke("build", "--checkpoint_dir", ckpt, "--output_dir", engine, "--max_batch_size", 2,
+    result = cli("build", "--checkpoint_dir", ckpt, "--output_dir", engine, "--max_batch_size", 2,
                     "--max_seq_len", 64, "--max_num_tokens", 16, "--backend", "cuda")
     assert result.exit_code == 0, result.output
     ex = Executor(engine, kv_cache_max_tokens=256)
@@ -71,7 +57,7 @@ def test_tensor_parallel_split_is_exact(tmp_path):
     for scheme in ("W4A16_ASYM", "FP8_CHANNEL"):
         _, qdir = make_ct_model(tmp_path / scheme, scheme, hidden_size=256, intermediate_size=512)
         for tp in (1, 2):
-            assert invoke("convert", "--model_dir", qdir, "--output_dir", tmp_path / scheme / f"tp{tp}",
+            assert cli("convert", "--model_dir", qdir, "--output_dir", tmp_path / scheme / f"tp{tp}",
                           "--tp", tp).exit_code == 0
         one, two = (ReferenceModel.from_checkpoint(tmp_path / scheme / f"tp{tp}") for tp in (1, 2))
         prompt = torch.tensor([PROMPT])
@@ -90,5 +76,5 @@ def test_unsupported_schemes_get_one_line(tmp_path, scheme, words):
         config = json.loads((qdir / "config.json").read_text())
         config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
         (qdir / "config.json").write_text(json.dumps(config))
-    one_line_error(invoke("convert", "--model_dir", qdir, "--output_dir", tmp_path / "o"), *words)
+    assert_one_line_error(cli("convert", "--model_dir", qdir, "--output_dir", tmp_path / "o"), *words, whole_output=True)
     assert not (tmp_path / "o").exists()

@@ -9,12 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import assert_one_line_error, cli
 from models import load_hf, make_hf_model
 from oracles.reference import ReferenceModel
 from safetensors.torch import load_file, save_file
 
-from trtc.cli import main
 from trtc.converters.convert import convert
 
 GROUP = 32
@@ -117,30 +116,22 @@ def test_gptq_tensor_parallel(tmp_path):
     assert float((a - b).abs().max() / a.abs().max()) < 1e-5
 
 
-def one_line_error(result, *words):
-    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 def test_bad_gptq_checkpoints(tmp_path):
     _, qdir = make_gptq_model(tmp_path, sym=True, act_order=True, v2=False)
 
     def run(**kw):
-        return CliRunner().invoke(main, ["convert", "--model_dir", str(qdir), "--output_dir", str(tmp_path / "o"),
-                                         *[str(a) for kv in kw.items() for a in (f"--{kv[0]}", kv[1])]])
+        return cli("convert", "--model_dir", qdir, "--output_dir", tmp_path / "o",
+                   *[a for kv in kw.items() for a in (f"--{kv[0]}", kv[1])])
 
-    one_line_error(run(tp=2), "act-order", "--tp 1")
+    assert_one_line_error(run(tp=2), "act-order", "--tp 1", whole_output=True)
     weights = load_file(str(qdir / "model.safetensors"))
     weights["model.layers.0.mlp.up_proj.bias"][3] = 1.0  # a real bias the Llama graph has no place for
     save_file(weights, str(qdir / "model.safetensors"), metadata={"format": "pt"})
-    one_line_error(run(), "model.layers.0.mlp.up_proj.bias", "not used")
+    assert_one_line_error(run(), "model.layers.0.mlp.up_proj.bias", "not used", whole_output=True)
     config = json.loads((qdir / "config.json").read_text())
     for key, value, words in [("bits", 8, ["8-bit"]), ("group_size", -1, ["group_size -1"]),
                               ("checkpoint_format", "marlin", ["marlin"]), ("quant_method", "awq", ["'awq'", "ModelOpt"])]:
         (qdir / "config.json").write_text(json.dumps({**config, "quantization_config": {
             **config["quantization_config"], key: value}}))
-        one_line_error(run(), *words)
+        assert_one_line_error(run(), *words, whole_output=True)
     assert not (tmp_path / "o").exists()
