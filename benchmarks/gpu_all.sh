@@ -7,7 +7,12 @@
 #   kernels: the quantized-GEMM kernel tests; gemm: benchmarks/quant_gemm.py (rows $GEMM_M);
 #   variants: benchmarks/w4a16_variants.py (rows $GEMM_M, block shapes $W4A16_VARIANTS);
 #   engines: the bf16, FP8 and INT4-AWQ 8B engines against HF transformers;
-#   moe: the fused MoE kernel tests and benchmarks/moe.py (bf16, then FP8 experts)
+#   moe: the fused MoE kernel tests and benchmarks/moe.py (bf16, then FP8 experts);
+#   archs: every architecture's engine against HF on the GPU, and the kernel tests of their features;
+#   gemma: a Gemma-2-9B-shaped bf16 engine at batch 1 against HF;
+#   moe_engines: Qwen3-30B-A3B- (12 of 48 layers) and Mixtral-8x7B-shaped (8 of 32 layers; bf16, FP8) engines
+#     against HF (fewer layers to fit the disk: per-layer work is the model's);
+#   serve: `trtc serve` against the offline engine (8B, bf16) at concurrency $SERVE_CONCURRENCY
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRTC_FIXTURES=${TRTC_FIXTURES:-$PWD/.carry/fixtures}
 OUT=${OUT:-/tmp/trtc-out}
@@ -40,6 +45,25 @@ for part in "${PARTS[@]}"; do case $part in
          | tee "$OUT/moe_kernel_tests.log" | tail -25
        python3 benchmarks/moe.py 2>&1 | tee "$OUT/moe.log"
        python3 benchmarks/moe.py --fp8 2>&1 | tee "$OUT/moe_fp8.log" ;;
+  archs) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_archs.py tests/plugins/test_activation_kernels.py \
+           tests/plugins/test_attention_kernels.py tests/plugins/test_norm_kernels.py tests/plugins/test_moe_kernels.py 2>&1 \
+           | tee "$OUT/archs_tests.log" | tail -25 ;;
+  gemma) python3 benchmarks/gpu_engine.py --model gemma2-9b --skip_long --skip_compile --skip_hf_static 2>&1 \
+           | tee "$OUT/gemma.log" | grep -v -E "$SHOW" | tail -30
+         rm -rf /tmp/trtc-gpu-bench-gemma2-9b-* ;;
+  moe_engines) python3 benchmarks/gpu_engine.py --model qwen3-30b-a3b --num_layers 12 --skip_long --skip_compile 2>&1 \
+                 | tee "$OUT/qwen3_moe.log" | grep -v -E "$SHOW" | tail -30
+               rm -rf /tmp/trtc-gpu-bench-qwen3-30b-a3b-*
+               python3 benchmarks/gpu_engine.py --model mixtral-8x7b --num_layers 8 --skip_long --skip_compile \
+                 --engines bf16,fp8 2>&1 | tee "$OUT/mixtral.log" | grep -v -E "$SHOW" | tail -30
+               rm -rf /tmp/trtc-gpu-bench-mixtral-8x7b-* ;;
+  serve) S=/tmp/trtc-serve-8b
+         python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_engine as g; g.make_checkpoint(g.Path('$S/hf'), g.LLAMA_8B)"
+         python3 -m trtc.cli build --model_dir $S/hf --output_dir $S/engine ${BUILD_FLAGS:---max_seq_len 4096 --max_batch_size 256 --max_num_tokens 8192} \
+           --overwrite 2>&1 | tail -2
+         python3 benchmarks/serve_vs_offline.py $S/engine --concurrency "${SERVE_CONCURRENCY:-1,25,100,250}" \
+           --output_json "$OUT/serve_vs_offline.json" 2>&1 | tee "$OUT/serve.log" | grep -v -E "$SHOW" | tail -20
+         rm -rf $S ;;
   tp) if [ "$GPUS" -ge 2 ]; then
         python3 -m pytest -q -m multi_gpu tests -p no:cacheprovider -s 2>&1 | tee "$OUT/multi_gpu_tests.log" | tail -25
         python3 benchmarks/tp_gpu.py $QUICK --output_json "$OUT/tp_bench.json" 2>&1 | tee "$OUT/tp_bench.log" \

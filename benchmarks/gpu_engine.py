@@ -1,8 +1,9 @@
 """The GPU engines (bf16, FP8, INT4-AWQ) against HF transformers on the same GPU, in one run.
 
-    python benchmarks/gpu_engine.py [--work_dir DIR] [--quick] [--skip_compile] [--engines bf16,fp8,int4_awq]
+    python benchmarks/gpu_engine.py [--model llama-8b|gemma2-9b|qwen3-30b-a3b|mixtral-8x7b] [--num_layers N]
+        [--work_dir DIR] [--quick] [--skip_compile] [--skip_long] [--engines bf16,fp8,int4_awq]
 
-Creates a random-weight HF checkpoint of Llama-3.1-8B shape from a config (no download), builds a
+Creates a random-weight HF checkpoint of Llama-3.1-8B shape (or --model's) from a config (no download), builds a
 bf16 engine (timed, autotuning included), loads it (timed), runs `trtc bench` in throughput mode
 (ISL/OSL 128/128, 128/2048, 2048/128) and latency mode (batch 1), runs HF transformers on the same
 GPU and prompts with its fastest settings (static cache + torch.compile at batch 1; static batches
@@ -27,22 +28,47 @@ from pathlib import Path
 import torch
 
 LLAMA_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+    model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
+    eos_token_id=128001,
     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
 )
-QUICK = {**LLAMA_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-         "num_attention_heads": 16, "num_key_value_heads": 4}
+# The shapes of published models (their config.json's fields), random weights.
+MODELS = {
+    "llama-8b": LLAMA_8B,
+    "llama-1b": {**LLAMA_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                 "num_attention_heads": 16, "num_key_value_heads": 4},
+    "gemma2-9b": dict(
+        model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, vocab_size=256000, max_position_embeddings=8192, query_pre_attn_scalar=256,
+        sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh", rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True, architectures=["Gemma2ForCausalLM"],
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=151643,
+        eos_token_id=151645, tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"],
+    ),
+    "mixtral-8x7b": dict(
+        model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, architectures=["MixtralForCausalLM"],
+    ),
+}
 
 
 def make_checkpoint(path: Path, shape: dict) -> int:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path / "config.json").is_file():
         return 0
-    config = LlamaConfig(**shape)
+    config = AutoConfig.for_model(**shape)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -207,8 +233,10 @@ def table(t: dict, hf: dict, quant: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work_dir", default=None, help="[default: /tmp/trtc-gpu-bench-8b, or -quick]")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work_dir", default=None, help="[default: /tmp/trtc-gpu-bench-MODEL-LAYERS]")
+    ap.add_argument("--quick", action="store_true", help="--model llama-1b and fewer requests")
+    ap.add_argument("--model", choices=list(MODELS), default="llama-8b", help="the shape of the random checkpoint")
+    ap.add_argument("--num_layers", type=int, default=None, help="fewer layers than the model has (to fit the disk)")
     ap.add_argument("--skip_compile", action="store_true", help="HF batch 1 without torch.compile")
     ap.add_argument("--skip_long", action="store_true", help="only ISL/OSL 128/128 in throughput mode")
     ap.add_argument("--skip_hf_static", action="store_true", help="HF at batch 1 only (no static-batch throughput)")
@@ -218,12 +246,15 @@ def main() -> None:
     ap.add_argument("--part", choices=["all", "trtc", "hf", "engine"], default="all",
                     help="run trtc and HF in separate calls (trtc writes results.json in work_dir)")
     args = ap.parse_args()
-    work = Path(args.work_dir or f"/tmp/trtc-gpu-bench-{'quick' if args.quick else '8b'}")
+    if args.quick:
+        args.model = "llama-1b"
+    shape = {**MODELS[args.model], **({"num_hidden_layers": args.num_layers} if args.num_layers else {})}
+    work = Path(args.work_dir or f"/tmp/trtc-gpu-bench-{args.model}-{shape['num_hidden_layers']}")
     work.mkdir(parents=True, exist_ok=True)
     hf_dir, engine, results = work / "hf", work / "engine", work / "results.json"
 
     start = time.perf_counter()
-    n = make_checkpoint(hf_dir, QUICK if args.quick else LLAMA_8B)
+    n = make_checkpoint(hf_dir, shape)
     weight_gb = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")) / 1e9
     print(f"checkpoint: {n / 1e9:.2f}B parameters, {weight_gb:.2f} GB, ready in {time.perf_counter() - start:.0f} s", flush=True)
     if args.part == "engine":  # one engine in this process (the others each in their own)
@@ -234,7 +265,7 @@ def main() -> None:
     if args.part in ("all", "trtc"):
         for kind in dict.fromkeys(["bf16", *args.engines.split(",")]):  # a fresh process each: all memory back
             subprocess.run([sys.executable, __file__, "--part", "engine", "--kind", kind, "--work_dir", str(work),
-                            "--kv_fraction", str(args.kv_fraction), *(["--quick"] if args.quick else []),
+                            "--kv_fraction", str(args.kv_fraction), "--model", args.model, *(["--quick"] if args.quick else []),
                             *(["--skip_long"] if args.skip_long else [])])
             if not (work / f"results-{kind}.json").is_file():
                 raise SystemExit(f"the {kind} engine run failed")

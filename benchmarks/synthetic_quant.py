@@ -24,8 +24,14 @@ from trtc.formats.quant_layout import LINEARS, QuantConfig, pack_int4, quantize_
 
 
 def quantize_linear(w: torch.Tensor, qformat: str, prefix: str, module: str, group: int) -> dict[str, torch.Tensor]:
-    """w: [out, in] -> the layout's tensors of linear `prefix`."""
+    """w: [out, in], or [E, out, in] for stacked experts -> the layout's tensors of linear `prefix`."""
     w = w.float()
+    if qformat == "fp8" and w.dim() == 3:  # one scale per expert
+        scale = w.abs().amax(dim=(1, 2)) / 448  # [E]
+        return {prefix + ".weight": quantize_fp8(w, scale[:, None, None]), prefix + ".weight_scale": scale.cpu(),
+                prefix + ".input_scale": torch.full_like(scale, 0.05).cpu()}
+    if w.dim() == 3:
+        raise SystemExit(f"{prefix}: INT4 experts are not in trtc's quantized layout")
     if qformat == "fp8":
         scale = w.abs().amax() / 448
         return {prefix + ".weight": quantize_fp8(w, scale), prefix + ".weight_scale": scale.cpu(),

@@ -267,6 +267,6 @@ class ModelRunner:
             shared = self._linear(act_and_mul(gate_up, m.activation), p + "shared.down",
                                   bias=False, out_dtype=self.dtype)
             if m.moe.shared_gate:
-                shared = torch.sigmoid(F.linear(x, w[p + "shared_gate.weight"])) * shared  # [T, 1] * [T, hidden]
+                shared = torch.sigmoid(self._linear(x, p + "shared_gate", bias=False)) * shared  # [T, 1] * [T, hidden]
             y = y + shared
         return y

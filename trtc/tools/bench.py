@@ -141,7 +141,8 @@ def bench(
     )
     if latency and tpot:
         unread = {"embedding.weight", *decode_unread(ex.runner.w)}  # one row of the table; INT4 layers' packed copy alone
-        weights = sum(t.numel() * t.element_size() for name, t in ex.runner.w.items() if name not in unread)
+        weights = sum(t.numel() * t.element_size() * read_fraction(ex.engine.graph, name, batch_size)
+                      for name, t in ex.runner.w.items() if name not in unread)
         if ex.engine.graph.tie_word_embeddings:  # the LM head reads the whole table
             weights += ex.runner.w["embedding.weight"].numel() * ex.runner.w["embedding.weight"].element_size()
         mean_context = isl + osl / 2
@@ -150,6 +151,17 @@ def bench(
         result.bandwidth_gbps = bandwidth / 1e9
         result.mbu = result.bytes_per_step / (result.tpot_ms["mean"] / 1e3) / bandwidth
     return result
+
+
+def read_fraction(graph, name: str, batch_size: int) -> float:
+    """The fraction of weight `name` a decode step of `batch_size` tokens reads: 1, or for a stacked
+    expert tensor (`layers.{i}.mlp.experts.*`, E experts in front) the expected share of experts
+    chosen at least once when each token picks top_k of E uniformly: 1 - (1 - k / E) ** batch_size
+    (exactly k / E at batch 1), the MoE byte count of a decode step."""
+    if ".mlp.experts." not in name:
+        return 1.0
+    moe = graph.layers[int(name.split(".")[1])].mlp.moe
+    return 1.0 - (1.0 - moe.top_k / moe.num_experts) ** batch_size
 
 
 def format_result(r: BenchResult) -> str:

@@ -73,7 +73,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices"):  # one chunk per step's new tokens, whatever text they decode to
                     now = time.perf_counter()
                     if result.ttft == 0.0:
                         result.ttft = now - start

@@ -5,9 +5,9 @@ FP8 experts and SiLU; the PyTorch reference (`reference.py`) otherwise (CPU, INT
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from trtc.plugins.dispatch import use_triton
+from trtc.plugins.gemm import linear
 from trtc.plugins.moe import reference
 from trtc.plugins.moe.reference import route
 
@@ -24,7 +24,8 @@ def experts_of(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 def moe(x: torch.Tensor, router_weight: torch.Tensor, experts: dict[str, torch.Tensor], top_k: int,
         normalize_topk: bool, activation: str = "silu") -> torch.Tensor:
     """x: [T, H]; router_weight: [E, H]; experts: `experts_of`. -> [T, H] in x's dtype."""
-    weights, ids = route(F.linear(x, router_weight), top_k, normalize_topk)  # [T, k] each
+    logits = linear(x, {"router.weight": router_weight}, "router")  # [T, E]
+    weights, ids = route(logits, top_k, normalize_topk)  # [T, k] each
     return run_experts(x, experts, weights, ids, activation)
 
 
