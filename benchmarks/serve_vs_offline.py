@@ -2,7 +2,7 @@
 
     python benchmarks/serve_vs_offline.py ENGINE [--concurrency 1,25,100,250] [--isl 128] [--osl 128]
 
-For each concurrency c, max(8, 4c) requests of ISL/OSL tokens: first `trtc bench` offline (the
+For each concurrency c, max(8, 2c) requests of ISL/OSL tokens: first `trtc bench` offline (the
 Executor in this process, c requests in flight), then, once that engine is closed, `trtc serve
 ENGINE` on a loopback port loaded by `trtc bench --url`'s streaming clients at the same c.
 Server overhead is 1 - server output tok/s / offline output tok/s. Prints one table; --output_json
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--output_json", type=Path, default=None)
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    n = {c: max(8, 4 * c) for c in levels}
+    n = {c: max(8, 2 * c) for c in levels}
 
     ex = Executor(args.engine)
     offline = {c: bench(ex, args.isl, args.osl, n[c], concurrency=c).to_dict() for c in levels}
