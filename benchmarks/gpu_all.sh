@@ -26,7 +26,8 @@ if [ -n "$WHL" ] && ls "$WHL"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHL"/*.whl 2>&1 | tail -1
   export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning | tail -3
+python3 -c "import trtc._core" 2>/dev/null \
+  || python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning | tail -3
 python3 -c "import torch, triton, trtc._core; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 SHOW='Loading weights|Writing model|it/s\]'
