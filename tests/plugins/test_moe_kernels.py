@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trtc.formats.quant_layout import quantize_fp8
-from trtc.plugins.moe import reference
+from trtc.formats.quant_layout import pack_int4, quantize_fp8
+from trtc.plugins.moe import kernel_takes, reference, run_experts
 from trtc.plugins.moe.triton import align
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -125,3 +125,44 @@ if __name__ == "__main__":  # under TRITON_INTERPRET=1, on CPU tensors
     check_fused_moe(5, 4, 2, 64, 96, torch.float16, "cpu", seed=0, unused=1)  # decode-sized blocks of 16
     check_fused_moe(70, 4, 2, 80, 40, torch.float16, "cpu", seed=1)  # blocks of 64, masked tiles
     print("interpreter cases passed")
+
+
+def int4_experts(e: int, hidden: int, inter: int, group: int, device, g: torch.Generator):
+    """Random INT4 experts in the engine layout (quant_layout.py) and their dequantized float32
+    weights: gate_up [E, 2I, H], down [E, H, I]."""
+    tensors, dense = {}, {}
+    for name, (out, inp) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
+        u = torch.randint(0, 16, (e, out, inp), generator=g, dtype=torch.uint8)
+        scale = (torch.rand(e, out, inp // group, generator=g) + 0.5) / (4 * inp**0.5)  # weights ~ 1 / sqrt(in)
+        tensors[f"{name}.weight"] = torch.stack([pack_int4(x) for x in u]).to(device)
+        tensors[f"{name}.weight_scale"] = scale.to(device)
+        dense[name] = (u.float() - 8) * scale.repeat_interleave(group, dim=-1)
+    return tensors, dense
+
+
+def test_kernel_takes_bf16_and_fp8_experts_not_int4():
+    g = torch.Generator().manual_seed(0)
+    assert kernel_takes(random_experts(2, 64, 32, torch.bfloat16, "cpu", g), "silu")
+    assert kernel_takes(random_experts(2, 64, 32, torch.bfloat16, "cpu", g, fp8=True), "silu")
+    assert not kernel_takes(random_experts(2, 64, 32, torch.bfloat16, "cpu", g), "gelu_tanh")
+    assert not kernel_takes(int4_experts(2, 64, 32, 32, "cpu", g)[0], "silu")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("t", [1, 33])
+def test_int4_experts_fall_back_to_the_expert_loop(t):
+    """INT4 experts on the GPU: run_experts takes the per-expert loop (the GEMM plugin's W4A16 path)
+    and matches the float32 mixture of the dequantized experts (bf16 activations: rtol 2e-2)."""
+    g = torch.Generator().manual_seed(t)
+    e, k, hidden, inter = 8, 2, 512, 384
+    experts, dense = int4_experts(e, hidden, inter, 128, "cuda", g)
+    x = torch.randn(t, hidden, generator=g)
+    weights, ids = reference.route(torch.randn(t, e, generator=g), k, normalize=True)
+    out = run_experts(x.to("cuda", torch.bfloat16), experts, weights.cuda(), ids.cuda())
+    want = torch.zeros(t, hidden)
+    for i in range(t):
+        for j in range(k):
+            gate, up = (dense["gate_up"][ids[i, j]] @ x[i]).chunk(2)
+            want[i] += weights[i, j] * (dense["down"][ids[i, j]] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(out.float().cpu(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))

@@ -109,8 +109,12 @@ def validate_quantized_split(graph: ModelGraph, mapping: Mapping, quant: QuantCo
             "permutation crosses the row-parallel shards; use --tp 1 or a checkpoint quantized without act-order"
         )
     for i, layer in enumerate(graph.layers):
-        a = layer.attention
-        for module, n in (("attention.o", mapping.local_heads(a) * a.head_dim), ("mlp.down", layer.mlp.intermediate_size // tp)):
+        a, moe = layer.attention, layer.mlp.moe
+        row_parallel = [("attention.o", mapping.local_heads(a) * a.head_dim),
+                        ("mlp.experts.down" if moe else "mlp.down", layer.mlp.intermediate_size // tp)]
+        if moe and moe.shared_intermediate_size:
+            row_parallel.append(("mlp.shared.down", moe.shared_intermediate_size // tp))
+        for module, n in row_parallel:
             if quant.quantizes(i, module) and n % quant.group_size:
                 raise TrtcError(
                     f"--tp {tp}: layers.{i}.{module} would hold {n} input features per rank, not a multiple "

@@ -41,9 +41,11 @@ INT4 weight-only (W4A16, AWQ and GPTQ), groups of `group_size` input columns:
     pre_quant_scale and input_perm must be equal across the shards and are kept once.
 
 Experts (`layers.{i}.mlp.experts.{gate,up,down}`) stack E such linears: every tensor above with E
-in front (FP8: weight [E, out, in], weight_scale and input_scale [E], one per expert).
+in front (FP8: weight [E, out, in], weight_scale and input_scale [E], one per expert; INT4: weight
+uint8 [E, out, in / 2], weight_scale [E, out, in / group_size], pre_quant_scale [E, in]).
 Fused gate_up [E, 2I, in] (engine): weights concatenated along the rows of each expert, FP8
-weight_scale [E, 2I] (each part's scale over its rows), input_scale [E] the max of the parts'.
+weight_scale [E, 2I] (each part's scale over its rows), input_scale [E] the max of the parts';
+INT4 weight_scale [E, 2I, in / group_size], pre_quant_scale [E, in] kept once (equal for gate and up).
 
 FP8 KV cache (kv_cache_quant_algo FP8):
     layers.{i}.attention.k_cache_scale, layers.{i}.attention.v_cache_scale  float32 []

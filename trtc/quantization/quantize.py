@@ -46,6 +46,7 @@ from trtc.quantization.calibration import (
     calibration_batches,
     read_texts,
 )
+from trtc.quantization.fused_experts import fused_experts_export
 from trtc.utils.atomic_dir import check_output_dir
 
 QFORMATS = {"fp8": "FP8", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ"}
@@ -138,11 +139,12 @@ def calibrate(model: torch.nn.Module, qformat: str, batches: list[torch.Tensor],
 
 
 def export(model: torch.nn.Module, export_dir: Path) -> None:
-    """ModelOpt's unified HF export of a calibrated model (quantized weights, scales, hf_quant_config.json)."""
+    """ModelOpt's unified HF export of a calibrated model (quantized weights, scales, hf_quant_config.json);
+    INT4 fused experts (transformers 5) through trtc's handler (quantization/fused_experts.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from modelopt.torch.export import export_hf_checkpoint
-    with _quiet("ModelOpt export"):
+    with _quiet("ModelOpt export"), fused_experts_export():
         export_hf_checkpoint(model, export_dir=str(export_dir))
 
 

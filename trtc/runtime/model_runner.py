@@ -33,7 +33,7 @@ from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
 from trtc.plugins.gemm.tactics import TacticTable
-from trtc.plugins.moe import experts_of, moe
+from trtc.plugins.moe import experts_of, kernel_takes, moe
 from trtc.plugins.norm import fused_add_rms_norm, norm, rms_norm
 from trtc.runtime.parallel.distributed import RankGroup
 
@@ -154,10 +154,13 @@ class ModelRunner:
     def graph_capturable(self) -> bool:
         """Decode can be captured as a CUDA graph: kernels without host syncs (the Triton ones and
         cuBLAS, which run for bf16/fp16 models on a GPU, quantized or not, over a pool in the model
-        dtype or FP8) and RoPE tables that do not change with the sequence length."""
+        dtype or FP8), RoPE tables that do not change with the sequence length, and experts that the
+        fused MoE kernel takes."""
         dynamic = any(layer.attention.rope.per_step for layer in self.graph.layers)
         kv_dtype = kv_cache_torch_dtype(self.build_config.kv_cache_dtype)
-        return self.dtype in (torch.bfloat16, torch.float16) and kv_dtype in (self.dtype, FP8) and not dynamic
+        moe_loop = any(not kernel_takes(experts_of(self.w, f"layers.{i}.mlp.experts"), layer.mlp.activation)
+                       for i, layer in enumerate(self.graph.layers) if layer.mlp.moe is not None)  # e.g. INT4 experts
+        return self.dtype in (torch.bfloat16, torch.float16) and kv_dtype in (self.dtype, FP8) and not dynamic and not moe_loop
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.group is None else self.group.all_reduce(x)  # one rank: the partial result is the result

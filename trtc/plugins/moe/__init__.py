@@ -1,11 +1,13 @@
 """Mixture of experts: `moe` routes each token to its top-k experts and sums their gated MLPs,
 weighted. Triton's fused grouped GEMMs (`triton.py`) on CUDA bf16/fp16 activations with bf16/fp16 or
-FP8 experts and SiLU; the PyTorch reference (`reference.py`) otherwise (CPU, INT4 experts)."""
+FP8 experts and SiLU; the PyTorch reference (`reference.py`) otherwise (CPU; INT4 experts on any
+device, see `kernel_takes`)."""
 
 from __future__ import annotations
 
 import torch
 
+from trtc.formats.quant_layout import FP8
 from trtc.plugins.dispatch import use_triton
 from trtc.plugins.gemm import linear
 from trtc.plugins.moe import reference
@@ -39,9 +41,15 @@ def run_experts(x: torch.Tensor, experts: dict[str, torch.Tensor], weights: torc
     return reference.fused_moe(x, experts, weights, ids, activation)
 
 
+def kernel_takes(experts: dict[str, torch.Tensor], activation: str) -> bool:
+    """Whether the fused kernel runs these experts (on CUDA): SiLU, bf16/fp16 or FP8 weights. INT4
+    experts (uint8 packed, W4A16) run the reference loop, each expert through the GEMM plugin's INT4
+    path: correct, but with a host sync per step (the experts chosen), so not CUDA-graph capturable."""
+    return experts["gate_up.weight"].dtype in (torch.bfloat16, torch.float16, FP8) and activation == "silu"
+
+
 def _use_kernel(x: torch.Tensor, experts: dict[str, torch.Tensor], activation: str) -> bool:
-    int4 = "gate_up.weight_scale" in experts and "gate_up.input_scale" not in experts
-    return use_triton(x) and experts["gate_up.weight"].is_cuda and activation == "silu" and not int4
+    return use_triton(x) and experts["gate_up.weight"].is_cuda and kernel_takes(experts, activation)
 
 
-__all__ = ["experts_of", "moe", "route", "run_experts"]
+__all__ = ["experts_of", "kernel_takes", "moe", "route", "run_experts"]
