@@ -44,12 +44,12 @@ def metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def start_server(model: str, device: str | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, device: str | None, *flags: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "trtc.cli", "serve", model, "--port", str(port), "--log_level", "warning"]
-    cmd += ["--device", device] if device else []
+    cmd += [*(["--device", device] if device else []), *flags]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

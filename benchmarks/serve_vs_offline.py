@@ -36,19 +36,20 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,25,100,250")
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--osl", type=int, default=128)
+    ap.add_argument("--kv_fraction", type=float, default=0.7, help="free GPU memory fraction of the KV pool, both runs")
     ap.add_argument("--output_json", type=Path, default=None)
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     n = {c: max(8, 2 * c) for c in levels}
 
-    ex = Executor(args.engine)
+    ex = Executor(args.engine, free_gpu_memory_fraction=args.kv_fraction)
     offline = {c: bench(ex, args.isl, args.osl, n[c], concurrency=c).to_dict() for c in levels}
     ex.close()
     del ex
     gc.collect()
     torch.cuda.empty_cache()
 
-    proc, url = start_server(args.engine, None)
+    proc, url = start_server(args.engine, None, "--kv_cache_free_gpu_memory_fraction", str(args.kv_fraction))
     try:
         asyncio.run(run_serve_bench(url, None, args.isl, min(args.osl, 8), 4, 4, None))  # warm-up
         served = {c: asyncio.run(run_serve_bench(url, None, args.isl, args.osl, n[c], c, None)).to_dict()
