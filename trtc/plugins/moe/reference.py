@@ -20,8 +20,9 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
 
 
 def expert_tensors(experts: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
-    """Expert e's slice of every stacked tensor: `gate_up.weight` [E, 2I, H] -> [2I, H], ..."""
-    return {name: t[e] for name, t in experts.items()}
+    """Expert e's slice of every stacked tensor: `gate_up.weight` [E, 2I, H] -> [2I, H], ... Scales
+    are copied out of the stack: cuBLASLt's FP8 GEMM takes its scale pointers aligned, not at e * 4 bytes."""
+    return {name: t[e] if t.dim() > 2 else t[e].clone() for name, t in experts.items()}
 
 
 def fused_moe(x: torch.Tensor, experts: dict[str, torch.Tensor], weights: torch.Tensor, ids: torch.Tensor,
