@@ -57,7 +57,8 @@ def test_prefill_and_decode_match_hf(case, hf_models, tmp_path):
 
 def test_longrope_switches_to_long_factors_mid_decode(tmp_path):
     """The prompt is within the original context (short factors), decoding passes it (long factors;
-    keys cached before keep their rotation, as in HF's cache)."""
+    keys cached before keep their rotation, as in HF's forward with a cache). HF's `generate`
+    recomputes those keys instead, and so does the runtime: tests/test_longrope.py."""
     params = {**CASES["phi3"][1]["rope_parameters"], "original_max_position_embeddings": PROMPT_LEN + 4}
     hf_dir = make_hf_model(tmp_path / "hf", "phi3", original_max_position_embeddings=PROMPT_LEN + 4,
                            rope_parameters=params)

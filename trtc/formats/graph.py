@@ -32,8 +32,10 @@ class RopeConfig:
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     original_max_position_embeddings: int | None = None  # llama3, longrope
-    # longrope: per-frequency divisors, `short_factor` while the sequence (its last position + 1) is
-    # within original_max_position_embeddings, `long_factor` past it; cos and sin are scaled by attention_factor
+    # longrope: per-frequency divisors, `short_factor` while the sequence is within
+    # original_max_position_embeddings, `long_factor` past it (chosen per sequence by its whole length,
+    # as HF's generate does: a prompt past it starts long; a sequence that grows past it has its cached
+    # keys recomputed with the long factors, trtc/runtime/longrope.py); cos and sin are scaled by attention_factor
     short_factor: list[float] | None = None
     long_factor: list[float] | None = None
     attention_factor: float = 1.0
@@ -50,8 +52,14 @@ class RopeConfig:
             raise TrtcError("longrope RoPE scaling needs short_factor, long_factor and original_max_position_embeddings")
 
     @property
+    def long_context(self) -> int | None:
+        """LongRoPE: the length past which a sequence uses the long factors (None: another RoPE kind)."""
+        return self.original_max_position_embeddings if self.type == "longrope" else None
+
+    @property
     def per_step(self) -> bool:
-        """The frequencies depend on the sequence length (dynamic NTK, longrope): tables are built per step."""
+        """The frequencies depend on the sequence length (dynamic NTK: a table per step; longrope: the
+        rows of the short or the long factors per sequence), so decode is not captured as a CUDA graph."""
         return self.type in ("dynamic", "longrope")
 
 
@@ -182,6 +190,14 @@ class ModelGraph:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def long_rope_context(self) -> int | None:
+        """The original context of the model's LongRoPE layers (None: no LongRoPE)."""
+        contexts = {layer.attention.rope.long_context for layer in self.layers if layer.attention.use_rope} - {None}
+        if len(contexts) > 1:
+            raise TrtcError(f"LongRoPE layers with different original contexts ({sorted(contexts)}) are not supported")
+        return next(iter(contexts), None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

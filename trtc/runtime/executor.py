@@ -27,6 +27,7 @@ from trtc.compiler.tune import tune_at_first_load
 from trtc.errors import TrtcError
 from trtc.formats.engine import Engine
 from trtc.plugins.sampling.sampler import SamplingBatch, make_generator, sample
+from trtc.runtime.longrope import crossing_recompute_steps
 from trtc.runtime.outputs import TokenEvent
 from trtc.runtime.parallel.step import Step
 from trtc.runtime.ranks import start_ranks
@@ -86,6 +87,9 @@ class Executor:
         with self._guard("start-up"):
             self.worker = Worker(self.engine, self.device, self.ranks.group if self.ranks else None, options)
         bc = self.engine.build_config
+        self.long_rope_context = self.engine.graph.long_rope_context  # None: no LongRoPE (trtc/runtime/longrope.py)
+        if self.long_rope_context is not None:
+            enable_prefix_reuse = False  # a LongRoPE sequence's cached keys depend on its length, not its prefix alone
         self.load_seconds = time.perf_counter() - start
         log.info(
             "loaded %s on %s in %.1f s: weights %.2f GiB; KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)%s",
@@ -191,7 +195,14 @@ class Executor:
         keep = [i for i, rid in enumerate(rids) if self.requests[int(rid)].prompt_logits is not None]
         # logits rows: the sampled sequences' last tokens, then every token of those keeping prompt logits
         index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
-        logits = self._execute(Step.from_batch(batch, index))  # [len(index), vocab]
+        reqs = [self.requests[int(rid)] for rid in rids]
+        step = Step.from_batch(batch, index, np.asarray([len(r.prompt_ids) + len(r.output_ids) for r in reqs]))
+        if self.long_rope_context is not None:  # a sequence growing past LongRoPE's context: its keys recomputed
+            bc = self.engine.build_config
+            for recompute in crossing_recompute_steps(step, lambda i: reqs[i].prompt_ids + reqs[i].output_ids,
+                                                      self.long_rope_context, bc.max_num_tokens, bc.tokens_per_block):
+                self._execute(recompute)
+        logits = self._execute(step)  # [len(index), vocab]
         bitmask = None  # grammars' masks, filled on the host while a GPU runs the step
         if self._guided is not None and self._guided.matchers:
             bitmask = self._guided.fill([int(rid) for rid in rids[sample_rows]])

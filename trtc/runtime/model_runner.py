@@ -13,8 +13,7 @@ is fused with the residual add before it.
 
 from __future__ import annotations
 
-from dataclasses import astuple
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -139,17 +138,34 @@ class ModelRunner:
 
     def _rope(self, i: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin tables [n, head_dim] of layer i, read at `positions` by the kernels; built once
-        per RoPE kind for every position up to max_seq_len."""
+        per RoPE kind for every position up to max_seq_len. LongRoPE: the short factors' rows, then
+        the long factors' (read at long_rope_rows' rows)."""
         a = self.graph.layers[i].attention
-        if a.rope.per_step:  # frequencies depend on the sequence length: a table for this step
+        if a.rope.per_step and a.rope.long_context is None:  # dynamic NTK: a table for this step
             n = int(positions.max()) + 1
             freq = inv_freq(a.rope, a.rope_dim, n, self.graph.max_position_embeddings)
             return rope_cos_sin(freq, torch.arange(n, device=self.device), self.dtype, a.rope.attention_factor)
-        key = (*astuple(a.rope), a.rope_dim)
+        key = (repr(a.rope), a.rope_dim)  # LongRoPE's factors are lists
         if key not in self._rope_tables:
             all_pos = torch.arange(self.build_config.max_seq_len, device=self.device)
-            self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.rope_dim), all_pos, self.dtype)
+            if a.rope.long_context is None:
+                self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.rope_dim), all_pos, self.dtype)
+            else:
+                short, long = (rope_cos_sin(inv_freq(a.rope, a.rope_dim, n), all_pos, self.dtype, a.rope.attention_factor)
+                               for n in (0, a.rope.long_context + 1))
+                self._rope_tables[key] = torch.cat([short[0], long[0]]), torch.cat([short[1], long[1]])
         return self._rope_tables[key]
+
+    def long_rope_rows(self, meta: AttentionMetadata) -> torch.Tensor | None:
+        """[T] each token's row in the LongRoPE tables: its position, past max_seq_len (the long
+        factors' rows) when its sequence's whole length is past the original context, so that each
+        sequence gets its own factors whatever it is batched with. None: no LongRoPE."""
+        context = self.graph.long_rope_context
+        if context is None:
+            return None
+        seq_lens = np.asarray(meta.seq_lens if meta.seq_lens is not None else meta.context_lens)
+        offsets = np.repeat((seq_lens > context) * self.build_config.max_seq_len, meta.query_lens)
+        return meta.positions + torch.from_numpy(offsets).to(meta.positions)
 
     def graph_capturable(self) -> bool:
         """Decode can be captured as a CUDA graph: kernels without host syncs (the Triton ones and
@@ -171,12 +187,13 @@ class ModelRunner:
         Returns logits [S, vocab] float32."""
         w = self.w
         h, residual = self._embed(input_ids), None  # h: [T, hidden]
+        rope_rows = self.long_rope_rows(meta)  # None: the tables are read at meta.positions
         if self.graph.embedding_scale is not None:
             h = h * torch.tensor(self.graph.embedding_scale, dtype=h.dtype)
         for i, layer in enumerate(self.graph.layers):
             p = f"layers.{i}."
             x, residual = self._add_norm(h, residual, layer.input_norm, p + "input_norm", p + "attention.qkv")
-            h = self.all_reduce(self._attention(i, x, meta))
+            h = self.all_reduce(self._attention(i, x, meta, rope_rows))
             if layer.attention.o_bias:
                 h = h + w[p + "attention.o.bias"]
             if layer.attention_output_norm is not None:
@@ -225,7 +242,8 @@ class ModelRunner:
         h = F.embedding(local.clamp(0, table.shape[0] - 1), table).to(self.dtype) * inside[:, None].to(self.dtype)
         return self.all_reduce(h)
 
-    def _attention(self, i: int, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _attention(self, i: int, x: torch.Tensor, meta: AttentionMetadata,
+                   rope_rows: torch.Tensor | None = None) -> torch.Tensor:
         w, a, p = self.w, self.graph.layers[i].attention, f"layers.{i}.attention."
         t = x.shape[0]
         nq, nk, nv = local_qkv_sizes(self.graph, self.mapping, i)
@@ -239,7 +257,8 @@ class ModelRunner:
             k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps, a.qk_norm_offset)
         cos, sin = self._rope(i, meta.positions) if a.use_rope else (None, None)
         k_scale, v_scale = self._kv_scales[i]  # None, or the FP8 pool's scales
-        q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i],
+        rows = meta.positions if rope_rows is None else rope_rows  # [T] rows of the cos/sin tables
+        q, _ = rope_and_write_kv(q, k, v, cos, sin, rows, self.k_cache[i], self.v_cache[i],
                                  meta.slot_mapping, k_scale, v_scale)
         out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap,
                               k_scale=k_scale, v_scale=v_scale, tactics=self.decode_tactics)

@@ -22,6 +22,9 @@ class AttentionMetadata:
     context_lens_tensor: torch.Tensor | None = None  # [B] int32, context_lens on the device
     num_decodes: int = 0  # leading sequences with query_len 1 that are decodes
     max_query_len: int = 0  # longest chunk of the batch
+    # [B] each sequence's whole known length (prompt + generated), which picks LongRoPE's factors;
+    # None: context_lens (a prefill chunk that is not the last of its prompt is short of it)
+    seq_lens: list[int] | None = None
 
     def __post_init__(self) -> None:
         device = self.positions.device
@@ -47,4 +50,5 @@ class AttentionMetadata:
             context_lens_tensor=torch.from_numpy(context_lens).to(device),
             num_decodes=int(step.num_decode_tokens),
             max_query_len=int(query_lens.max(initial=0)),
+            seq_lens=np.asarray(step.seq_lens, dtype=np.int64).tolist(),
         )

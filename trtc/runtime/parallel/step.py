@@ -13,7 +13,7 @@ one broadcast; the rest, if any, follows in a second one.
 
     header  [kind (STOP or STEP), B, T, S, W, num_decode_tokens, num_prefill_tokens, payload_len]
     payload input_ids[T] positions[T] slot_mapping[T] block_tables[B*W] query_lens[B]
-            context_lens[B] logits_indices[S]
+            context_lens[B] seq_lens[B] logits_indices[S]
 """
 
 from __future__ import annotations
@@ -39,17 +39,19 @@ class Step:
     block_tables: np.ndarray  # [B, W], -1 padded
     query_lens: np.ndarray  # [B]
     context_lens: np.ndarray  # [B]
+    seq_lens: np.ndarray  # [B] each sequence's known tokens (a prefill chunk's context_len is short of it)
     logits_indices: np.ndarray  # [S] rows of the T tokens whose next-token logits are wanted
     num_decode_tokens: int
     num_prefill_tokens: int
 
     @classmethod
-    def from_batch(cls, batch, logits_indices: np.ndarray) -> Step:
-        """From the C++ scheduler's ScheduledBatch and the logits rows the executor wants."""
+    def from_batch(cls, batch, logits_indices: np.ndarray, seq_lens: np.ndarray) -> Step:
+        """From the C++ scheduler's ScheduledBatch, the logits rows the executor wants and each
+        sequence's known length (prompt + generated tokens)."""
         return cls(
             batch.input_ids, batch.positions, batch.slot_mapping, np.asarray(batch.block_tables), batch.query_lens,
-            batch.context_lens, np.asarray(logits_indices, np.int32), int(batch.num_decode_tokens),
-            int(batch.num_prefill_tokens),
+            batch.context_lens, np.asarray(seq_lens, np.int32), np.asarray(logits_indices, np.int32),
+            int(batch.num_decode_tokens), int(batch.num_prefill_tokens),
         )
 
     @property
@@ -59,7 +61,7 @@ class Step:
     def pack(self) -> np.ndarray:
         b, w = self.block_tables.shape if self.block_tables.ndim == 2 else (len(self.query_lens), 0)
         parts = [self.input_ids, self.positions, self.slot_mapping, self.block_tables.reshape(-1), self.query_lens,
-                 self.context_lens, self.logits_indices]
+                 self.context_lens, self.seq_lens, self.logits_indices]
         n = sum(len(p) for p in parts)
         header = [STEP, b, len(self.input_ids), len(self.logits_indices), w,
                   self.num_decode_tokens, self.num_prefill_tokens, n]
@@ -68,10 +70,10 @@ class Step:
     @classmethod
     def unpack(cls, message: np.ndarray) -> Step:
         _, b, t, s, w, decodes, prefills, _ = (int(v) for v in message[:HEADER_INTS])
-        sizes = [t, t, t, b * w, b, b, s]
+        sizes = [t, t, t, b * w, b, b, b, s]
         ends = np.cumsum([HEADER_INTS] + sizes)
-        ids, pos, slots, tables, qlens, clens, index = (message[ends[i] : ends[i + 1]] for i in range(len(sizes)))
-        return cls(ids, pos, slots, tables.reshape(b, w), qlens, clens, index, decodes, prefills)
+        ids, pos, slots, tables, qlens, clens, slens, index = (message[ends[i] : ends[i + 1]] for i in range(len(sizes)))
+        return cls(ids, pos, slots, tables.reshape(b, w), qlens, clens, slens, index, decodes, prefills)
 
 
 def send_step(group, step: Step | None) -> None:
