@@ -12,6 +12,7 @@
 #   gemma: a Gemma-2-9B-shaped bf16 engine at batch 1 against HF;
 #   moe_engines: Qwen3-30B-A3B- (12 of 48 layers) and Mixtral-8x7B-shaped (8 of 32 layers; bf16, FP8) engines
 #     against HF (fewer layers to fit the disk: per-layer work is the model's);
+#   pytest: the GPU tests named by $PYTEST_ARGS;
 #   serve: `trtc serve` against the offline engine (8B, bf16) at concurrency $SERVE_CONCURRENCY
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRTC_FIXTURES=${TRTC_FIXTURES:-$PWD/.carry/fixtures}
@@ -46,6 +47,7 @@ for part in "${PARTS[@]}"; do case $part in
          | tee "$OUT/moe_kernel_tests.log" | tail -25
        python3 benchmarks/moe.py 2>&1 | tee "$OUT/moe.log"
        python3 benchmarks/moe.py --fp8 2>&1 | tee "$OUT/moe_fp8.log" ;;
+  pytest) python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short $PYTEST_ARGS 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
   archs) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_archs.py tests/plugins/test_activation_kernels.py \
            tests/plugins/test_attention_kernels.py tests/plugins/test_norm_kernels.py tests/plugins/test_moe_kernels.py 2>&1 \
            | tee "$OUT/archs_tests.log" | tail -25 ;;
