@@ -10,7 +10,7 @@
 #   moe: the fused MoE kernel tests and benchmarks/moe.py (bf16, then FP8 experts);
 #   archs: every architecture's engine against HF on the GPU, and the kernel tests of their features;
 #   gemma: a Gemma-2-9B-shaped bf16 engine at batch 1 against HF;
-#   moe_engines: Qwen3-30B-A3B- (12 of 48 layers) and Mixtral-8x7B-shaped (8 of 32 layers; bf16, FP8) engines
+#   moe_engines: Qwen3-30B-A3B- (12 of 48 layers) and Mixtral-8x7B-shaped (4 of 32 layers; bf16, FP8) engines
 #     against HF (fewer layers to fit the disk: per-layer work is the model's);
 #   pytest: the GPU tests named by $PYTEST_ARGS;
 #   serve: `trtc serve` against the offline engine (8B, bf16) at concurrency $SERVE_CONCURRENCY
@@ -57,7 +57,7 @@ for part in "${PARTS[@]}"; do case $part in
   moe_engines) python3 benchmarks/gpu_engine.py --model qwen3-30b-a3b --num_layers 12 --skip_long --skip_compile 2>&1 \
                  | tee "$OUT/qwen3_moe.log" | grep -v -E "$SHOW" | tail -30
                rm -rf /tmp/trtc-gpu-bench-qwen3-30b-a3b-*
-               python3 benchmarks/gpu_engine.py --model mixtral-8x7b --num_layers 8 --skip_long --skip_compile \
+               python3 benchmarks/gpu_engine.py --model mixtral-8x7b --num_layers 4 --skip_long --skip_compile \
                  --engines bf16,fp8 2>&1 | tee "$OUT/mixtral.log" | grep -v -E "$SHOW" | tail -30
                rm -rf /tmp/trtc-gpu-bench-mixtral-8x7b-* ;;
   serve) S=/tmp/trtc-serve-8b
