@@ -50,7 +50,8 @@ def start_server(model: str, device: str | None, *flags: str) -> tuple[subproces
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "trtc.cli", "serve", model, "--port", str(port), "--log_level", "warning"]
     cmd += [*(["--device", device] if device else []), *flags]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)})
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

