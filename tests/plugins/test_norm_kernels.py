@@ -66,12 +66,35 @@ def test_dispatch_picks_kernel_on_cuda():
     assert torch.equal(new_res, ref_res)
 
 
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("head_dim,offset", [(128, 0.0), (256, 1.0)])
+def test_rms_norm_of_strided_heads(head_dim, offset):
+    """q/k norms: `rms_norm` on the q heads of a fused qkv output (rows strided by the qkv width)
+    runs the kernel and equals the reference."""
+    from trtc.plugins.norm import rms_norm
+
+    g = torch.Generator().manual_seed(head_dim)
+    qkv = (torch.randn(37, 12 * head_dim, generator=g) * 3).to("cuda", torch.bfloat16)
+    q = qkv[:, : 8 * head_dim].view(37, 8, head_dim)  # [T, Hq, D], row stride 12 * D
+    w = (torch.rand(head_dim, generator=g) + 0.5).to("cuda", torch.bfloat16)
+    _poison_allocator((37 * 8, head_dim), torch.bfloat16, "cuda")
+    out = rms_norm(q, w, 1e-6, offset)
+    ref = reference.rms_norm(q, w, 1e-6, offset)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=RTOL[torch.bfloat16], atol=1e-5)
+    assert (out == ref).float().mean().item() >= 0.99
+
+
 def test_dispatch_uses_reference_on_cpu():
     x, r, w = torch.randn(3, 64), torch.randn(3, 64), torch.randn(64)
     normed, new_res = fused_add_rms_norm(x, r, w, 1e-6)
     assert torch.equal(new_res, x + r) and torch.equal(normed, reference.rms_norm(x + r, w, 1e-6))
     normed, same = fused_add_rms_norm(x, None, w, 1e-6)
     assert same is x and torch.equal(normed, reference.rms_norm(x, w, 1e-6))
+    from trtc.plugins.norm import rms_norm
+
+    assert torch.equal(rms_norm(x, w, 1e-6, 1.0), reference.rms_norm(x, w, 1e-6, 1.0))
 
 
 def test_interpreter_small():
