@@ -29,6 +29,7 @@ from trtc.plugins.attention import (
     paged_attention,
     rope_and_write_kv,
 )
+from trtc.plugins.attention.cpu import DecodeKV
 from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
@@ -62,6 +63,8 @@ class ModelRunner:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the decodes' keys and values carried from step to step (CPU attention)
+        self._decode_kv = DecodeKV(self.graph.num_layers) if device.type == "cpu" else None
         if device.type == "cuda":
             from trtc.plugins.gemm.triton_quant import split_k_locks
             from trtc.plugins.gemm.w4a16_packed import prepare_weights
@@ -80,6 +83,8 @@ class ModelRunner:
         """The paged pool, per layer: k and v [num_blocks, tokens_per_block, local_kv_heads, head_dim]."""
         kv_dtype = kv_cache_torch_dtype(self.build_config.kv_cache_dtype)
         self.k_cache, self.v_cache = [], []
+        if self._decode_kv is not None:
+            self._decode_kv.reset()
         for layer in self.graph.layers:
             a = layer.attention
             shape = (num_blocks, self.build_config.tokens_per_block, self.mapping.local_kv_heads(a), a.head_dim)
@@ -128,6 +133,8 @@ class ModelRunner:
     def release(self) -> None:
         """Free the weights and the KV-cache pool now; the runner is unusable after."""
         self.k_cache, self.v_cache, self.w = [], [], {}
+        if self._decode_kv is not None:
+            self._decode_kv.reset()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -167,6 +174,8 @@ class ModelRunner:
         """input_ids: [T]; logits_indices: [S] token indices whose next-token logits are wanted.
         Returns logits [S, vocab] float32."""
         w = self.w
+        if self._decode_kv is not None:
+            self._decode_kv.begin_step(meta)
         h, residual = self._embed(input_ids), None  # h: [T, hidden]
         if self.graph.embedding_scale is not None:
             h = h * torch.tensor(self.graph.embedding_scale, dtype=h.dtype)
@@ -236,10 +245,11 @@ class ModelRunner:
             k = rms_norm(k, w[p + "k_norm.weight"], a.qk_norm_eps, a.qk_norm_offset)
         cos, sin = self._rope(i, meta.positions) if a.use_rope else (None, None)
         k_scale, v_scale = self._kv_scales[i]  # None, or the FP8 pool's scales
-        q, _ = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i],
+        q, k = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i],
                                  meta.slot_mapping, k_scale, v_scale)
         out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap,
-                              k_scale=k_scale, v_scale=v_scale, tactics=self.decode_tactics)
+                              k_scale=k_scale, v_scale=v_scale, tactics=self.decode_tactics, k=k, v=v,
+                              decode_kv=self._decode_kv, layer=i)
         return self._linear(out.reshape(t, -1), p + "o", bias=False, out_dtype=self.dtype)
 
     def _linear(self, x: torch.Tensor, name: str, **kwargs) -> torch.Tensor:
