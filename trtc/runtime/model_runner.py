@@ -60,9 +60,16 @@ class ModelRunner:
         self.dtype = self.w["embedding.weight"].dtype  # of the activations
         if device.type == "cpu":
             self.w, self.dtype = cpu_weights(self.w), torch.float32
+        # bf16 GEMMs under float32 activations (cpu_weights) hand bf16 on between two of them, as HF does:
+        # attention reads q, k, v in bf16 and feeds o, the gated activation runs on gate_up's bf16 output
+        # and feeds down; norms, RoPE and the residual stream stay float32
+        # (one rank: tensor-parallel partial sums stay float32)
+        self._bf16_between = (self.dtype == torch.float32 and self.w["embedding.weight"].dtype == torch.bfloat16
+                               and self.mapping.tp_size == 1)
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layer_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its kind's tables
         # the decodes' keys and values carried from step to step (CPU attention)
         self._decode_kv = DecodeKV(self.graph.num_layers) if device.type == "cpu" else None
         if device.type == "cuda":
@@ -152,11 +159,13 @@ class ModelRunner:
             n = int(positions.max()) + 1
             freq = inv_freq(a.rope, a.rope_dim, n, self.graph.max_position_embeddings)
             return rope_cos_sin(freq, torch.arange(n, device=self.device), self.dtype, a.rope.attention_factor)
-        key = (*astuple(a.rope), a.rope_dim)
-        if key not in self._rope_tables:
-            all_pos = torch.arange(self.build_config.max_seq_len, device=self.device)
-            self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.rope_dim), all_pos, self.dtype)
-        return self._rope_tables[key]
+        if i not in self._layer_rope:  # layers of one RoPE kind share their tables
+            key = (*astuple(a.rope), a.rope_dim)
+            if key not in self._rope_tables:
+                all_pos = torch.arange(self.build_config.max_seq_len, device=self.device)
+                self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.rope_dim), all_pos, self.dtype)
+            self._layer_rope[i] = self._rope_tables[key]
+        return self._layer_rope[i]
 
     def graph_capturable(self) -> bool:
         """Decode can be captured as a CUDA graph: kernels without host syncs (the Triton ones and
@@ -247,6 +256,8 @@ class ModelRunner:
         k_scale, v_scale = self._kv_scales[i]  # None, or the FP8 pool's scales
         q, k = rope_and_write_kv(q, k, v, cos, sin, meta.positions, self.k_cache[i], self.v_cache[i],
                                  meta.slot_mapping, k_scale, v_scale)
+        if self._bf16_between and w[p + "o.weight"].dtype == torch.bfloat16:
+            q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
         out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap,
                               k_scale=k_scale, v_scale=v_scale, tactics=self.decode_tactics, k=k, v=v,
                               decode_kv=self._decode_kv, layer=i)
@@ -260,6 +271,8 @@ class ModelRunner:
         if m.moe is not None:
             return self._moe(i, x)
         if m.gated:
+            if self._bf16_between and w[p + "gate_up.weight"].dtype == w[p + "down.weight"].dtype == torch.bfloat16:
+                x = x.to(torch.bfloat16)
             gate_up = self._linear(x, p + "gate_up", out_dtype=self.dtype)  # [T, 2 * intermediate]
             y = act_and_mul(gate_up, m.activation, w.get(p + "down.input_scale"))  # quantized for an FP8 down
         else:

@@ -133,9 +133,12 @@ def paged_attention(
         else:
             kd = _gather(k_cache, meta.block_tables[:nd], length, k_scale, q.dtype)  # [nd, Hkv, S, D]
             vd = _gather(v_cache, meta.block_tables[:nd], length, v_scale, q.dtype)
-        visible = _allowed(meta.positions[:nd], length, sliding_window)  # [nd, S]: also hides the padding
+        if sliding_window is None and min(context_lens[:nd]) == length:  # every key visible, no padding
+            visible = None
+        else:
+            visible = _allowed(meta.positions[:nd], length, sliding_window)[:, None, None]  # [nd, 1, 1, S]
         out[:nd] = F.scaled_dot_product_attention(
-            q[:nd, :, None], kd, vd, attn_mask=visible[:, None, None], scale=scale, enable_gqa=True
+            q[:nd, :, None], kd, vd, attn_mask=visible, scale=scale, enable_gqa=True
         ).squeeze(2)  # [nd, Hq, 1, D] -> [nd, Hq, D]
     start = nd
     for b in range(nd, len(context_lens)):
