@@ -370,3 +370,40 @@ def test_cpu_path_reads_an_fp8_pool():
     ref = reference_fp32(q, dequantize_fp8(kq, k_scale, torch.float32), dequantize_fp8(vq, v_scale, torch.float32),
                          meta, 0.125, None, None)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool_dtype,own", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_cpu_decode_kv_carried_across_steps(pool_dtype, own):
+    """Decode steps through DecodeKV (the decodes' keys and values kept contiguous from step to step,
+    one token appended per step, grown past its capacity, rebuilt when a sequence leaves the batch)
+    give the per-sequence reference's attention over the pool at every step; `own`: the step's new
+    keys and values passed in (rounded to the pool's dtype) instead of read back."""
+    from trtc.plugins.attention import cpu, paged
+
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, dim, tpb, steps = 4, 2, 16, 8, 70
+    lens = [5, 17, 30]  # context before the first step
+    width = -(-(max(lens) + steps) // tpb)
+    tables = torch.randperm(len(lens) * width, generator=g).to(torch.int32).view(len(lens), width)
+    k_cache = torch.randn(len(lens) * width, tpb, hkv, dim, generator=g).to(pool_dtype)
+    v_cache = torch.randn(len(lens) * width, tpb, hkv, dim, generator=g).to(pool_dtype)
+    decode_kv, seqs, continued = cpu.DecodeKV(num_layers=1), [0, 1, 2], 0
+    for step in range(steps):
+        if step == 40:
+            seqs = [0, 2]  # sequence 1 finished: the batch changes
+        pos = torch.tensor([lens[s] for s in seqs])
+        slots = tables[seqs, pos // tpb].long() * tpb + pos % tpb
+        k, v = torch.randn(len(seqs), hkv, dim, generator=g), torch.randn(len(seqs), hkv, dim, generator=g)
+        paged.write_kv(k_cache, v_cache, k, v, slots)
+        for s in seqs:
+            lens[s] += 1
+        meta = AttentionMetadata(positions=pos, slot_mapping=slots, block_tables=tables[seqs], query_lens=[1] * len(seqs),
+                                 context_lens=[lens[s] for s in seqs], num_decodes=len(seqs))
+        q = torch.randn(len(seqs), hq, dim, generator=g)
+        decode_kv.begin_step(meta)
+        continued += decode_kv.continues
+        got = cpu.paged_attention(q, k_cache, v_cache, meta, 0.25, None, None, None, *((k, v) if own else (None, None)),
+                                  decode_kv, 0)
+        ref = reference_fp32(q, k_cache, v_cache, meta, 0.25, None, None)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    assert continued == steps - 2, "every step but the first and the one after the batch changed appends"

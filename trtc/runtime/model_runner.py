@@ -28,6 +28,7 @@ from trtc.plugins.attention import (
     paged_attention,
     rope_and_write_kv,
 )
+from trtc.plugins.attention.cpu import DecodeKV
 from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.plugins.attention.rope import inv_freq, rope_cos_sin
 from trtc.plugins.gemm import linear
@@ -58,9 +59,18 @@ class ModelRunner:
         self.dtype = self.w["embedding.weight"].dtype  # of the activations
         if device.type == "cpu":
             self.w, self.dtype = cpu_weights(self.w), torch.float32
+        # bf16 GEMMs under float32 activations (cpu_weights) hand bf16 on between two of them, as HF does:
+        # attention reads q, k, v in bf16 and feeds o, the gated activation runs on gate_up's bf16 output
+        # and feeds down; norms, RoPE and the residual stream stay float32
+        # (one rank: tensor-parallel partial sums stay float32)
+        self._bf16_between = (self.dtype == torch.float32 and self.w["embedding.weight"].dtype == torch.bfloat16
+                               and self.mapping.tp_size == 1)
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layer_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its kind's tables
+        # the decodes' keys and values carried from step to step (CPU attention)
+        self._decode_kv = DecodeKV(self.graph.num_layers) if device.type == "cpu" else None
         if device.type == "cuda":
             from trtc.plugins.gemm.triton_quant import split_k_locks
             from trtc.plugins.gemm.w4a16_packed import prepare_weights
@@ -79,6 +89,8 @@ class ModelRunner:
         """The paged pool, per layer: k and v [num_blocks, tokens_per_block, local_kv_heads, head_dim]."""
         kv_dtype = kv_cache_torch_dtype(self.build_config.kv_cache_dtype)
         self.k_cache, self.v_cache = [], []
+        if self._decode_kv is not None:
+            self._decode_kv.reset()
         for layer in self.graph.layers:
             a = layer.attention
             shape = (num_blocks, self.build_config.tokens_per_block, self.mapping.local_kv_heads(a), a.head_dim)
@@ -127,6 +139,8 @@ class ModelRunner:
     def release(self) -> None:
         """Free the weights and the KV-cache pool now; the runner is unusable after."""
         self.k_cache, self.v_cache, self.w = [], [], {}
+        if self._decode_kv is not None:
+            self._decode_kv.reset()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -145,16 +159,18 @@ class ModelRunner:
             n = int(positions.max()) + 1
             freq = inv_freq(a.rope, a.rope_dim, n, self.graph.max_position_embeddings)
             return rope_cos_sin(freq, torch.arange(n, device=self.device), self.dtype, a.rope.attention_factor)
-        key = (repr(a.rope), a.rope_dim)  # LongRoPE's factors are lists
-        if key not in self._rope_tables:
-            all_pos = torch.arange(self.build_config.max_seq_len, device=self.device)
-            if a.rope.long_context is None:
-                self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.rope_dim), all_pos, self.dtype)
-            else:
-                short, long = (rope_cos_sin(inv_freq(a.rope, a.rope_dim, n), all_pos, self.dtype, a.rope.attention_factor)
-                               for n in (0, a.rope.long_context + 1))
-                self._rope_tables[key] = torch.cat([short[0], long[0]]), torch.cat([short[1], long[1]])
-        return self._rope_tables[key]
+        if i not in self._layer_rope:  # layers of one RoPE kind share their tables
+            key = (repr(a.rope), a.rope_dim)  # LongRoPE's factors are lists
+            if key not in self._rope_tables:
+                all_pos = torch.arange(self.build_config.max_seq_len, device=self.device)
+                if a.rope.long_context is None:
+                    self._rope_tables[key] = rope_cos_sin(inv_freq(a.rope, a.rope_dim), all_pos, self.dtype)
+                else:
+                    short, long = (rope_cos_sin(inv_freq(a.rope, a.rope_dim, n), all_pos, self.dtype,
+                                                a.rope.attention_factor) for n in (0, a.rope.long_context + 1))
+                    self._rope_tables[key] = torch.cat([short[0], long[0]]), torch.cat([short[1], long[1]])
+            self._layer_rope[i] = self._rope_tables[key]
+        return self._layer_rope[i]
 
     def long_rope_rows(self, meta: AttentionMetadata) -> torch.Tensor | None:
         """[T] each token's row in the LongRoPE tables: its position, past max_seq_len (the long
@@ -186,6 +202,8 @@ class ModelRunner:
         """input_ids: [T]; logits_indices: [S] token indices whose next-token logits are wanted.
         Returns logits [S, vocab] float32."""
         w = self.w
+        if self._decode_kv is not None:
+            self._decode_kv.begin_step(meta)
         h, residual = self._embed(input_ids), None  # h: [T, hidden]
         rope_rows = self.long_rope_rows(meta)  # None: the tables are read at meta.positions
         if self.graph.embedding_scale is not None:
@@ -258,10 +276,13 @@ class ModelRunner:
         cos, sin = self._rope(i, meta.positions) if a.use_rope else (None, None)
         k_scale, v_scale = self._kv_scales[i]  # None, or the FP8 pool's scales
         rows = meta.positions if rope_rows is None else rope_rows  # [T] rows of the cos/sin tables
-        q, _ = rope_and_write_kv(q, k, v, cos, sin, rows, self.k_cache[i], self.v_cache[i],
+        q, k = rope_and_write_kv(q, k, v, cos, sin, rows, self.k_cache[i], self.v_cache[i],
                                  meta.slot_mapping, k_scale, v_scale)
+        if self._bf16_between and w[p + "o.weight"].dtype == torch.bfloat16:
+            q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
         out = paged_attention(q, self.k_cache[i], self.v_cache[i], meta, a.softmax_scale, a.sliding_window, a.soft_cap,
-                              k_scale=k_scale, v_scale=v_scale, tactics=self.decode_tactics)
+                              k_scale=k_scale, v_scale=v_scale, tactics=self.decode_tactics, k=k, v=v,
+                              decode_kv=self._decode_kv, layer=i)
         return self._linear(out.reshape(t, -1), p + "o", bias=False, out_dtype=self.dtype)
 
     def _linear(self, x: torch.Tensor, name: str, **kwargs) -> torch.Tensor:
@@ -272,6 +293,8 @@ class ModelRunner:
         if m.moe is not None:
             return self._moe(i, x)
         if m.gated:
+            if self._bf16_between and w[p + "gate_up.weight"].dtype == w[p + "down.weight"].dtype == torch.bfloat16:
+                x = x.to(torch.bfloat16)
             gate_up = self._linear(x, p + "gate_up", out_dtype=self.dtype)  # [T, 2 * intermediate]
             y = act_and_mul(gate_up, m.activation, w.get(p + "down.input_scale"))  # quantized for an FP8 down
         else:

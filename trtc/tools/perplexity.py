@@ -29,11 +29,13 @@ class Perplexity:
 
 def prompt_logprobs(executor: Executor, prompts: list[list[int]]) -> list[torch.Tensor]:
     """For each prompt, the log-probability [len - 1] (float64) of token j + 1 given tokens 0..j,
-    from the runtime's teacher-forced logits (`Executor.prompt_logits`)."""
+    from the runtime's teacher-forced logits (`Executor.prompt_logits`): the target's logit less the
+    row's logsumexp, which float32 computes to ~1e-7 of it (no float64 copy of the [len, vocab] logits)."""
     out = []
     for prompt, logits in zip(prompts, executor.prompt_logits(prompts)):
-        logp = torch.log_softmax(logits[:-1].double(), dim=-1).cpu()  # [len - 1, vocab]
-        out.append(logp.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1))
+        logits = logits[:-1]  # [len - 1, vocab] float32
+        target = logits.gather(1, torch.tensor(prompt[1:], device=logits.device)[:, None]).squeeze(1)
+        out.append((target - torch.logsumexp(logits, dim=-1)).double().cpu())
     return out
 
 

@@ -72,12 +72,15 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
     sliding_window: int | None = None, soft_cap: float | None = None, out: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, tactics: DecodeTactics | None = None,
+    k: torch.Tensor | None = None, v: torch.Tensor | None = None, decode_kv=None, layer: int = 0,
 ) -> torch.Tensor:
     """q: [T, Hq, D] of a mixed batch described by meta (an AttentionMetadata: the first
     meta.num_decodes sequences are decodes, the rest prefill chunks over a cached prefix, their K/V
     already in the cache). Returns out [T, Hq, D] (written into `out` when given, e.g. a CUDA graph's
 static buffer). An FP8 pool takes k_scale and v_scale; tactics: the engine's tuned decode tactics.
-The decode-only case is CUDA-graph capturable."""
+The decode-only case is CUDA-graph capturable. On the CPU, k, v [T, Hkv, D] (the step's new keys and
+values as written) spare whole-prompt prefills the pool's read-back, and decode_kv (a cpu.DecodeKV,
+`layer` this layer's) spares decodes the gather of every context each step."""
     if _kernels_take(q, k_cache):
         from trtc.plugins.attention.triton_decode import decode_attention
         from trtc.plugins.attention.triton_prefill import prefill_attention
@@ -96,7 +99,8 @@ The decode-only case is CUDA-graph capturable."""
     if q.device.type == "cpu" and soft_cap is None:  # batched through torch's fused attention
         from trtc.plugins.attention import cpu
 
-        res = cpu.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
+        res = cpu.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale, k, v,
+                                  decode_kv, layer)
         return res if out is None else out.copy_(res)
     ref = paged.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.query_lens, meta.context_lens, meta.positions,
