@@ -114,6 +114,27 @@ def test_end_id_stop_words_and_logprobs(engine, hf_model):
     assert stop.token_ids[-2:] == tokens[6:8] and stop.finish_reason == "stop_words"
 
 
+def test_top_logprobs_equal_hf(engine, hf_model):
+    """top_logprobs: each step's N most likely tokens with HF's log-softmax (1e-4), most likely first,
+    for greedy and sampled requests in one batch (sampling does not change the distribution reported)."""
+    p = prompts(1, seed=4)[0]
+    with LLM(engine, kv_cache_max_tokens=2048) as llm:
+        outs = llm.generate([p, p], [SamplingParams(max_tokens=6, end_id=-1, logprobs=True, top_logprobs=5),
+                                     SamplingParams(max_tokens=6, end_id=-1, logprobs=True, top_logprobs=2,
+                                                    temperature=0.8, seed=1)])
+    for out, n in zip(outs, (5, 2)):
+        c = out.outputs[0]
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1 : -1]
+        values, ids = logits.log_softmax(-1).topk(n, dim=-1)  # [6, n]
+        assert len(c.top_logprobs) == 6
+        for alt, want_ids, want in zip(c.top_logprobs, ids.tolist(), values.tolist(), strict=True):
+            assert list(alt) == want_ids and list(alt.values()) == pytest.approx(want, abs=1e-4)
+    assert outs[0].outputs[0].logprobs == pytest.approx([next(iter(a.values())) for a in outs[0].outputs[0].top_logprobs])
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(logprobs=True, top_logprobs=21)
+
+
 def test_cancel_frees_blocks(engine):
     ex = Executor(engine, kv_cache_max_tokens=512)
     a = ex.add_request(prompts(1)[0], SamplingParams(max_tokens=50, end_id=-1))

@@ -97,6 +97,25 @@ def test_logprobs_shapes_match_offline(client, offline):
     assert len(r.choices[0].logprobs.content) == 5 and all(t.logprob <= 0 for t in r.choices[0].logprobs.content)
 
 
+def test_top_logprobs_equal_offline(client, offline):
+    """completions `logprobs: N` and chat `top_logprobs: N` carry the N most likely tokens of each
+    step, most likely first, equal to `LLM.generate`'s; streamed chunks carry the same."""
+    want = offline.generate(PROMPTS[1], SamplingParams(max_tokens=5, logprobs=True, top_logprobs=3)).outputs[0]
+    assert len(want.top_logprobs) == 5 and all(len(t) == 3 for t in want.top_logprobs)
+    text = {i: offline.tokenizer.decode([i]) for alt in want.top_logprobs for i in alt}
+    r = client.completions.create(model="test-model", prompt=PROMPTS[1], max_tokens=5, logprobs=3)
+    tops = r.choices[0].logprobs.top_logprobs
+    for got, alt in zip(tops, want.top_logprobs, strict=True):
+        assert got == pytest.approx({text[i]: v for i, v in alt.items()}, abs=1e-5)
+    stream = client.completions.create(model="test-model", prompt=PROMPTS[1], max_tokens=5, logprobs=3, stream=True)
+    assert [t for c in stream for t in c.choices[0].logprobs.top_logprobs] == tops
+    r = client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       logprobs=True, top_logprobs=2)
+    for t in r.choices[0].logprobs.content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)  # greedy: the top token
+
+
 def test_seeded_n2_sampling_is_reproducible(client):
     def sample():
         r = client.completions.create(model="test-model", prompt=PROMPTS[0], max_tokens=16, n=2, seed=7,

@@ -62,7 +62,7 @@ BAD = [  # (path, json body | raw bytes, extra headers, status, words in the mes
     (C, {"prompt": "hi", "repetition_penalty": 0}, None, 400, "repetition_penalty"),
     (C, {"prompt": "hi", "seed": "abc"}, None, 400, "seed"),
     (C, {"prompt": "hi", "stop": 5}, None, 400, "stop"),
-    (C, {"prompt": "hi", "logprobs": 5}, None, 400, "logprobs"),
+    (C, {"prompt": "hi", "logprobs": 21}, None, 400, "logprobs"),
     (C, {"prompt": "hi " * 600, "max_tokens": 4}, None, 400, "max_seq_len 512"),
     (C, {"prompt": [1, 99999], "max_tokens": 4}, None, 400, "token ids"),
     (C, {"prompt": ""}, None, 400, "empty"),

@@ -17,7 +17,7 @@ from trtc.formats.engine import ENGINE_FORMAT, Engine
 from trtc.runtime.async_engine import AsyncEngine
 from trtc.runtime.detokenizer import Detokenizer
 from trtc.runtime.executor import Executor
-from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent
+from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent, new_completion
 from trtc.runtime.request_stream import RequestStream, snapshot
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.tokenizer import has_tokenizer, load_tokenizer
@@ -199,7 +199,7 @@ class LLM:
                 raise
             return RequestOutput(-1, text, ids, [CompletionOutput("", [], "error")], finished=True, error=str(e))
         self._detokenizers[rid] = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
-        return RequestOutput(rid, text, ids, [CompletionOutput("", [], None, [] if params.logprobs else None)])
+        return RequestOutput(rid, text, ids, [new_completion(params)])
 
     def _run(self, outputs: list[RequestOutput]) -> Iterator[list[RequestOutput]]:
         """Step the executor until every one of `outputs` is finished; after each step, yield those
@@ -227,6 +227,8 @@ class LLM:
             c.token_ids.append(event.token_id)
             if c.logprobs is not None:
                 c.logprobs.append(event.logprob)
+            if c.top_logprobs is not None:
+                c.top_logprobs.append(event.top_logprobs or {})
             if detok is not None:
                 detok.push([event.token_id])
         if detok is not None and event.finish_reason is not None:

@@ -55,6 +55,19 @@ class RequestState:
     prompt_logits: torch.Tensor | None = None  # [prompt_len, vocab] f32 when asked for (teacher forcing)
 
 
+def _top_logprobs(logits: torch.Tensor, reqs: list[RequestState]) -> dict[int, dict[int, float]]:
+    """logits: [S, vocab] of `reqs` -> for each request asking for top logprobs, its top_logprobs most
+    likely tokens {token id: logprob}, most likely first (log_softmax of the logits as they are)."""
+    rows = [i for i, r in enumerate(reqs) if r.params.logprobs and r.params.top_logprobs]
+    if not rows:
+        return {}
+    k = max(reqs[i].params.top_logprobs for i in rows)
+    values, ids = logits[rows].float().log_softmax(dim=-1).topk(k, dim=-1)  # [R, k] each
+    values, ids = values.tolist(), ids.tolist()
+    return {reqs[i].request_id: dict(zip(ids[j][: reqs[i].params.top_logprobs], values[j][: reqs[i].params.top_logprobs]))
+            for j, i in enumerate(rows)}
+
+
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
@@ -179,15 +192,16 @@ class Executor:
     def step(self) -> list[TokenEvent]:
         with self._guard():
             batch = self.scheduler.schedule()
-            tokens, logprobs = self._run(batch)
+            tokens, logprobs, tops = self._run(batch)
             updates = self.scheduler.update(tokens)
-        return self._postprocess(updates, logprobs)
+        return self._postprocess(updates, logprobs, tops)
 
-    def _run(self, batch) -> tuple[list[int], dict[int, float]]:
+    def _run(self, batch) -> tuple[list[int], dict[int, float], dict[int, dict[int, float]]]:
         """Plan the step, run it, and sample a token for every request whose chunk reached its end.
-        Returns the tokens in batch order and each sampled request's logprob by request id."""
+        Returns the tokens in batch order, each sampled request's logprob by request id, and the
+        top logprobs of those that asked for them."""
         if len(batch.request_ids) == 0:
-            return [], {}
+            return [], {}, {}
         rids = np.asarray(batch.request_ids)
         query_lens = np.asarray(batch.query_lens)
         ends = np.cumsum(query_lens) - 1  # each sequence's last fed token
@@ -213,7 +227,7 @@ class Executor:
             self.requests[int(rids[i])].prompt_logits[positions.to(self.device)] = logits[offset : offset + n]
             offset += n
         if len(sample_rows) == 0:
-            return [], {}
+            return [], {}, {}
         return self._sample(rids[sample_rows], logits[: len(sample_rows)], bitmask)
 
     def _execute(self, step: Step) -> torch.Tensor:
@@ -223,16 +237,17 @@ class Executor:
 
     def _sample(
         self, request_ids: np.ndarray, logits: torch.Tensor, bitmask: TokenBitmask | None = None
-    ) -> tuple[list[int], dict[int, float]]:
+    ) -> tuple[list[int], dict[int, float], dict[int, dict[int, float]]]:
         """One token per request from its logits [S, vocab], on the device; rows with a grammar are
         masked first (in place, after the forward and outside its CUDA graph)."""
         if bitmask is not None:
             bitmask.apply(logits)
         reqs = [self.requests[int(rid)] for rid in request_ids]
+        tops = _top_logprobs(logits, reqs)
         if all(r.params.is_greedy and not _has_penalty(r.params) for r in reqs):  # the common case: argmax only
             tokens = logits.argmax(dim=-1)
             if not any(r.params.logprobs for r in reqs):
-                return tokens.tolist(), {r.request_id: float("nan") for r in reqs}
+                return tokens.tolist(), {r.request_id: float("nan") for r in reqs}, tops
             logprobs = logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
         else:
             sampling = SamplingBatch.from_requests(
@@ -240,9 +255,10 @@ class Executor:
                 [r.generator for r in reqs], self.engine.graph.vocab_size, self.device,
             )
             tokens, logprobs = sample(logits, sampling)
-        return tokens.tolist(), {r.request_id: lp for r, lp in zip(reqs, logprobs.tolist())}
+        return tokens.tolist(), {r.request_id: lp for r, lp in zip(reqs, logprobs.tolist())}, tops
 
-    def _postprocess(self, updates: list[tuple[int, int, str | None]], logprobs: dict[int, float]) -> list[TokenEvent]:
+    def _postprocess(self, updates: list[tuple[int, int, str | None]], logprobs: dict[int, float],
+                     tops: dict[int, dict[int, float]]) -> list[TokenEvent]:
         events = []
         for rid, token, reason in updates:
             r = self.requests.get(rid)
@@ -256,7 +272,7 @@ class Executor:
             if token >= 0:
                 r.output_ids.append(token)
                 r.logprobs.append(logprobs[rid])
-                event = TokenEvent(rid, token, logprobs[rid], reason)
+                event = TokenEvent(rid, token, logprobs[rid], reason, tops.get(rid))
             else:
                 event = TokenEvent(rid, None, None, reason)
             r.finish_reason = reason

@@ -11,6 +11,13 @@ class CompletionOutput:
     token_ids: list[int]  # generated tokens only
     finish_reason: str | None = None  # end_id | stop_words | stop | length | cancelled | error
     logprobs: list[float] | None = None  # of each generated token, when SamplingParams.logprobs
+    top_logprobs: list[dict[int, float]] | None = None  # each step's most likely tokens, when asked for
+
+
+def new_completion(params) -> CompletionOutput:
+    """The empty output of a request with SamplingParams `params`: logprob lists where asked for."""
+    return CompletionOutput("", [], None, [] if params.logprobs else None,
+                            [] if params.logprobs and params.top_logprobs else None)
 
 
 @dataclass
@@ -43,3 +50,4 @@ class TokenEvent:
     token_id: int | None  # None when the request ended without a token (cancelled)
     logprob: float | None
     finish_reason: str | None
+    top_logprobs: dict[int, float] | None = None  # token id -> logprob, most likely first, when asked for

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from trtc.runtime.async_engine import AsyncEngine, RequestHandle
 from trtc.runtime.detokenizer import Detokenizer
-from trtc.runtime.outputs import CompletionOutput, RequestOutput
+from trtc.runtime.outputs import RequestOutput, new_completion
 
 
 @dataclass
@@ -37,7 +37,7 @@ class RequestStream:
         self._detok = detokenizer
         params = handle.params
         self.output = RequestOutput(-1, prompt, handle.prompt_ids,
-                                    [CompletionOutput("", [], None, [] if params.logprobs else None)])
+                                    [new_completion(params)])
         self.times = RequestTimes(handle.arrival)
 
     @property
@@ -64,7 +64,8 @@ class RequestStream:
                     if self.output.finished:
                         break
                 new = replace(c, text=c.text[n_text:], token_ids=c.token_ids[n_tokens:],
-                              logprobs=None if c.logprobs is None else c.logprobs[n_tokens:])
+                              logprobs=None if c.logprobs is None else c.logprobs[n_tokens:],
+                              top_logprobs=None if c.top_logprobs is None else c.top_logprobs[n_tokens:])
                 self.output.request_id = self._handle.request_id if self._handle.request_id is not None else -1
                 if new.text or new.token_ids or self.output.finished:
                     yield replace(self.output, outputs=[new])
@@ -93,6 +94,8 @@ class RequestStream:
             c.token_ids.append(event.token_id)
             if c.logprobs is not None:
                 c.logprobs.append(event.logprob)
+            if c.top_logprobs is not None:
+                c.top_logprobs.append(event.top_logprobs or {})
             if self._detok is not None:
                 self._detok.push([event.token_id])
         reason = event.finish_reason
@@ -111,6 +114,7 @@ class RequestStream:
 
 def snapshot(out: RequestOutput) -> RequestOutput:
     """A copy of `out` that later tokens do not change (the text is shared: strings are immutable)."""
-    outputs = [replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
+    outputs = [replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs),
+                       top_logprobs=None if c.top_logprobs is None else list(c.top_logprobs))
                for c in out.outputs]
     return replace(out, outputs=outputs)

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
+
 
 def _is_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
@@ -107,6 +109,9 @@ class SamplingParams:
         stop: strings that end generation (`trtc run --stop_words`); the text is cut before the
             first one, and streamed text never shows it.
         logprobs: also return the log-probability of each generated token.
+        top_logprobs: with logprobs, also the top_logprobs (0-20) most likely tokens of each step and
+            their log-probabilities, from the model's distribution (log_softmax of its logits, before
+            temperature, penalties and truncation; a grammar's mask applied), as vLLM returns them.
 
     Invalid values raise ValueError naming the field, its allowed range and the value.
     """
@@ -124,6 +129,7 @@ class SamplingParams:
     stop_token_ids: list[list[int]] = field(default_factory=list)  # token sequences that stop
     stop: list[str] = field(default_factory=list)  # strings that stop (matched in the decoded text, cut before them)
     logprobs: bool = False  # return the log-probability of each generated token
+    top_logprobs: int = 0  # with logprobs: the most likely tokens of each step too, 0-20
     guided_decoding: GuidedDecodingParams | None = None  # structured output: schema / regex / grammar / choice
 
     def __post_init__(self) -> None:
@@ -143,6 +149,9 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.end_id is not None:
             _check_int("end_id", self.end_id, -1)
+        _check_int("top_logprobs", self.top_logprobs, 0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if not all(isinstance(s, str) and s for s in stop):

@@ -109,18 +109,25 @@ def _token_strings(llm: LLM, token_ids: list[int]) -> list[str]:
     return [llm.tokenizer.decode([t]) for t in token_ids] if token_ids else []
 
 
-def _completion_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], offset: int) -> dict:
+def _completion_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], offset: int,
+                         tops: list[dict[int, float]] | None) -> dict:
+    """tops: each token's {token id: logprob} alternatives (None: not asked for)."""
     tokens = _token_strings(llm, token_ids)
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+    top = None if tops is None else [{llm.tokenizer.decode([i]): lp for i, lp in alt.items()} for alt in tops]
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def _chat_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float]) -> dict:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                        for t, lp in zip(_token_strings(llm, token_ids), logprobs)]}
+def _chat_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], tops: list[dict[int, float]] | None) -> dict:
+    def entry(token: str, lp: float) -> dict:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode())}
+
+    alts = tops if tops is not None else [{}] * len(token_ids)
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(llm.tokenizer.decode([i]), v) for i, v in alt.items()]}
+                        for t, lp, alt in zip(_token_strings(llm, token_ids), logprobs, alts)]}
 
 
 def _record(ctx: ServeContext, choice: Choice) -> None:
@@ -181,13 +188,13 @@ def _full_response(ctx, req, choices: list[Choice], prompt_tokens: int, rid: str
         o = c.stream.output.outputs[0]
         reason = openai_finish_reason(o.finish_reason)
         if chat:
-            lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs) if req.logprobs else None
+            lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs, o.top_logprobs) if req.logprobs else None
             message = c.reply.message(o.text) if c.reply is not None else {"role": "assistant", "content": o.text}
             out.append({"index": c.index, "message": message, "logprobs": lp,
                         "finish_reason": _chat_finish_reason(c, reason)})
         else:
             prefix = (c.prompt_text or "") if req.echo else ""
-            lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, len(prefix)) if req.logprobs is not None else None
+            lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, len(prefix), o.top_logprobs) if req.logprobs is not None else None
             out.append({"index": c.index, "text": prefix + o.text, "logprobs": lp, "finish_reason": reason})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": ctx.model_name, "choices": out, "usage": _usage(prompt_tokens, choices)}
@@ -256,13 +263,13 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
             o = delta.outputs[0]
             reason = openai_finish_reason(o.finish_reason) if delta.finished else None
             if chat:
-                lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs) if req.logprobs else None
+                lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs, o.top_logprobs) if req.logprobs else None
                 d = _chat_delta(c.reply, o.text, delta.finished)
                 if d or reason is not None or lp is not None:
                     yield chunk([{"index": c.index, "delta": d, "logprobs": lp,
                                   "finish_reason": _chat_finish_reason(c, reason)}])
             else:
-                lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, 0) if req.logprobs is not None else None
+                lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, 0, o.top_logprobs) if req.logprobs is not None else None
                 yield chunk([{"index": c.index, "text": o.text, "logprobs": lp, "finish_reason": reason}])
             if delta.finished:
                 _record(ctx, c)

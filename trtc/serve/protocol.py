@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trtc.runtime.sampling_params import GuidedDecodingParams, SamplingParams
+from trtc.runtime.sampling_params import MAX_TOP_LOGPROBS, GuidedDecodingParams, SamplingParams
 from trtc.serve.structured import guided_decoding_of
 
 
@@ -61,8 +61,11 @@ class SamplingRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + seed_offset,
             end_id=-1 if self.ignore_eos else None, stop=[s for s in stop if s], logprobs=logprobs,
-            guided_decoding=self.guided_decoding(),
+            top_logprobs=self.requested_top_logprobs() if logprobs else 0, guided_decoding=self.guided_decoding(),
         )
+
+    def requested_top_logprobs(self) -> int:
+        return 0
 
     @property
     def include_usage(self) -> bool:
@@ -73,7 +76,10 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # the sampled token's logprob only
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # N: the N most likely tokens too
+
+    def requested_top_logprobs(self) -> int:
+        return self.logprobs or 0
 
     @model_validator(mode="after")
     def _prompts_not_empty(self):
@@ -102,7 +108,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # the sampled token's logprob only
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # with logprobs: N most likely too
     add_generation_prompt: bool = True  # vLLM's extension
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None  # "auto" (the default with tools), "none", "required", a named function
@@ -113,6 +119,9 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def forced_tool_choice(self) -> bool:
         return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
+
+    def requested_top_logprobs(self) -> int:
+        return self.top_logprobs or 0
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
