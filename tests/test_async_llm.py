@@ -89,3 +89,24 @@ def test_tp2_engine_serves_async_requests_like_tp1(tp_engines):
 
         got = [o.token_ids for o in asyncio.run(main())]
     assert got == want
+
+
+def test_samples_after_the_first_share_its_prompt_blocks(offline):
+    """n samples of one prompt (the server's `n`): submitted with after=the first, the others start
+    once its prompt is computed and take every full prompt block from the prefix cache; submitted
+    together, none is cached yet. Seeded outputs equal separate requests with those seeds."""
+    tpb = offline.executor.engine.build_config.tokens_per_block
+    prompt = list(range(3, 3 + 3 * tpb + 5))  # 3 full blocks and a partial one
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=s) for s in range(4)]
+    want = [o.token_ids for o in offline.generate([prompt] * 4, params)]
+    for share in (True, False):
+        with LLM(stories260k(), device="cpu") as llm:
+            async def main(share=share, llm=llm):
+                first = llm.generate_async(prompt, params[0])
+                rest = [llm.generate_async(prompt, p, after=first if share else None) for p in params[1:]]
+                return await asyncio.gather(first, *rest)
+
+            outs = asyncio.run(main())
+            reused = llm.executor.scheduler.stats()["reused_tokens"]
+        assert [o.token_ids for o in outs] == want
+        assert reused == (3 * 3 * tpb if share else 0), (share, reused)

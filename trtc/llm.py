@@ -141,13 +141,17 @@ class LLM:
             for out in changed:
                 yield index[out.request_id], snapshot(out)
 
-    def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> RequestStream:
+    def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                       after: RequestStream | None = None) -> RequestStream:
         """Submit one prompt to the engine thread (started on the first call, on the running asyncio
         loop) and return at once. `await` the result for the finished RequestOutput, or `async for`
         over it for snapshots as text arrives; requests from any number of tasks join the same
         in-flight batch. `.abort()` (or leaving the iteration early) cancels the request and frees
         its KV blocks. Raises TrtcError on a prompt the engine cannot take. Once this is used, the
-        LLM's executor belongs to its engine thread: generate() and generate_stream() refuse."""
+        LLM's executor belongs to its engine thread: generate() and generate_stream() refuse.
+        after: another request's stream on the same prompt (another sample of it): this one starts
+        once that one's prompt is computed and shares its full KV blocks (prefix reuse) instead of
+        computing them again."""
         if self._closed:
             self._check_open()
         params = sampling_params or SamplingParams()
@@ -156,7 +160,7 @@ class LLM:
         ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
         self.check_prompt(ids, params)
         detok = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
-        return RequestStream(engine, engine.submit(ids, params), text, detok)
+        return RequestStream(engine, engine.submit(ids, params, None if after is None else after.handle), text, detok)
 
     def start_async_engine(self) -> AsyncEngine:
         """The engine thread for generate_async, started (on the running asyncio loop) on first use."""

@@ -55,13 +55,15 @@ class RequestHandle:
     """The asyncio side of one request: its events arrive on `events` as lists (one per step) of
     (TokenEvent, step start time); an exception instead means the request failed."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, after: RequestHandle | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.events: asyncio.Queue = asyncio.Queue()
         self.request_id: int | None = None  # the executor's id, set by the engine thread
         self.arrival = time.monotonic()
         self.aborted = False
+        self.after = after  # admitted only once that request's prompt is computed (its blocks cached)
+        self.prompt_done = False  # its first token came, or it ended (engine thread)
 
 
 class AsyncEngine:
@@ -80,6 +82,7 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self.stats = EngineStats(num_blocks=executor.num_blocks)
         self._live: dict[int, RequestHandle] = {}  # executor id -> handle (engine thread only)
+        self._held: list[RequestHandle] = []  # taken, waiting for their `after` request's prompt (engine thread)
         self._thread = threading.Thread(target=self._loop, name="trtc-engine", daemon=True)
         self._thread.start()
 
@@ -92,10 +95,13 @@ class AsyncEngine:
         """Requests not yet running: queued in the scheduler or not yet taken from the submit queue."""
         return self.stats.num_waiting + max(0, self._pending - self._taken)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, after: RequestHandle | None = None) -> RequestHandle:
+        """after: a request on the same prompt (another sample of it): this one waits until that one's
+        prompt is computed, then finds every full prompt block in the prefix cache instead of
+        computing it again."""
         if not self.alive:
             raise EngineDead(f"the engine stopped on an error ({self.error}); restart the server")
-        handle = RequestHandle(prompt_ids, params)
+        handle = RequestHandle(prompt_ids, params, after)
         self._pending += 1
         self._submits.put(handle)
         self._wake.set()
@@ -134,14 +140,15 @@ class AsyncEngine:
                     continue
                 start = time.monotonic()
                 events = ex.step()
-                if not events and ex.scheduler.num_running() == 0 and ex.has_unfinished() and self._submits.empty():
+                if (not events and ex.scheduler.num_running() == 0 and ex.has_unfinished() and self._submits.empty()
+                        and not self._held):
                     raise TrtcError("no waiting request fits the KV-cache pool; give the runtime more KV-cache memory")
                 self._publish()  # before the events: a request that sees its end sees the stats after it
                 self._dispatch(events, start)
         except BaseException as e:  # noqa: BLE001 - the engine is dead: every request hears why
             log.exception("engine thread stopped")
             self.error = e
-            failed = list(self._live.values())
+            failed = list(self._live.values()) + self._held
             while not self._submits.empty():
                 failed.append(self._submits.get())
             err = EngineDead(f"the engine stopped on an error ({e}); restart the server")
@@ -151,14 +158,21 @@ class AsyncEngine:
     def _drain(self) -> None:
         ex = self.executor
         while not self._submits.empty():
-            h = self._submits.get()
+            self._held.append(self._submits.get())
+        held, self._held = self._held, []
+        for h in held:
+            if h.after is not None and not h.after.prompt_done and not (h.aborted or self._abort_all):
+                self._held.append(h)
+                continue
             self._taken += 1
             if h.aborted or self._abort_all:
+                h.prompt_done = True
                 self._post(h.events.put_nowait, [(TokenEvent(-1, None, None, "cancelled"), 0.0)])
                 continue
             try:
                 h.request_id = ex.add_request(h.prompt_ids, h.params)
             except TrtcError as e:
+                h.prompt_done = True
                 self._post(h.events.put_nowait, e)
                 continue
             self._live[h.request_id] = h
@@ -180,6 +194,7 @@ class AsyncEngine:
             if h is None:
                 continue
             by_request[h].append((e, start))
+            h.prompt_done = True
             if e.finish_reason is not None:
                 del self._live[e.request_id]
         if by_request:

@@ -33,7 +33,7 @@ class RequestStream:
     def __init__(self, engine: AsyncEngine, handle: RequestHandle, prompt: str | None,
                  detokenizer: Detokenizer | None) -> None:
         self._engine = engine
-        self._handle = handle
+        self.handle = handle
         self._detok = detokenizer
         params = handle.params
         self.output = RequestOutput(-1, prompt, handle.prompt_ids,
@@ -46,7 +46,7 @@ class RequestStream:
 
     def abort(self) -> None:
         """Cancel the request; the stream then ends with finish reason "cancelled"."""
-        self._engine.abort(self._handle)
+        self._engine.abort(self.handle)
 
     async def deltas(self) -> AsyncIterator[RequestOutput]:
         """Yield, after each step that changed the request, an output with only the new text,
@@ -55,7 +55,7 @@ class RequestStream:
         c = self.output.outputs[0]
         try:
             while not self.output.finished:
-                item = await self._handle.events.get()
+                item = await self.handle.events.get()
                 if isinstance(item, BaseException):
                     raise item
                 n_tokens, n_text = len(c.token_ids), len(c.text)
@@ -66,7 +66,7 @@ class RequestStream:
                 new = replace(c, text=c.text[n_text:], token_ids=c.token_ids[n_tokens:],
                               logprobs=None if c.logprobs is None else c.logprobs[n_tokens:],
                               top_logprobs=None if c.top_logprobs is None else c.top_logprobs[n_tokens:])
-                self.output.request_id = self._handle.request_id if self._handle.request_id is not None else -1
+                self.output.request_id = self.handle.request_id if self.handle.request_id is not None else -1
                 if new.text or new.token_ids or self.output.finished:
                     yield replace(self.output, outputs=[new])
         finally:

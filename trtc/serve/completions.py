@@ -77,15 +77,18 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
                 llm.check_prompt(prompt_ids, params)
             except TrtcError as e:
                 raise APIError(400, str(e), "prompt" if isinstance(req, CompletionRequest) else "messages") from None
-            plans.append((p if isinstance(p, str) else None, prompt_ids, params))
+            plans.append((p if isinstance(p, str) else None, prompt_ids, params, j))
     engine = llm.start_async_engine()
     if ctx.shutting_down or not engine.alive:
         raise APIError(503, "the server is shutting down" if ctx.shutting_down else "the engine is not running")
     if ctx.max_queued_requests is not None and engine.num_waiting() + len(plans) > ctx.max_queued_requests:
         raise APIError(503, f"the server is at capacity ({engine.num_waiting()} requests waiting, at most "
                             f"{ctx.max_queued_requests}); retry later")
-    choices = [Choice(i, llm.generate_async(prompt_ids, params), text)
-               for i, (text, prompt_ids, params) in enumerate(plans)]
+    choices, first = [], None
+    for i, (text, prompt_ids, params, j) in enumerate(plans):  # samples 1..n-1 share sample 0's prompt blocks
+        stream = llm.generate_async(prompt_ids, params, after=first if j > 0 else None)
+        first = stream if j == 0 else first
+        choices.append(Choice(i, stream, text))
     for c in choices:
         c.stream.output.prompt = c.prompt_text
     return choices, sum(len(x) for x in ids) * req.n
