@@ -64,8 +64,11 @@ def _top_logprobs(logits: torch.Tensor, reqs: list[RequestState]) -> dict[int, d
     k = max(reqs[i].params.top_logprobs for i in rows)
     values, ids = logits[rows].float().log_softmax(dim=-1).topk(k, dim=-1)  # [R, k] each
     values, ids = values.tolist(), ids.tolist()
-    return {reqs[i].request_id: dict(zip(ids[j][: reqs[i].params.top_logprobs], values[j][: reqs[i].params.top_logprobs]))
-            for j, i in enumerate(rows)}
+    tops = {}
+    for j, i in enumerate(rows):
+        n = reqs[i].params.top_logprobs
+        tops[reqs[i].request_id] = dict(zip(ids[j][:n], values[j][:n]))
+    return tops
 
 
 def _has_penalty(p: SamplingParams) -> bool:

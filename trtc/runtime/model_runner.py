@@ -69,6 +69,7 @@ class ModelRunner:
         self.v_cache: list[torch.Tensor] = []
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._layer_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its kind's tables
+        self._long_rope_context = self.graph.long_rope_context  # None: no LongRoPE
         # the decodes' keys and values carried from step to step (CPU attention)
         self._decode_kv = DecodeKV(self.graph.num_layers) if device.type == "cpu" else None
         if device.type == "cuda":
@@ -176,7 +177,7 @@ class ModelRunner:
         """[T] each token's row in the LongRoPE tables: its position, past max_seq_len (the long
         factors' rows) when its sequence's whole length is past the original context, so that each
         sequence gets its own factors whatever it is batched with. None: no LongRoPE."""
-        context = self.graph.long_rope_context
+        context = self._long_rope_context
         if context is None:
             return None
         seq_lens = np.asarray(meta.seq_lens if meta.seq_lens is not None else meta.context_lens)

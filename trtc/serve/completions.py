@@ -120,7 +120,7 @@ def _completion_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], 
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    top = None if tops is None else [{llm.tokenizer.decode([i]): lp for i, lp in alt.items()} for alt in tops]
+    top = None if tops is None else [dict(zip(_token_strings(llm, list(alt)), alt.values())) for alt in tops]
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -129,7 +129,8 @@ def _chat_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], tops: 
         return {"token": token, "logprob": lp, "bytes": list(token.encode())}
 
     alts = tops if tops is not None else [{}] * len(token_ids)
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(llm.tokenizer.decode([i]), v) for i, v in alt.items()]}
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(s, v) for s, v in zip(_token_strings(llm, list(alt)),
+                                                                                    alt.values())]}
                         for t, lp, alt in zip(_token_strings(llm, token_ids), logprobs, alts)]}
 
 
