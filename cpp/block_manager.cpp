@@ -75,13 +75,13 @@ int BlockManager::allocate_block() {
   return b;
 }
 
-int BlockManager::admit(int64_t seq_id, const std::vector<Token>& tokens) {
+int BlockManager::admit(int64_t seq_id, const std::vector<Token>& tokens, bool reuse_prefix) {
   if (has_sequence(seq_id)) throw std::invalid_argument("sequence " + std::to_string(seq_id) + " already holds blocks");
   const int tpb = tokens_per_block_, n = static_cast<int>(tokens.size());
   std::vector<int> matched;
   std::vector<uint64_t> hashes;
   int num_reclaimed = 0;  // matched blocks now sitting in the cached LRU
-  if (enable_prefix_reuse_) {
+  if (enable_prefix_reuse_ && reuse_prefix) {
     uint64_t parent = 0;
     for (int i = 0; i < (n - 1) / tpb; ++i) {  // only full blocks strictly before the last token
       uint64_t h = hash_block(parent, &tokens[i * tpb]);

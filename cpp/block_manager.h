@@ -26,9 +26,9 @@ class BlockManager {
   BlockManager(int num_blocks, int tokens_per_block, bool enable_prefix_reuse = true, int hash_bits = 64);
 
   // Gives sequence `seq_id` blocks for all of `tokens` (which it will compute): cached full blocks strictly
-  // before its last token are shared, the rest are allocated. Returns the number of tokens served from the
-  // cache, or -1 (changing nothing) when the pool cannot hold the sequence now.
-  int admit(int64_t seq_id, const std::vector<Token>& tokens);
+  // before its last token are shared (unless reuse_prefix is false), the rest are allocated. Returns the number
+  // of tokens served from the cache, or -1 (changing nothing) when the pool cannot hold the sequence now.
+  int admit(int64_t seq_id, const std::vector<Token>& tokens, bool reuse_prefix = true);
   // Grows the sequence's block table to hold `num_tokens` tokens. False (changing nothing) if blocks run out.
   bool append_slots(int64_t seq_id, int num_tokens);
   // Registers the blocks that are full within the first `num_computed` of `tokens` for prefix reuse.

@@ -35,7 +35,7 @@ Scheduler::Scheduler(int num_blocks, int tokens_per_block, int max_batch_size, i
 }
 
 void Scheduler::add_request(int64_t id, std::vector<Token> prompt, int max_new_tokens, int64_t end_id,
-                            std::vector<std::vector<Token>> stop_words) {
+                            std::vector<std::vector<Token>> stop_words, bool reuse_prefix) {
   const std::string rid = "request " + std::to_string(id) + ": ";
   const int n = static_cast<int>(prompt.size());
   const int64_t pool_tokens = int64_t(blocks_.num_blocks()) * tokens_per_block_;
@@ -65,6 +65,7 @@ void Scheduler::add_request(int64_t id, std::vector<Token> prompt, int max_new_t
   r->tokens = std::move(prompt);
   r->end_id = end_id;
   r->stop_words = std::move(stop_words);
+  r->reuse_prefix = reuse_prefix;
   waiting_.push_back(r.get());
   requests_.emplace(id, std::move(r));
 }
@@ -163,7 +164,7 @@ ScheduledBatch Scheduler::schedule() {
   // 3. Waiting requests, first come first served; stop at the first that does not fit.
   while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < max_batch_size_) {
     Request* r = waiting_.front();
-    int reused = blocks_.admit(r->id, r->tokens);
+    int reused = blocks_.admit(r->id, r->tokens, r->reuse_prefix);
     if (reused < 0) break;
     waiting_.pop_front();
     running_.push_back(r);

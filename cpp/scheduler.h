@@ -28,6 +28,7 @@ struct Request {
   int64_t end_id;
   std::vector<std::vector<Token>> stop_words;
   int num_computed = 0;        // leading tokens whose K/V is in the cache
+  bool reuse_prefix = true;    // false: every token is computed (its logits are wanted), none taken from the cache
   Status status = Status::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
   int num_generated() const { return static_cast<int>(tokens.size()) - num_prompt_tokens; }
@@ -62,7 +63,7 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
 
   void add_request(int64_t request_id, std::vector<Token> prompt, int max_new_tokens, int64_t end_id = -1,
-                   std::vector<std::vector<Token>> stop_words = {});
+                   std::vector<std::vector<Token>> stop_words = {}, bool reuse_prefix = true);
   bool cancel(int64_t request_id);
   ScheduledBatch schedule();
   // sampled: one token per request with sample=1 in the last batch, in batch order.

@@ -174,3 +174,20 @@ def test_trtc_bench_on_tp2(tp_engines, tmp_path):
     assert result.exit_code == 0, result.output
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["num_requests"] == 3 and b["output_tokens_per_s"] > 0
+
+
+def test_tp2_prompt_logprobs_equal_hf(tp_engines):
+    """Prompt logprobs under tp 2 (the vocab-parallel LM head gathered in chunks of max_batch_size
+    rows on both ranks, 24-token prefill chunks) equal HF's log_softmax of the prompt, top 3 too."""
+    from models import load_hf
+
+    hf, engines = tp_engines
+    with torch.no_grad():
+        want = load_hf(hf).float()(torch.tensor([FORCED])).logits[0].double().log_softmax(-1)  # [70, vocab]
+    with LLM(engines[2]) as llm:
+        out = llm.generate(FORCED, SamplingParams(max_tokens=1, prompt_logprobs=3))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(FORCED)
+    for j, (token, entry) in enumerate(zip(FORCED[1:], out.prompt_logprobs[1:])):
+        assert abs(entry[token].logprob - float(want[j, token])) < 1e-4
+        top = sorted((t for t, lp in entry.items() if lp.rank <= 3))
+        assert top == sorted(want[j].topk(3).indices.tolist())

@@ -26,7 +26,7 @@ def eval_engine(engine_dir: str, datasets: list[str], max_tokens: int | None, wi
         raise TrtcError(f"--max_tokens must be positive, got {max_tokens}")
     check_output_file(output_json, "--output_json")
     executor = Executor(engine_dir, kv_cache_max_tokens=kv_cache_max_tokens,
-                        free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction, enable_prefix_reuse=False)
+                        free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
     try:
         max_seq_len = executor.engine.build_config.max_seq_len
         if window_len is None:  # the protocol's 512 where the engine takes it

@@ -227,6 +227,8 @@ class LLM:
         if out.finished:  # ended by a stop string; the scheduler's late "cancelled" changes nothing
             return False
         detok = self._detokenizers.get(out.request_id)
+        if event.num_cached_tokens is not None:  # the request's first event
+            out.prompt_logprobs, out.num_cached_tokens = event.prompt_logprobs, event.num_cached_tokens
         if event.token_id is not None:
             c.token_ids.append(event.token_id)
             if c.logprobs is not None:

@@ -28,8 +28,9 @@ from trtc.errors import TrtcError
 from trtc.formats.engine import Engine
 from trtc.plugins.sampling.sampler import SamplingBatch, make_generator, sample
 from trtc.runtime.longrope import crossing_recompute_steps
-from trtc.runtime.outputs import TokenEvent
+from trtc.runtime.outputs import PromptLogprobs, TokenEvent
 from trtc.runtime.parallel.step import Step
+from trtc.runtime.prompt_logprobs import PromptScoring, plan_scoring, position_logprobs, score_rows
 from trtc.runtime.ranks import start_ranks
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.scheduler import Scheduler
@@ -52,7 +53,10 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_logits: torch.Tensor | None = None  # [prompt_len, vocab] f32 when asked for (teacher forcing)
+    prompt_logprobs: PromptLogprobs | None = None  # filled as its prefill chunks run, when asked for
+    num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache, set when first scheduled
+    first_event_sent: bool = False
+    prompt_logits: torch.Tensor | None = None  # [prompt_len, vocab] f32: Executor.prompt_logits only (tests)
 
 
 def _top_logprobs(logits: torch.Tensor, reqs: list[RequestState]) -> dict[int, dict[int, float]]:
@@ -69,6 +73,44 @@ def _top_logprobs(logits: torch.Tensor, reqs: list[RequestState]) -> dict[int, d
         n = reqs[i].params.top_logprobs
         tops[reqs[i].request_id] = dict(zip(ids[j][:n], values[j][:n]))
     return tops
+
+
+class _LogitsRows:
+    """Takes the step's logits rows chunk by chunk as the runner computes them (rows in `index`
+    order: sampled, then scored, then kept): keeps the sampled rows, reduces the scored ones on the
+    device at once (their chunk is then dropped) and keeps rows of Executor.prompt_logits."""
+
+    def __init__(self, num_sampled: int, scoring: PromptScoring | None, device: torch.device) -> None:
+        self.num_sampled, self.scoring = num_sampled, scoring
+        self.num_scored = 0 if scoring is None else len(scoring.targets)
+        self.targets = None if scoring is None else torch.from_numpy(scoring.targets.astype(np.int64)).to(device)
+        self._sampled, self._scored, self._kept = [], [], []
+
+    def __call__(self, start: int, logits: torch.Tensor) -> None:  # logits: [c, vocab] rows start..start+c
+        a, b = start, start + logits.shape[0]
+        s, p = self.num_sampled, self.num_sampled + self.num_scored
+        if a < s:
+            self._sampled.append(logits[: min(b, s) - a])
+        lo, hi = max(a, s), min(b, p)
+        if lo < hi:
+            self._scored.append(score_rows(logits[lo - a : hi - a], self.targets[lo - s : hi - s],
+                                           self.scoring.top_n))
+        if b > p:
+            self._kept.append((max(a, p), logits[max(a, p) - a :]))
+
+    def sampled(self) -> torch.Tensor:
+        """[num_sampled, vocab]"""
+        return self._sampled[0] if len(self._sampled) == 1 else torch.cat(self._sampled) if self._sampled else None
+
+    def scored(self) -> tuple[list, list, list, list]:
+        """Per scored row: logprob, rank, top ids, top logprobs (host lists)."""
+        parts = [torch.cat([getattr(c, f) for c in self._scored]) for f in ("logprobs", "ranks", "top_ids", "top_values")]
+        logprobs, ranks, ids, values = (t.tolist() for t in parts)
+        return logprobs, ranks, values, ids
+
+    def kept(self, offset: int, n: int) -> torch.Tensor:
+        """Rows offset..offset+n (an Executor.prompt_logits request's chunk)."""
+        return torch.cat([t for _, t in self._kept])[offset - self.num_sampled - self.num_scored :][:n]
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -144,13 +186,17 @@ class Executor:
             self.guided_decoder.compile(params.guided_decoding)
         rid = next(self._ids)
         try:
-            self.scheduler.add_request(rid, list(prompt_ids), params.max_tokens, end_id, stop_words)
+            self.scheduler.add_request(rid, list(prompt_ids), params.max_tokens, end_id, stop_words,
+                                       reuse_prefix=params.prompt_logprobs is None)
         except ValueError as e:
             raise TrtcError(str(e)) from None
         if params.guided_decoding is not None:
             stop_ids = ([end_id] if end_id >= 0 else []) + [w[0] for w in stop_words if len(w) == 1]
             self._guided.add(rid, params.guided_decoding, stop_ids)
-        self.requests[rid] = RequestState(rid, list(prompt_ids), params, make_generator(params.seed, self.device), on_event)
+        state = RequestState(rid, list(prompt_ids), params, make_generator(params.seed, self.device), on_event)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]  # the first token has no logprob
+        self.requests[rid] = state
         return rid
 
     @property
@@ -202,41 +248,62 @@ class Executor:
     def _run(self, batch) -> tuple[list[int], dict[int, float], dict[int, dict[int, float]]]:
         """Plan the step, run it, and sample a token for every request whose chunk reached its end.
         Returns the tokens in batch order, each sampled request's logprob by request id, and the
-        top logprobs of those that asked for them."""
+        top logprobs of those that asked for them. Prompt rows of requests asking for prompt logprobs
+        are scored as the runner computes their logits (trtc/runtime/prompt_logprobs.py)."""
         if len(batch.request_ids) == 0:
             return [], {}, {}
         rids = np.asarray(batch.request_ids)
         query_lens = np.asarray(batch.query_lens)
         ends = np.cumsum(query_lens) - 1  # each sequence's last fed token
         sample_rows = np.flatnonzero(np.asarray(batch.sample))
-        keep = [i for i, rid in enumerate(rids) if self.requests[int(rid)].prompt_logits is not None]
-        # logits rows: the sampled sequences' last tokens, then every token of those keeping prompt logits
-        index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
         reqs = [self.requests[int(rid)] for rid in rids]
+        for i, r in enumerate(reqs):
+            if r.num_cached_tokens is None:  # admitted in this step: its chunk starts after the cached prefix
+                r.num_cached_tokens = int(batch.positions[ends[i] - query_lens[i] + 1])
+        scoring = plan_scoring(batch, ends, query_lens, reqs)
+        keep = [i for i, r in enumerate(reqs) if r.prompt_logits is not None]
+        # logits rows: the sampled sequences' last tokens, the prompt rows scored, every token of those keeping logits
+        index = np.concatenate([ends[sample_rows]] + ([scoring.token_rows] if scoring else [])
+                               + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
         step = Step.from_batch(batch, index, np.asarray([len(r.prompt_ids) + len(r.output_ids) for r in reqs]))
         if self.long_rope_context is not None:  # a sequence growing past LongRoPE's context: its keys recomputed
             bc = self.engine.build_config
             for recompute in crossing_recompute_steps(step, lambda i: reqs[i].prompt_ids + reqs[i].output_ids,
                                                       self.long_rope_context, bc.max_num_tokens, bc.tokens_per_block):
                 self._execute(recompute)
-        logits = self._execute(step)  # [len(index), vocab]
+        rows = _LogitsRows(len(sample_rows), scoring, self.device)
+        self._execute(step, rows)
+        logits = rows.sampled()  # [len(sample_rows), vocab]
+        if scoring is not None:
+            self._add_prompt_logprobs(reqs, scoring, rows.scored())
         bitmask = None  # grammars' masks, filled on the host while a GPU runs the step
         if self._guided is not None and self._guided.matchers:
             bitmask = self._guided.fill([int(rid) for rid in rids[sample_rows]])
-        offset = len(sample_rows)
+        offset = len(sample_rows) + (len(scoring.targets) if scoring else 0)
         for i in keep:  # rows written by position: a recompute after preemption writes the same rows again
             n = int(query_lens[i])
             positions = torch.from_numpy(np.asarray(batch.positions[ends[i] - n + 1 : ends[i] + 1], dtype=np.int64))
-            self.requests[int(rids[i])].prompt_logits[positions.to(self.device)] = logits[offset : offset + n]
+            self.requests[int(rids[i])].prompt_logits[positions.to(self.device)] = rows.kept(offset, n)
             offset += n
         if len(sample_rows) == 0:
             return [], {}, {}
-        return self._sample(rids[sample_rows], logits[: len(sample_rows)], bitmask)
+        return self._sample(rids[sample_rows], logits, bitmask)
 
-    def _execute(self, step: Step) -> torch.Tensor:
+    def _add_prompt_logprobs(self, reqs: list[RequestState], scoring: PromptScoring, scored: list) -> None:
+        """Append this step's scored rows to each scoring request's prompt_logprobs (one transfer)."""
+        logprobs, ranks, values, ids = scored
+        offset = 0
+        for i, _start, count in scoring.requests:
+            r, n = reqs[i], reqs[i].params.prompt_logprobs
+            for j in range(offset, offset + count):
+                r.prompt_logprobs.append(position_logprobs(int(scoring.targets[j]), logprobs[j], ranks[j],
+                                                           ids[j], values[j], n))
+            offset += count
+
+    def _execute(self, step: Step, on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
         if self.ranks is not None:
             self.ranks.send(step)  # the other ranks run it alongside
-        return self.worker.execute(step)
+        return self.worker.execute(step, on_logits)
 
     def _sample(
         self, request_ids: np.ndarray, logits: torch.Tensor, bitmask: TokenBitmask | None = None
@@ -278,6 +345,9 @@ class Executor:
                 event = TokenEvent(rid, token, logprobs[rid], reason, tops.get(rid))
             else:
                 event = TokenEvent(rid, None, None, reason)
+            if not r.first_event_sent:
+                r.first_event_sent = True
+                event.prompt_logprobs, event.num_cached_tokens = r.prompt_logprobs, r.num_cached_tokens
             r.finish_reason = reason
             events.append(event)
             if r.on_event is not None:
@@ -292,6 +362,8 @@ class Executor:
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Teacher-forced logits [len(prompt), vocab] f32 of each prompt (row i predicts token i+1),
         computed by the runtime like any request (in-flight batched, chunked prefill, paged KV cache).
+        For tests that compare whole logits with a reference; it holds [len(prompt), vocab] per
+        prompt, so scoring (eval, the server) goes through `score` / SamplingParams.prompt_logprobs.
         A prompt whose prefix came from cached blocks (prefix reuse) has positions that were never
         computed: that raises, naming the fix."""
         states = []
@@ -306,6 +378,16 @@ class Executor:
             raise TrtcError("prompt logits need every prompt position computed, but a prompt's prefix came from the "
                             "prefix cache; create the executor with enable_prefix_reuse=False")
         return [s.prompt_logits for s in states]
+
+    def score(self, prompts: list[list[int]], top_n: int = 0) -> list[PromptLogprobs]:
+        """The prompt logprobs (SamplingParams.prompt_logprobs=top_n) of each prompt, computed by the
+        runtime like any request (in-flight batched, chunked prefill, paged KV cache): the scoring
+        path of `trtc eval`, the API and the server."""
+        params = SamplingParams(max_tokens=1, end_id=-1, prompt_logprobs=top_n)
+        states = [self.requests[self.add_request(p, params)] for p in prompts]
+        while any(s.request_id in self.requests for s in states):
+            self._step_or_raise()
+        return [s.prompt_logprobs for s in states]
 
     def _step_or_raise(self) -> None:
         if not self.step() and self.scheduler.num_running() == 0 and self.has_unfinished():

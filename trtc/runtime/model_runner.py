@@ -13,6 +13,8 @@ is fused with the residual add before it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -199,9 +201,12 @@ class ModelRunner:
         return x if self.group is None else self.group.all_reduce(x)  # one rank: the partial result is the result
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor,
+                on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """input_ids: [T]; logits_indices: [S] token indices whose next-token logits are wanted.
-        Returns logits [S, vocab] float32."""
+        Returns logits [S, vocab] float32. The LM head runs on at most max_batch_size rows at a time
+        (the logits the memory plan counts; every rank chunks alike): with `on_logits`, each chunk
+        [c, vocab] goes to on_logits(first row, chunk) as it is computed and None is returned."""
         w = self.w
         if self._decode_kv is not None:
             self._decode_kv.begin_step(meta)
@@ -225,6 +230,21 @@ class ModelRunner:
             if layer.mlp_output_norm is not None:
                 h = norm(h, layer.mlp_output_norm, w[p + "mlp_output_norm.weight"])
         h, _ = self._add_norm(h[logits_indices], residual[logits_indices], self.graph.final_norm, "final_norm")
+        rows = self.build_config.max_batch_size
+        if on_logits is None and h.shape[0] <= rows:
+            return self._lm_head(h)
+        chunks = []
+        for start in range(0, h.shape[0], rows):
+            logits = self._lm_head(h[start : start + rows])
+            if on_logits is None:
+                chunks.append(logits)
+            else:
+                on_logits(start, logits)
+        return torch.cat(chunks) if on_logits is None else None
+
+    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [S, hidden], after the final norm -> logits [S, vocab] float32 (gathered over the ranks)."""
+        w = self.w
         head = w["embedding.weight"] if self.graph.tie_word_embeddings else w["lm_head.weight"]
         logits = F.linear(h.to(head.dtype), head)  # [S, local_vocab]
         if self.graph.final_logit_soft_cap is not None:

@@ -21,6 +21,21 @@ def new_completion(params) -> CompletionOutput:
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at one position (vLLM's): its rank in the distribution (1: the
+    most likely) and, once the frontend decodes it, its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt position: None for the first token, else {token id: Logprob}, the prompt's own token
+# first, then the most likely ones (vLLM's PromptLogprobs).
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
 class RequestOutput:
     request_id: int
     prompt: str | None
@@ -28,6 +43,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     error: str | None = None  # why the request was rejected (it then has finish_reason "error")
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs, with the first token
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache, known once scheduled
 
     @property
     def text(self) -> str:
@@ -51,3 +68,7 @@ class TokenEvent:
     logprob: float | None
     finish_reason: str | None
     top_logprobs: dict[int, float] | None = None  # token id -> logprob, most likely first, when asked for
+    # On a request's first event only: its prompt's logprobs (when asked for) and its prompt tokens
+    # that came from the prefix cache (None if it ended before it was scheduled).
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int | None = None

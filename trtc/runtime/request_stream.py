@@ -87,6 +87,8 @@ class RequestStream:
 
     def _add(self, event, step_start: float) -> None:
         c, now = self.output.outputs[0], time.monotonic()
+        if event.num_cached_tokens is not None:  # the request's first event
+            self.output.prompt_logprobs, self.output.num_cached_tokens = event.prompt_logprobs, event.num_cached_tokens
         if event.token_id is not None:
             if self.times.first_step is None:
                 self.times.first_step = step_start

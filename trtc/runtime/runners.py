@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -20,8 +21,10 @@ class Runner(Protocol):
     device: torch.device
     build_config: BuildConfig
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids: [T]; logits_indices: [S]. Returns logits [S, vocab] float32."""
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor,
+                on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
+        """input_ids: [T]; logits_indices: [S]. Returns logits [S, vocab] float32; with `on_logits`,
+        hands them to on_logits(first row, rows [c, vocab]) in chunks as computed and returns None."""
 
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
 

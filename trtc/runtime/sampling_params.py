@@ -112,6 +112,10 @@ class SamplingParams:
         top_logprobs: with logprobs, also the top_logprobs (0-20) most likely tokens of each step and
             their log-probabilities, from the model's distribution (log_softmax of its logits, before
             temperature, penalties and truncation; a grammar's mask applied), as vLLM returns them.
+        prompt_logprobs: vLLM's: the log-probability of each prompt token given the tokens before it
+            (None for the first) and its rank, with the prompt_logprobs (0-20) most likely tokens at
+            that position; the same log_softmax as generated tokens. None: not computed. A request
+            asking for them computes its whole prompt (it takes no prefix from the prefix cache).
 
     Invalid values raise ValueError naming the field, its allowed range and the value.
     """
@@ -131,6 +135,7 @@ class SamplingParams:
     logprobs: bool = False  # return the log-probability of each generated token
     top_logprobs: int = 0  # with logprobs: the most likely tokens of each step too, 0-20
     guided_decoding: GuidedDecodingParams | None = None  # structured output: schema / regex / grammar / choice
+    prompt_logprobs: int | None = None  # score the prompt: each token's logprob and rank, and the top N, 0-20
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
@@ -152,6 +157,10 @@ class SamplingParams:
         _check_int("top_logprobs", self.top_logprobs, 0)
         if self.top_logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+            if self.prompt_logprobs > MAX_TOP_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if not all(isinstance(s, str) and s for s in stop):

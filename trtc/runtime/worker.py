@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -87,15 +88,20 @@ class Worker:
                 self.runner, bc.cuda_graph_batch_sizes, -(-bc.max_seq_len // bc.tokens_per_block), self.num_blocks
             )
 
-    def execute(self, step: Step) -> torch.Tensor:
+    def execute(self, step: Step, on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """Logits [S, vocab] f32 of the step's logits rows: replayed from a decode CUDA graph where
-        one fits the step, else run eagerly."""
+        one fits the step, else run eagerly. With `on_logits`, the rows go to it in chunks as they
+        are computed instead (ModelRunner.forward) and None is returned."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(step):
-            return self.cuda_graphs.run(step)
+            logits = self.cuda_graphs.run(step)
+            if on_logits is None:
+                return logits
+            on_logits(0, logits)
+            return None
         input_ids = torch.from_numpy(np.asarray(step.input_ids, dtype=np.int64)).to(self.device)
         meta = AttentionMetadata.from_step(step, self.device)
         index = torch.from_numpy(np.asarray(step.logits_indices, dtype=np.int64)).to(self.device)
-        return self.runner.forward(input_ids, meta, index)
+        return self.runner.forward(input_ids, meta, index, on_logits)
 
     def close(self) -> None:
         """Give the device memory back now (CUDA graphs, KV cache, weights)."""
@@ -130,10 +136,14 @@ def _agree(group: RankGroup | None, error: str | None, build: tuple | None, bloc
     return min(b for _, _, b in results)
 
 
+def _drop_logits(start: int, logits: torch.Tensor) -> None:
+    """A rank other than 0 computes the logits chunks alongside rank 0 (their gathers) and drops them."""
+
+
 def serve(worker: Worker, group: RankGroup) -> None:
     """A rank other than 0: run rank 0's steps until it sends stop."""
     while (step := receive_step(group)) is not None:
-        worker.execute(step)  # its logits are rank 0's to sample
+        worker.execute(step, _drop_logits)  # its logits are rank 0's to sample and score
         if worker.device.type == "cuda":  # the graphs' pinned inputs are rewritten by the next step
             torch.cuda.current_stream().synchronize()
 
@@ -198,3 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

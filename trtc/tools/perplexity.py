@@ -28,14 +28,12 @@ class Perplexity:
 
 
 def prompt_logprobs(executor: Executor, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """For each prompt, the log-probability [len - 1] (float64) of token j + 1 given tokens 0..j,
-    from the runtime's teacher-forced logits (`Executor.prompt_logits`): the target's logit less the
-    row's logsumexp, which float32 computes to ~1e-7 of it (no float64 copy of the [len, vocab] logits)."""
+    """For each prompt, the log-probability [len - 1] (float64) of token j + 1 given tokens 0..j:
+    the runtime's prompt logprobs (`Executor.score`, SamplingParams.prompt_logprobs), the scoring
+    path the server's echo / prompt_logprobs responses take too."""
     out = []
-    for prompt, logits in zip(prompts, executor.prompt_logits(prompts)):
-        logits = logits[:-1]  # [len - 1, vocab] float32
-        target = logits.gather(1, torch.tensor(prompt[1:], device=logits.device)[:, None]).squeeze(1)
-        out.append((target - torch.logsumexp(logits, dim=-1)).double().cpu())
+    for prompt, scored in zip(prompts, executor.score(prompts)):
+        out.append(torch.tensor([entry[t].logprob for t, entry in zip(prompt[1:], scored[1:])], dtype=torch.float64))
     return out
 
 

@@ -73,8 +73,10 @@ class TensorRTRunner:
         self.context.set_tensor_address(name, t.data_ptr())
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids: [T]; logits_indices: [S]. Returns logits [S, vocab] float32."""
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor,
+                on_logits=None) -> torch.Tensor | None:
+        """input_ids: [T]; logits_indices: [S]. Returns logits [S, vocab] float32 (the plan computes
+        them whole; with `on_logits` they go to on_logits(0, logits) and None is returned)."""
         step = {
             "input_ids": input_ids.long(), "positions": meta.positions.long(), "slot_mapping": meta.slot_mapping.long(),
             "block_tables": meta.block_tables.int(), "context_lens": meta.context_lens_tensor.int(),
@@ -90,4 +92,7 @@ class TensorRTRunner:
         self._bind(LOGITS, logits, is_input=False)
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise TrtcError("TensorRT failed to run the step (see the log above)")
+        if on_logits is not None:
+            on_logits(0, logits)
+            return None
         return logits
