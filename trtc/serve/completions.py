@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -49,6 +49,22 @@ class Choice:
     stream: RequestStream
     prompt_text: str | None  # for echo
     reply: ChatReplyParser | None = None  # chat: reasoning and tool calls out of the text
+    first: Choice | None = None  # sample 0 of the same prompt, which computed the prompt's logprobs
+    drop_output: bool = False  # max_tokens 0: the engine's one token is not returned
+    echoed: bool = False  # streaming: the prompt's chunk was sent
+
+    @property
+    def prompt_logprobs(self):
+        """PromptLogprobs of the prompt (trtc/runtime/outputs.py), None if not asked for."""
+        return (self.first or self).stream.output.prompt_logprobs
+
+    def visible(self):
+        """The CompletionOutput as the client sees it (nothing generated for max_tokens 0)."""
+        o = self.stream.output.outputs[0]
+        if not self.drop_output:
+            return o
+        return replace(o, text="", token_ids=[], logprobs=None if o.logprobs is None else [],
+                       top_logprobs=None if o.top_logprobs is None else [])
 
 
 def openai_finish_reason(reason: str | None) -> str | None:
@@ -60,12 +76,15 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
     """Tokenize, check and submit every (prompt, sample); returns the choices and the prompt tokens."""
     llm, max_seq_len = ctx.llm, ctx.llm.executor.engine.build_config.max_seq_len
     ids = [llm.tokenizer(p).input_ids if isinstance(p, str) else p for p in prompts]
+    prompt_top = req.requested_prompt_logprobs()
+    echo = isinstance(req, CompletionRequest) and req.echo
     plans = []
     for p, prompt_ids in zip(prompts, ids):
         n_tokens = max_tokens if max_tokens is not None else max(1, max_seq_len - len(prompt_ids))
         for j in range(req.n):
-            try:
-                params = req.sampling_params(n_tokens, logprobs, seed_offset=j)
+            try:  # max_tokens 0: the engine samples one token (from the prompt's last row), not returned
+                params = req.sampling_params(max(1, n_tokens), logprobs, seed_offset=j,
+                                             prompt_logprobs=prompt_top if j == 0 else None)
             except ValueError as e:
                 raise APIError(400, str(e)) from None
             if params.guided_decoding is not None and j == 0:  # compiled off the event loop, once (cached)
@@ -77,7 +96,8 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
                 llm.check_prompt(prompt_ids, params)
             except TrtcError as e:
                 raise APIError(400, str(e), "prompt" if isinstance(req, CompletionRequest) else "messages") from None
-            plans.append((p if isinstance(p, str) else None, prompt_ids, params, j))
+            text = p if isinstance(p, str) else llm.tokenizer.decode(prompt_ids) if echo else None
+            plans.append((text, prompt_ids, params, j))
     engine = llm.start_async_engine()
     if ctx.shutting_down or not engine.alive:
         raise APIError(503, "the server is shutting down" if ctx.shutting_down else "the engine is not running")
@@ -86,9 +106,9 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
                             f"{ctx.max_queued_requests}); retry later")
     choices, first = [], None
     for i, (text, prompt_ids, params, j) in enumerate(plans):  # samples 1..n-1 share sample 0's prompt blocks
-        stream = llm.generate_async(prompt_ids, params, after=first if j > 0 else None)
-        first = stream if j == 0 else first
-        choices.append(Choice(i, stream, text))
+        stream = llm.generate_async(prompt_ids, params, after=first.stream if j > 0 else None)
+        choices.append(Choice(i, stream, text, first=first if j > 0 else None, drop_output=max_tokens == 0))
+        first = choices[-1] if j == 0 else first
     for c in choices:
         c.stream.output.prompt = c.prompt_text
     return choices, sum(len(x) for x in ids) * req.n
@@ -104,8 +124,10 @@ async def _watch_disconnect(request: Request, choices: list[Choice]) -> None:
 
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
-    completion = sum(len(c.stream.output.outputs[0].token_ids) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    completion = sum(len(c.visible().token_ids) for c in choices)
+    cached = sum(c.stream.output.num_cached_tokens or 0 for c in choices)  # prompt tokens from the prefix cache
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _token_strings(llm: LLM, token_ids: list[int]) -> list[str]:
@@ -122,6 +144,39 @@ def _completion_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], 
         pos += len(t)
     top = None if tops is None else [dict(zip(_token_strings(llm, list(alt)), alt.values())) for alt in tops]
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _echo_logprobs(llm: LLM, prompt_ids: list[int], scored, n: int) -> dict:
+    """The prompt's part of an echo response's logprobs (OpenAI's legacy shape, as vLLM gives it):
+    None for the first token; top_logprobs hold the prompt's token and the n most likely."""
+    tokens = _token_strings(llm, prompt_ids)
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    logprobs, tops = [None], [None]
+    for token, entry in zip(prompt_ids[1:], scored[1:]):
+        logprobs.append(entry[token].logprob)
+        alts = [t for t, lp in entry.items() if t == token or lp.rank <= n]
+        tops.append(dict(zip(_token_strings(llm, alts), (entry[t].logprob for t in alts))))
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _with_echo(llm: LLM, c: Choice, n: int, lp: dict) -> dict:
+    """The prompt's logprobs (echo) followed by the completion's `lp`."""
+    prompt = _echo_logprobs(llm, c.stream.output.prompt_token_ids, c.prompt_logprobs, n)
+    tops = lp["top_logprobs"] or [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
+    return {"tokens": prompt["tokens"] + lp["tokens"], "token_logprobs": prompt["token_logprobs"] + lp["token_logprobs"],
+            "top_logprobs": prompt["top_logprobs"] + tops, "text_offset": prompt["text_offset"] + lp["text_offset"]}
+
+
+def _prompt_logprobs_json(llm: LLM, scored) -> list | None:
+    """vLLM's `prompt_logprobs`: None first, then {token id: {logprob, rank, decoded_token}} per position."""
+    if scored is None:
+        return None
+    out = [None]
+    for entry in scored[1:]:
+        texts = _token_strings(llm, list(entry))
+        out.append({t: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": s}
+                    for (t, lp), s in zip(entry.items(), texts)})
+    return out
 
 
 def _chat_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], tops: list[dict[int, float]] | None) -> dict:
@@ -187,21 +242,31 @@ def _chat_finish_reason(c: Choice, reason: str | None) -> str | None:
 
 
 def _full_response(ctx, req, choices: list[Choice], prompt_tokens: int, rid: str, chat: bool) -> dict:
-    out = []
+    out, prompt_logprobs = [], None
     for c in choices:
-        o = c.stream.output.outputs[0]
+        o = c.visible()
         reason = openai_finish_reason(o.finish_reason)
         if chat:
             lp = _chat_logprobs(ctx.llm, o.token_ids, o.logprobs, o.top_logprobs) if req.logprobs else None
             message = c.reply.message(o.text) if c.reply is not None else {"role": "assistant", "content": o.text}
             out.append({"index": c.index, "message": message, "logprobs": lp,
                         "finish_reason": _chat_finish_reason(c, reason)})
+            if req.prompt_logprobs is not None and prompt_logprobs is None:  # vLLM: one list, on the response
+                prompt_logprobs = _prompt_logprobs_json(ctx.llm, c.prompt_logprobs)
         else:
             prefix = (c.prompt_text or "") if req.echo else ""
             lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, len(prefix), o.top_logprobs) if req.logprobs is not None else None
-            out.append({"index": c.index, "text": prefix + o.text, "logprobs": lp, "finish_reason": reason})
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            if lp is not None and req.echo:
+                lp = _with_echo(ctx.llm, c, req.logprobs, lp)
+            choice = {"index": c.index, "text": prefix + o.text, "logprobs": lp, "finish_reason": reason}
+            if req.prompt_logprobs is not None:  # vLLM's extension, on each choice
+                choice["prompt_logprobs"] = _prompt_logprobs_json(ctx.llm, c.prompt_logprobs)
+            out.append(choice)
+    body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": ctx.model_name, "choices": out, "usage": _usage(prompt_tokens, choices)}
+    if chat and req.prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs
+    return body
 
 
 async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]:
@@ -257,9 +322,11 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
         if chat:
             yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for c in choices])
-        elif req.echo:
+        elif req.echo and req.logprobs is None:
             yield chunk([{"index": c.index, "text": c.prompt_text or "", "logprobs": None, "finish_reason": None}
                          for c in choices])
+            for c in choices:
+                c.echoed = True
         async for c, delta in _merged(choices):
             if isinstance(delta, TrtcError):
                 yield f"data: {json.dumps({'error': {'message': str(delta), 'type': 'ServiceUnavailableError', 'param': None, 'code': 503}})}\n\n"
@@ -273,6 +340,10 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
                     yield chunk([{"index": c.index, "delta": d, "logprobs": lp,
                                   "finish_reason": _chat_finish_reason(c, reason)}])
             else:
+                if req.echo and not c.echoed:  # with logprobs: the prompt's come with its first token
+                    c.echoed = True
+                    echo = _echo_logprobs(ctx.llm, c.stream.output.prompt_token_ids, c.prompt_logprobs, req.logprobs)
+                    yield chunk([{"index": c.index, "text": c.prompt_text or "", "logprobs": echo, "finish_reason": None}])
                 lp = _completion_logprobs(ctx.llm, o.token_ids, o.logprobs, 0, o.top_logprobs) if req.logprobs is not None else None
                 yield chunk([{"index": c.index, "text": o.text, "logprobs": lp, "finish_reason": reason}])
             if delta.finished:

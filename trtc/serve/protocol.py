@@ -42,6 +42,7 @@ class SamplingRequest(BaseModel):
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     ignore_eos: bool = False
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # each prompt token's logprob
     # structured output: OpenAI's response_format, vLLM's guided_* extensions (trtc/serve/structured.py)
     response_format: dict | None = None
     guided_json: dict | str | None = None
@@ -52,7 +53,8 @@ class SamplingRequest(BaseModel):
     def guided_decoding(self) -> GuidedDecodingParams | None:
         return guided_decoding_of(self)
 
-    def sampling_params(self, max_tokens: int, logprobs: bool, seed_offset: int = 0) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: bool, seed_offset: int = 0,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -62,10 +64,20 @@ class SamplingRequest(BaseModel):
             seed=None if self.seed is None else self.seed + seed_offset,
             end_id=-1 if self.ignore_eos else None, stop=[s for s in stop if s], logprobs=logprobs,
             top_logprobs=self.requested_top_logprobs() if logprobs else 0, guided_decoding=self.guided_decoding(),
+            prompt_logprobs=prompt_logprobs,
         )
 
     def requested_top_logprobs(self) -> int:
         return 0
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self):
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs are not available with stream true (as in vLLM); pass stream false")
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -74,12 +86,26 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0 with echo: score the prompt, generate nothing
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # N: the N most likely tokens too
 
     def requested_top_logprobs(self) -> int:
         return self.logprobs or 0
+
+    def requested_prompt_logprobs(self) -> int | None:
+        """The top N of the prompt's logprobs to compute: for echo with logprobs, and prompt_logprobs."""
+        wanted = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs) if n is not None]
+        return max(wanted) if wanted else None
+
+    @model_validator(mode="after")
+    def _zero_tokens_need_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo true (to score the prompt); "
+                             "pass max_tokens >= 1 or echo true")
+        if self.max_tokens == 0 and self.stream:
+            raise ValueError("max_tokens 0 (scoring the prompt) does not stream; pass stream false")
+        return self
 
     @model_validator(mode="after")
     def _prompts_not_empty(self):
