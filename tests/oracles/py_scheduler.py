@@ -66,12 +66,12 @@ class BlockManager:
         self._ref[b] = 1
         return b
 
-    def admit(self, seq_id: int, tokens: list[int]) -> int:
+    def admit(self, seq_id: int, tokens: list[int], reuse_prefix: bool = True) -> int:
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} already holds blocks")
         tpb, n = self.tokens_per_block, len(tokens)
         matched, hashes, num_reclaimed, parent = [], [], 0, 0
-        if self._reuse:
+        if self._reuse and reuse_prefix:
             for i in range((n - 1) // tpb):
                 chunk = tokens[i * tpb : (i + 1) * tpb]
                 h = self.hash_block(parent, chunk)
@@ -186,6 +186,7 @@ class _Request:
     max_new_tokens: int
     end_id: int
     stop_words: list[list[int]]
+    reuse_prefix: bool = True
     num_computed: int = 0
     status: str = "waiting"  # waiting | running | finished
     finish_reason: str | None = None
@@ -223,7 +224,7 @@ class Scheduler:
         self._reused_tokens = self._num_preemptions = 0
 
     def add_request(self, request_id: int, prompt: list[int], max_new_tokens: int, end_id: int = -1,
-                    stop_words: list[list[int]] = ()) -> None:
+                    stop_words: list[list[int]] = (), reuse_prefix: bool = True) -> None:
         rid, n = f"request {request_id}: ", len(prompt)
         pool_tokens = self._blocks.num_blocks * self._tpb
         if n == 0:
@@ -244,7 +245,8 @@ class Scheduler:
             if not stop:
                 raise ValueError(rid + f"stop_words[{i}] is empty; drop it")
         max_new_tokens = min(max_new_tokens, self._max_seq_len - n, pool_tokens - n + 1)
-        r = _Request(request_id, [int(t) for t in prompt], n, max_new_tokens, end_id, [list(s) for s in stop_words])
+        r = _Request(request_id, [int(t) for t in prompt], n, max_new_tokens, end_id, [list(s) for s in stop_words],
+                     reuse_prefix)
         self._waiting.append(r)
         self._requests[request_id] = r
 
@@ -314,7 +316,7 @@ class Scheduler:
         # 3. waiting requests, first come first served; stop at the first that does not fit
         while self._waiting and budget > 0 and len(self._running) < self._max_batch_size:
             r = self._waiting[0]
-            reused = self._blocks.admit(r.id, r.tokens)
+            reused = self._blocks.admit(r.id, r.tokens, r.reuse_prefix)
             if reused < 0:
                 break
             self._waiting.popleft()

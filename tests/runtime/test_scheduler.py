@@ -181,6 +181,22 @@ def test_prefix_reuse_can_be_disabled(S):
     assert s.stats()["reused_tokens"] == 0 and s.stats()["cached_blocks"] == 0
 
 
+def test_a_request_can_decline_the_prefix_cache(S):
+    """reuse_prefix=False (a request whose prompt logits are wanted) computes its whole prompt; its
+    full blocks are still cached for the requests after it."""
+    s = S(8, 4, 4, 64, 64)
+    s.add_request(1, list(range(9)), max_new_tokens=1)
+    s.schedule()
+    s.update([1])
+    s.add_request(2, list(range(9)), max_new_tokens=1, reuse_prefix=False)
+    b = s.schedule()
+    assert b.query_lens.tolist() == [9] and b.positions.tolist()[0] == 0
+    assert s.stats()["reused_tokens"] == 0
+    s.update([1])
+    s.add_request(3, list(range(9)), max_new_tokens=1)
+    assert s.schedule().query_lens.tolist() == [1] and s.stats()["reused_tokens"] == 8
+
+
 def run_one(s, rid, tokens):
     out = []
     for t in tokens:
