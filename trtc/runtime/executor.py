@@ -272,7 +272,10 @@ class Executor:
                                                       self.long_rope_context, bc.max_num_tokens, bc.tokens_per_block):
                 self._execute(recompute)
         rows = _LogitsRows(len(sample_rows), scoring, self.device)
-        self._execute(step, rows)
+        if scoring is None:  # every row wanted as is: [len(index), vocab] in one piece
+            rows(0, self._execute(step))
+        else:  # scored rows reduced chunk by chunk as the runner computes them
+            self._execute(step, rows)
         logits = rows.sampled()  # [len(sample_rows), vocab]
         if scoring is not None:
             self._add_prompt_logprobs(reqs, scoring, rows.scored())

@@ -101,6 +101,8 @@ class Worker:
         input_ids = torch.from_numpy(np.asarray(step.input_ids, dtype=np.int64)).to(self.device)
         meta = AttentionMetadata.from_step(step, self.device)
         index = torch.from_numpy(np.asarray(step.logits_indices, dtype=np.int64)).to(self.device)
+        if on_logits is None:
+            return self.runner.forward(input_ids, meta, index)
         return self.runner.forward(input_ids, meta, index, on_logits)
 
     def close(self) -> None:
