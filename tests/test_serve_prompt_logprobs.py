@@ -139,3 +139,17 @@ def test_cached_tokens_count_reused_blocks(client, server):
 def test_bad_scoring_requests(server, body, words):
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_streamed_echo_logprobs_equal_the_response(client):
+    """stream with echo + logprobs: the prompt's chunk carries its logprobs (with the first token), as
+    the full response does."""
+    full = client.completions.create(model="test-model", prompt=TEXT, max_tokens=3, echo=True, logprobs=1)
+    chunks = list(client.completions.create(model="test-model", prompt=TEXT, max_tokens=3, echo=True, logprobs=1,
+                                            stream=True))
+    assert chunks[0].choices[0].text == TEXT
+    streamed = [lp for c in chunks for lp in (c.choices[0].logprobs.token_logprobs if c.choices[0].logprobs else [])]
+    assert streamed[0] is None and full.choices[0].logprobs.token_logprobs[0] is None
+    assert len(streamed) == len(full.choices[0].logprobs.token_logprobs)
+    assert max(abs(a - b) for a, b in zip(streamed[1:], full.choices[0].logprobs.token_logprobs[1:])) < 1e-6
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
