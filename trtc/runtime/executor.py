@@ -110,7 +110,8 @@ class _LogitsRows:
 
     def kept(self, offset: int, n: int) -> torch.Tensor:
         """Rows offset..offset+n (an Executor.prompt_logits request's chunk)."""
-        return torch.cat([t for _, t in self._kept])[offset - self.num_sampled - self.num_scored :][:n]
+        kept = self._kept[0][1] if len(self._kept) == 1 else torch.cat([t for _, t in self._kept])
+        return kept[offset - self.num_sampled - self.num_scored :][:n]
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -277,11 +278,11 @@ class Executor:
         else:  # scored rows reduced chunk by chunk as the runner computes them
             self._execute(step, rows)
         logits = rows.sampled()  # [len(sample_rows), vocab]
-        if scoring is not None:
-            self._add_prompt_logprobs(reqs, scoring, rows.scored())
         bitmask = None  # grammars' masks, filled on the host while a GPU runs the step
         if self._guided is not None and self._guided.matchers:
             bitmask = self._guided.fill([int(rid) for rid in rids[sample_rows]])
+        if scoring is not None:
+            self._add_prompt_logprobs(reqs, scoring, rows.scored())
         offset = len(sample_rows) + (len(scoring.targets) if scoring else 0)
         for i in keep:  # rows written by position: a recompute after preemption writes the same rows again
             n = int(query_lens[i])
