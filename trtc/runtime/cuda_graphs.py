@@ -55,6 +55,7 @@ class DecodeCudaGraphs:
         free = torch.cuda.mem_get_info(dev)[0]
         self.logits = torch.empty(bmax, runner.graph.vocab_size, dtype=torch.float32, device=dev)  # [bmax, vocab]
         self._capture()
+        torch.cuda.empty_cache()  # the warm-ups' cached blocks: what stays is the graphs' pool and the buffer
         self.memory_bytes = free - torch.cuda.mem_get_info(dev)[0]  # the device memory the graphs took
         _LIVE.add(self)
 
