@@ -10,8 +10,9 @@
                  split partials, and an INT4 layer's dequantized weight (the large-M tactic)
     logits       float32 logits of the rows a step samples (max_batch_size), the LM head's chunk of
                  LOGITS_CHUNK_ROWS rows in the model dtype, and the top-logprobs chunk
-    sampling     the penalties' [max_batch_size, vocab] masks and counts and the sampler's
-                 temporaries for one chunk of SAMPLING_CHUNK_ROWS rows (sort, softmax, noise)
+    sampling     the penalties' [max_batch_size, vocab] masks and counts, the guided-decoding
+                 bitmasks, and the sampler's temporaries for one chunk of SAMPLING_CHUNK_ROWS rows
+                 (sort, softmax, noise)
     graphs       the decode CUDA graphs' one shared memory pool: a decode forward at the largest
                  captured batch size and the graphs' shared float32 logits buffer
     KV pool      with a GPU memory figure: free_gpu_memory_fraction of what is left after weights,
@@ -166,7 +167,8 @@ def memory_plan(graph: ModelGraph, mapping: Mapping, dtype: str, quant: QuantCon
     # the LM head's chunk (model dtype, and its soft-capped copy) and its gathered float32 copy under tp
     head_chunk = chunk * (2 * local_vocab * act + (mapping.padded_vocab(vocab) * 4 if mapping.tp_size > 1 else 0))
     logits = rows * vocab * 4 + head_chunk + chunk * vocab * 4  # + the top-logprobs chunk's log-softmax
-    sampling = rows * vocab * PENALTY_BYTES_PER_ELEMENT + min(SAMPLING_CHUNK_ROWS, rows) * vocab * SAMPLER_BYTES_PER_ELEMENT
+    sampling = (rows * vocab * PENALTY_BYTES_PER_ELEMENT + min(SAMPLING_CHUNK_ROWS, rows) * vocab * SAMPLER_BYTES_PER_ELEMENT
+                + rows * -(-vocab // 32) * 4)  # + the guided rows' token bitmasks (int32 words)
     graphs = 0
     if cuda_graphs and config.cuda_graph_batch_sizes:
         bmax = max(config.cuda_graph_batch_sizes)

@@ -84,6 +84,8 @@ class Worker:
                 use_expandable_segments()
             self.runner: Runner = make_runner(self.engine, device, rank, group)  # weights first: the pool takes what is left
             self.plan = runtime_plan(self.engine, options.free_gpu_memory_fraction)
+            if device.type == "cuda":
+                self.plan.capacity = torch.cuda.mem_get_info(device)[1]  # what `--dry_run --gpu_memory` would be told
             use_graphs = options.enable_cuda_graphs and device.type == "cuda" and self.runner.graph_capturable()
             if options.kv_cache_max_tokens is None and device.type == "cuda":
                 self.peaks = profile_run(self.runner, use_graphs)
@@ -118,7 +120,10 @@ class Worker:
             captured = f", captured {size(self.cuda_graphs.memory_bytes)}" if self.cuda_graphs is not None else ""
             line += (f"; profile run: step {size(self.peaks.step)}, sampling {size(self.peaks.sampling)}, graphs "
                      f"{size(self.peaks.graphs)}{captured}; reserved {size(self.reserved)}")
-        return line + f"; KV pool {size(self.runner.kv_cache_bytes())}"
+        line += f"; KV pool {size(self.runner.kv_cache_bytes())}"
+        if self.device.type == "cuda" and self.plan.capacity is not None:
+            line += f" (the plan's for {size(self.plan.capacity)} of GPU memory: {size(self.plan.kv_pool())})"
+        return line
 
     def execute(self, step: Step) -> torch.Tensor:
         """Logits [S, vocab] f32 of the step's logits rows: replayed from a decode CUDA graph where
