@@ -183,7 +183,19 @@ def memory_plan(graph: ModelGraph, mapping: Mapping, dtype: str, quant: QuantCon
     )
 
 
-DECODE_SPLIT_PARTIALS = 64 * 2**20  # decode attention's split partials: ~4 programs per SM, 64 splits at most
+MAX_SMS = 160  # streaming multiprocessors of the largest GPU a plan may meet (an H100 SXM has 132)
+
+
+def decode_split_partials(graph: ModelGraph, mapping: Mapping, tokens: int) -> int:
+    """Bytes of decode attention's float32 split partials (out and log-sum-exp) for up to `tokens`
+    sequences: splits per (sequence, kv head) aim at 4 programs per SM, so sequences x kv heads x
+    splits <= 4 x SMs + sequences x kv heads (triton_decode.num_splits_for)."""
+    most = 0
+    for layer in graph.layers:
+        a = layer.attention
+        hq, hkv = mapping.local_heads(a), mapping.local_kv_heads(a)
+        most = max(most, (4 * MAX_SMS + tokens * hkv) * (hq // hkv) * (a.head_dim + 1) * 4)
+    return most
 
 
 def _activations(graph: ModelGraph, mapping: Mapping, size: int, quant: QuantConfig | None, tokens: int) -> int:
@@ -206,7 +218,7 @@ def _activations(graph: ModelGraph, mapping: Mapping, size: int, quant: QuantCon
         per_token = max(per_token, stream + max(attention, mlp))
         if quant is not None and quant.is_int4:
             dequant = max(dequant, 2 * m.intermediate_size // tp * hidden * size)
-    return per_token * tokens * size + dequant + DECODE_SPLIT_PARTIALS
+    return per_token * tokens * size + dequant + decode_split_partials(graph, mapping, tokens)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
