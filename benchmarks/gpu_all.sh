@@ -14,6 +14,10 @@
 #     against HF (fewer layers to fit the disk: per-layer work is the model's);
 #   pytest: the GPU tests named by $PYTEST_ARGS;
 #   serve: `trtc serve` against the offline engine (8B, bf16) at concurrency $SERVE_CONCURRENCY
+#   maxtput: max-throughput mode (trtllm-bench's method) of 8B-shaped bf16 and FP8 (+FP8 KV) engines at
+#     --max_batch_size ${MAXTPUT_BATCH:-2048}, ISL/OSL ${MAXTPUT_PAIRS:-128/128} (e.g. MAXTPUT_PAIRS=128/128,128/2048,
+#     2048/128,1000/1000,500/2000), ${MAXTPUT_SECONDS:-60} s at most per pair, beside TensorRT-LLM's published figures
+#   memory: the GPU memory-plan test (tests/test_gpu_memory_plan.py: peak <= plan, 2,000 requests at 256 in flight)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRTC_FIXTURES=${TRTC_FIXTURES:-$PWD/.carry/fixtures}
 OUT=${OUT:-/tmp/trtc-out}
@@ -67,6 +71,13 @@ for part in "${PARTS[@]}"; do case $part in
          python3 benchmarks/serve_vs_offline.py $S/engine --concurrency "${SERVE_CONCURRENCY:-1,25,100,250}" \
            --output_json "$OUT/serve_vs_offline.json" 2>&1 | tee "$OUT/serve.log" | grep -v -E "$SHOW" | tail -20
          rm -rf $S ;;
+  maxtput) rm -rf /tmp/trtc-maxtput /tmp/trtc-gpu-bench-* /tmp/trtc-serve-8b
+           python3 benchmarks/max_throughput.py --engines "${MAXTPUT_ENGINES:-bf16,fp8}" --pairs "${MAXTPUT_PAIRS:-128/128}" \
+             --max_batch_size "${MAXTPUT_BATCH:-2048}" --max_seconds "${MAXTPUT_SECONDS:-60}" 2>&1 \
+             | tee "$OUT/maxtput.log" | grep -v -E "$SHOW" | tail -40
+           rm -rf /tmp/trtc-maxtput ;;
+  memory) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_memory_plan.py -s 2>&1 | tee "$OUT/memory_plan.log" \
+            | tail -25 ;;
   tp) if [ "$GPUS" -ge 2 ]; then
         python3 -m pytest -q -m multi_gpu tests -p no:cacheprovider -s 2>&1 | tee "$OUT/multi_gpu_tests.log" | tail -25
         python3 benchmarks/tp_gpu.py $QUICK --output_json "$OUT/tp_bench.json" 2>&1 | tee "$OUT/tp_bench.log" \

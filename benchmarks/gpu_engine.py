@@ -146,12 +146,12 @@ def hf_batch1_guarded(hf_dir: Path, isl: int, osl: int, timeout: int) -> tuple[f
 BUILD_FLAGS = ["--max_seq_len", "4096", "--max_batch_size", "256", "--max_num_tokens", "8192", "--overwrite"]
 
 
-def build_engine(kind: str, hf_dir: Path, engine: Path) -> float:
+def build_engine(kind: str, hf_dir: Path, engine: Path, flags: list[str] = BUILD_FLAGS) -> float:
     """Seconds to build `kind` (bf16 from the HF dir; fp8 / int4_awq from a synthetic quantized
-    checkpoint, whose preparation is not counted)."""
+    checkpoint, whose preparation is not counted) with the build `flags`."""
     cli = [sys.executable, "-m", "trtc.cli"]
     if kind == "bf16":
-        return timed([*cli, "build", "--model_dir", str(hf_dir), "--output_dir", str(engine), *BUILD_FLAGS])
+        return timed([*cli, "build", "--model_dir", str(hf_dir), "--output_dir", str(engine), *flags])
     ckpt, qckpt = engine.parent / "ckpt", engine.parent / f"ckpt-{kind}"
     if not (ckpt / "config.json").is_file():
         subprocess.run([*cli, "convert", "--model_dir", str(hf_dir), "--output_dir", str(ckpt), "--dtype", "bfloat16"],
@@ -160,7 +160,7 @@ def build_engine(kind: str, hf_dir: Path, engine: Path) -> float:
     subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic_quant.py"), str(ckpt), str(qckpt), kind, *extra],
                    check=True)
     kv = ["--kv_cache_dtype", "fp8"] if kind == "fp8" else []
-    seconds = timed([*cli, "build", "--checkpoint_dir", str(qckpt), "--output_dir", str(engine), *BUILD_FLAGS, *kv])
+    seconds = timed([*cli, "build", "--checkpoint_dir", str(qckpt), "--output_dir", str(engine), *flags, *kv])
     shutil.rmtree(qckpt)
     return seconds
 
@@ -175,7 +175,9 @@ def trtc_part(args, hf_dir: Path, engine: Path, kind: str = "bf16") -> dict:
     print(f"before load: allocated {torch.cuda.memory_allocated() / 1e9:.1f} GB, free {free / 1e9:.1f} of {total / 1e9:.1f} GB")
     ex = Executor(engine, free_gpu_memory_fraction=args.kv_fraction)
     print(f"{kind}: weights {ex.runner.weight_bytes() / 1e9:.2f} GB, KV pool {ex.runner.kv_cache_bytes() / 1e9:.1f} GB "
-          f"({ex.num_blocks} blocks), allocated {torch.cuda.memory_allocated() / 1e9:.1f} GB", flush=True)
+          f"({ex.num_blocks} blocks), allocated {torch.cuda.memory_allocated() / 1e9:.1f} GB; {ex.worker.memory_line()}",
+          flush=True)
+    torch.cuda.reset_peak_memory_stats()
     res = {"build_s": build_s, "load_s": ex.load_seconds, "tput": {}}
     lat = bench(ex, 128, 256, latency=True, batch_size=1)
     print(format_result(lat), flush=True)
@@ -185,11 +187,18 @@ def trtc_part(args, hf_dir: Path, engine: Path, kind: str = "bf16") -> dict:
     for isl, osl in shapes:
         r = bench(ex, isl, osl, requests if osl <= 128 else requests // 4, concurrency=256)
         print(format_result(r), flush=True)
-        print(f"peak allocated {torch.cuda.max_memory_allocated() / 1e9:.1f} GB", flush=True)
+        print(peak_vs_plan(ex), flush=True)
         res["tput"][f"{isl}/{osl}"] = r.output_tokens_per_s
     ex.close()
     shutil.rmtree(engine)  # the disk holds one 8B engine at a time beside the checkpoints
     return res
+
+
+def peak_vs_plan(ex) -> str:
+    """Peak allocated since load against the plan (weights + KV pool + what the pool left for the steps)."""
+    peak, plan = torch.cuda.max_memory_allocated(), ex.worker.memory_budget()
+    return (f"peak allocated {peak / 2**30:.2f} GiB vs plan {plan / 2**30:.2f} GiB "
+            f"({'within' if peak <= plan else 'OVER'} the plan); reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB")
 
 
 def hf_part(args, hf_dir: Path) -> dict:

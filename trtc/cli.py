@@ -362,14 +362,23 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
               help="Latency mode: batches of --batch_size requests, one after another; reports MBU.")
 @click.option("--batch_size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Latency mode: requests run together in each batch.")
+@click.option("--max_throughput", is_flag=True,
+              help="Max-throughput mode (trtllm-bench's): every request queued at once, the engine's whole "
+                   "max_batch_size in flight, KV fraction 0.95 unless given; reports TensorRT-LLM's published "
+                   "figure for this card beside trtc's.")
+@click.option("--max_seconds", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Max-throughput mode: a time budget; requests still running then are cancelled and the "
+                   "tokens generated until then counted.")
 @kv_cache_options
 @click.option("--output_json", type=click.Path(), help="Write the figures as JSON.")
 @quiet_option
 @user_errors
 def bench(engine_dir, url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, latency, batch_size,
-          kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, output_json, quiet) -> None:
-    """Measure throughput (default) or batch latency of an engine on synthetic prompts, or with --url the
-    serving metrics of a running server (TTFT / TPOT / ITL / E2E)."""
+          max_throughput, max_seconds, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, output_json,
+          quiet) -> None:
+    """Measure throughput (default), max throughput (--max_throughput, trtllm-bench's method) or batch
+    latency of an engine on synthetic prompts, or with --url the serving metrics of a running server
+    (TTFT / TPOT / ITL / E2E)."""
     import json
 
     if (engine_dir is None) == (url is None):
@@ -379,11 +388,19 @@ def bench(engine_dir, url, request_rate, range_ratio, api_key, isl, osl, num_req
         return
 
     from trtc.runtime.executor import Executor
+    from trtc.tools.bench import MAX_THROUGHPUT_KV_FRACTION, check_latency_batches, format_result
     from trtc.tools.bench import bench as run_bench
-    from trtc.tools.bench import check_latency_batches, format_result
+    from trtc.tools.bench import max_throughput as run_max_throughput
     from trtc.utils.paths import check_output_file
 
     ctx = click.get_current_context()
+    if max_throughput and (latency or concurrency is not None):
+        raise TrtcError("--max_throughput queues every request at once; drop --latency and --concurrency")
+    if max_seconds is not None and not max_throughput:
+        raise TrtcError("--max_seconds is max-throughput mode's time budget; add --max_throughput")
+    fraction_given = ctx.get_parameter_source("kv_cache_free_gpu_memory_fraction") == click.core.ParameterSource.COMMANDLINE
+    if max_throughput and not fraction_given:
+        kv_cache_free_gpu_memory_fraction = MAX_THROUGHPUT_KV_FRACTION
     if not latency and ctx.get_parameter_source("batch_size") == click.core.ParameterSource.COMMANDLINE:
         raise TrtcError("--batch_size sets latency mode's batches; add --latency, or use --concurrency for throughput")
     if latency and concurrency is not None:
@@ -398,7 +415,10 @@ def bench(engine_dir, url, request_rate, range_ratio, api_key, isl, osl, num_req
         if isl + osl > bc.max_seq_len:
             raise TrtcError(f"--isl {isl} + --osl {osl} exceeds the engine's max_seq_len {bc.max_seq_len}; "
                             "use shorter requests or rebuild with a larger --max_seq_len")
-        result = run_bench(ex, isl, osl, num_requests, concurrency, latency, batch_size, progress=progress_of(quiet))
+        if max_throughput:
+            result = run_max_throughput(ex, isl, osl, num_requests, max_seconds, progress=progress_of(quiet))
+        else:
+            result = run_bench(ex, isl, osl, num_requests, concurrency, latency, batch_size, progress=progress_of(quiet))
     finally:
         ex.close()
     result.load_seconds = ex.load_seconds

@@ -134,12 +134,15 @@ def tune_decode_attention(graph: ModelGraph, mapping: Mapping, config: BuildConf
     a = graph.layers[0].attention
     hq, hkv = mapping.local_heads(a), mapping.local_kv_heads(a)
     kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype) or dtype
-    ctx = min(config.max_seq_len, 2048)
     tpb = config.tokens_per_block
-    blocks_per_seq = -(-ctx // tpb)
     key = decode_tactic_key(hq, hkv, a.head_dim, kv_dtype)
     out: dict[str, dict] = {}
-    for bs in sorted(config.cuda_graph_batch_sizes):
+    sizes = sorted(config.cuda_graph_batch_sizes)
+    # powers of two and the largest (a batch takes the tactic of the smallest tuned size >= it), over
+    # at most 2**20 cached tokens (a 2048-row batch of 2048-token contexts would take 17 GB)
+    for bs in [b for b in sizes if b & (b - 1) == 0 or b == sizes[-1]]:
+        ctx = min(config.max_seq_len, 2048, max(tpb, 2**20 // bs))
+        blocks_per_seq = -(-ctx // tpb)
         num_blocks = bs * blocks_per_seq
         k_cache = torch.randn(num_blocks, tpb, hkv, a.head_dim, device="cuda", dtype=dtype).to(kv_dtype)
         v_cache = torch.randn_like(k_cache, dtype=dtype).to(kv_dtype)

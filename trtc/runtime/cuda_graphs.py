@@ -3,6 +3,10 @@
 A decode-only batch of B requests is padded up to the nearest captured size: padding rows feed
 token 0 at position 0, write their K/V into a scratch block outside the scheduler's pool, and
 their logits are dropped. Applied from outside the model: the runner's forward is captured as is.
+The graphs share one memory pool (captured largest first, so the smaller ones reuse its blocks),
+one float32 logits buffer [largest size, vocab] that each writes its rows into, and one warm-up
+stream (cuBLAS keeps a workspace per stream), so their memory is a decode forward of the largest size
+and that buffer, whatever the number of sizes (`memory_bytes`, what the memory plan counts).
 With tensor parallelism every rank captures the same sizes in the same order (the all-reduces are
 inside the graphs) and replays the graph the step picks (trtc/runtime/parallel/step.py).
 """
@@ -47,14 +51,18 @@ class DecodeCudaGraphs:
         self.query_start_loc = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(bmax, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        torch.cuda.synchronize(dev)
+        free = torch.cuda.mem_get_info(dev)[0]
+        self.logits = torch.empty(bmax, runner.graph.vocab_size, dtype=torch.float32, device=dev)  # [bmax, vocab]
         self._capture()
+        torch.cuda.empty_cache()  # the warm-ups' cached blocks: what stays is the graphs' pool and the buffer
+        self.memory_bytes = free - torch.cuda.mem_get_info(dev)[0]  # the device memory the graphs took
         _LIVE.add(self)
 
     def release(self) -> None:
         torch.cuda.synchronize()
         self.graphs.clear()
-        self.outputs.clear()
+        self.logits = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -65,16 +73,16 @@ class DecodeCudaGraphs:
 
     def _capture(self) -> None:
         pool = None
+        stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            args = (self.input_ids[:bs], self._meta(bs), self.logits_indices[:bs])
-            stream = torch.cuda.Stream()
+            args = (self.input_ids[:bs], self._meta(bs), self.logits_indices[:bs], self.logits)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS picks) outside the capture
-                self.runner.forward(*args)
+                self.runner.forward(*args, logits_out=self.logits)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.runner.forward(*args)
+                self.runner.forward(*args, logits_out=self.logits)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -103,4 +111,4 @@ class DecodeCudaGraphs:
         self.block_tables[:bs].copy_(self.host_block_tables[:bs], non_blocking=True)
         self.context_lens.copy_(self.host_context_lens, non_blocking=True)
         self.graphs[bs].replay()
-        return self.outputs[bs][:b]
+        return self.logits[:b]

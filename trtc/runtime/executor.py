@@ -26,7 +26,7 @@ import torch
 from trtc.compiler.tune import tune_at_first_load
 from trtc.errors import TrtcError
 from trtc.formats.engine import Engine
-from trtc.plugins.sampling.sampler import SamplingBatch, make_generator, sample
+from trtc.plugins.sampling.sampler import SamplingBatch, make_generator, sample, token_logprobs, top_logprobs
 from trtc.runtime.longrope import crossing_recompute_steps
 from trtc.runtime.outputs import PromptLogprobs, TokenEvent
 from trtc.runtime.parallel.step import Step
@@ -66,7 +66,7 @@ def _top_logprobs(logits: torch.Tensor, reqs: list[RequestState]) -> dict[int, d
     if not rows:
         return {}
     k = max(reqs[i].params.top_logprobs for i in rows)
-    values, ids = logits[rows].float().log_softmax(dim=-1).topk(k, dim=-1)  # [R, k] each
+    values, ids = top_logprobs(logits, rows, k)  # [R, k] each, in bounded chunks of rows
     values, ids = values.tolist(), ids.tolist()
     tops = {}
     for j, i in enumerate(rows):
@@ -151,10 +151,10 @@ class Executor:
             enable_prefix_reuse = False  # a LongRoPE sequence's cached keys depend on its length, not its prefix alone
         self.load_seconds = time.perf_counter() - start
         log.info(
-            "loaded %s on %s in %.1f s: weights %.2f GiB; KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)%s",
+            "loaded %s on %s in %.1f s: weights %.2f GiB; KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)%s; %s",
             self.engine.directory, self.device, self.load_seconds, self.runner.weight_bytes() / 2**30, self.num_blocks,
             bc.tokens_per_block, self.num_blocks * bc.tokens_per_block, self.runner.kv_cache_bytes() / 2**30,
-            f" per rank, {self.engine.mapping.world_size} ranks" if self.ranks else "",
+            f" per rank, {self.engine.mapping.world_size} ranks" if self.ranks else "", self.worker.memory_line(),
         )
         self.scheduler = Scheduler(
             self.num_blocks, bc.tokens_per_block, bc.max_batch_size, bc.max_num_tokens, bc.max_seq_len,
@@ -322,7 +322,7 @@ class Executor:
             tokens = logits.argmax(dim=-1)
             if not any(r.params.logprobs for r in reqs):
                 return tokens.tolist(), {r.request_id: float("nan") for r in reqs}, tops
-            logprobs = logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+            logprobs = token_logprobs(logits, tokens)
         else:
             sampling = SamplingBatch.from_requests(
                 [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trtc.compiler.memory_plan import LOGITS_CHUNK_ROWS
 from trtc.formats.build_config import kv_cache_torch_dtype
 from trtc.formats.engine import Engine
 from trtc.formats.engine_layout import local_qkv_sizes
@@ -100,29 +101,10 @@ class ModelRunner:
             self.k_cache.append(torch.zeros(shape, dtype=kv_dtype, device=self.device))
             self.v_cache.append(torch.zeros(shape, dtype=kv_dtype, device=self.device))
 
-    def activation_peak_bytes(self) -> int:
-        """GPU memory a step of max_num_tokens new tokens needs besides the weights and the pool
-        (activations, workspaces, logits of max_batch_size rows), measured by running one on a
-        scratch pool that is freed after; 0 on CPU. Each rank measures its own, without collectives."""
-        if self.device.type != "cuda":
-            return 0
-        group, self.group = self.group, None  # one rank's memory; the other ranks need not take part
-        try:
-            step = self.largest_step()
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            self.forward(*step)
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - base
-        finally:
-            self.group = group
-            self.k_cache, self.v_cache = [], []
-            torch.cuda.empty_cache()
-
     def largest_step(self) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """The forward's arguments for a step of max_num_tokens prompt tokens (sequences of up to
-        max_seq_len) and logits of max_batch_size rows, over a scratch pool it allocates."""
+        """The forward's arguments for the worst step the scheduler admits: max_num_tokens prompt tokens
+        (sequences of up to max_seq_len) and the logits of max_batch_size rows, over a scratch pool it
+        allocates (trtc/runtime/profile_run.py runs it)."""
         bc = self.build_config
         tokens, tpb = bc.max_num_tokens, bc.tokens_per_block
         seq = min(tokens, bc.max_seq_len)
@@ -202,11 +184,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logits_indices: torch.Tensor,
-                on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
+                on_logits: Callable[[int, torch.Tensor], None] | None = None,
+                logits_out: torch.Tensor | None = None) -> torch.Tensor | None:
         """input_ids: [T]; logits_indices: [S] token indices whose next-token logits are wanted.
-        Returns logits [S, vocab] float32. The LM head runs on at most max_batch_size rows at a time
-        (the logits the memory plan counts; every rank chunks alike): with `on_logits`, each chunk
-        [c, vocab] goes to on_logits(first row, chunk) as it is computed and None is returned."""
+        Returns logits [S, vocab] float32 (written into logits_out [>= S, vocab] f32 when given). With
+        `on_logits`, the rows are computed max_batch_size at a time (the float32 rows the memory plan
+        counts; every rank chunks alike), each chunk [c, vocab] goes to on_logits(first row, chunk) as
+        it is computed, and None is returned."""
         w = self.w
         if self._decode_kv is not None:
             self._decode_kv.begin_step(meta)
@@ -230,29 +214,31 @@ class ModelRunner:
             if layer.mlp_output_norm is not None:
                 h = norm(h, layer.mlp_output_norm, w[p + "mlp_output_norm.weight"])
         h, _ = self._add_norm(h[logits_indices], residual[logits_indices], self.graph.final_norm, "final_norm")
+        if on_logits is None:
+            return self.compute_logits(h, logits_out)
         rows = self.build_config.max_batch_size
-        if on_logits is None and h.shape[0] <= rows:
-            return self._lm_head(h)
-        chunks = []
         for start in range(0, h.shape[0], rows):
-            logits = self._lm_head(h[start : start + rows])
-            if on_logits is None:
-                chunks.append(logits)
-            else:
-                on_logits(start, logits)
-        return torch.cat(chunks) if on_logits is None else None
+            on_logits(start, self.compute_logits(h[start : start + rows], logits_out))
+        return None
 
-    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [S, hidden], after the final norm -> logits [S, vocab] float32 (gathered over the ranks)."""
-        w = self.w
-        head = w["embedding.weight"] if self.graph.tie_word_embeddings else w["lm_head.weight"]
-        logits = F.linear(h.to(head.dtype), head)  # [S, local_vocab]
-        if self.graph.final_logit_soft_cap is not None:
-            cap = self.graph.final_logit_soft_cap
-            logits = cap * torch.tanh(logits / cap)
-        if self.group is not None and logits.shape[0] > 0:
-            logits = self.group.all_gather_vocab(logits)  # [S, padded_vocab]
-        return logits[:, : self.graph.vocab_size].float()
+    def compute_logits(self, h: torch.Tensor, out: torch.Tensor | None = None,
+                       chunk_rows: int = LOGITS_CHUNK_ROWS) -> torch.Tensor:
+        """h: [S, hidden] final-normed rows -> logits [S, vocab] float32, into `out` ([>= S, vocab] f32;
+        allocated when None). The LM head runs chunk_rows rows at a time, so that its model-dtype output
+        (and under tensor parallelism the gathered copy) is never more than one chunk: the memory plan
+        counts the float32 rows and one chunk."""
+        head = self.w["embedding.weight"] if self.graph.tie_word_embeddings else self.w["lm_head.weight"]
+        vocab, rows = self.graph.vocab_size, h.shape[0]
+        out = torch.empty(rows, vocab, dtype=torch.float32, device=h.device) if out is None else out[:rows]
+        for start in range(0, rows, chunk_rows):
+            part = F.linear(h[start : start + chunk_rows].to(head.dtype), head)  # [C, local_vocab]
+            if self.graph.final_logit_soft_cap is not None:
+                cap = self.graph.final_logit_soft_cap
+                part = cap * torch.tanh(part / cap)
+            if self.group is not None:
+                part = self.group.all_gather_vocab(part)  # [C, padded_vocab]
+            out[start : start + part.shape[0]].copy_(part[:, :vocab])
+        return out
 
     def _add_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, cfg: NormConfig | None, name: str,

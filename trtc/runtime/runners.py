@@ -28,9 +28,6 @@ class Runner(Protocol):
 
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
 
-    def activation_peak_bytes(self) -> int:
-        """Device memory a step of max_num_tokens needs besides the weights and the pool."""
-
     def graph_capturable(self) -> bool: ...
 
     def weight_bytes(self) -> int: ...

@@ -28,13 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trtc.compiler.memory_plan import MemoryPlan, memory_plan, size
 from trtc.errors import TrtcError
 from trtc.formats.engine import Engine
+from trtc.formats.quant_layout import QuantConfig
 from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.runtime.cuda_graphs import DecodeCudaGraphs
 from trtc.runtime.kv_cache import num_kv_blocks
 from trtc.runtime.parallel.distributed import START_TIMEOUT_S, RankGroup, error_line
 from trtc.runtime.parallel.step import Step, receive_step
+from trtc.runtime.profile_run import ProfiledPeaks, profile_run
 from trtc.runtime.runners import Runner, make_runner
 
 READY_KEY = "trtc/ready/{rank}"
@@ -59,19 +62,38 @@ class RankStopped(Exception):
     """This rank stops; rank 0 reports why (a start-up error of some rank, or rank 0 stopped)."""
 
 
+def use_expandable_segments() -> None:
+    """Let PyTorch's caching allocator grow segments in place instead of caching one block per shape
+    seen, so that steps of changing shapes do not fragment the memory the plan left free. A
+    PYTORCH_CUDA_ALLOC_CONF of the user's, or TRTC_EXPANDABLE_SEGMENTS=0, keeps the allocator as set."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or os.environ.get("TRTC_EXPANDABLE_SEGMENTS", "1") == "0":
+        return
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
 class Worker:
     def __init__(self, engine: Engine | str | Path, device: torch.device, group: RankGroup | None,
                  options: RankOptions) -> None:
         rank = group.rank if group is not None else 0
-        self.device, error, blocks, build = device, None, 0, None
+        self.device, error, blocks, build, use_graphs = device, None, 0, None, False
+        self.peaks, self.reserved = ProfiledPeaks(), 0
         try:
             self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
             self.engine.check_runtime(device)
             build = (self.engine.build_id, str(self.engine.directory))
+            if device.type == "cuda":
+                use_expandable_segments()
             self.runner: Runner = make_runner(self.engine, device, rank, group)  # weights first: the pool takes what is left
-            activations = self.runner.activation_peak_bytes() if options.kv_cache_max_tokens is None else 0
+            self.plan = runtime_plan(self.engine, options.free_gpu_memory_fraction)
+            if device.type == "cuda":
+                self.plan.capacity = torch.cuda.mem_get_info(device)[1]  # what `--dry_run --gpu_memory` would be told
+            use_graphs = options.enable_cuda_graphs and device.type == "cuda" and self.runner.graph_capturable()
+            if options.kv_cache_max_tokens is None and device.type == "cuda":
+                self.peaks = profile_run(self.runner, use_graphs)
+                planned = self.plan.workspace - (0 if use_graphs else self.plan.graphs)
+                self.reserved = max(planned, self.peaks.total)  # the plan, or the profile run where it needs more
             blocks = num_kv_blocks(self.engine, device, options.kv_cache_max_tokens, options.free_gpu_memory_fraction,
-                                   activations)
+                                   self.reserved)
         except TrtcError as e:
             error = str(e)
         except torch.cuda.OutOfMemoryError as e:  # reported by rank 0 like any start-up error
@@ -80,13 +102,29 @@ class Worker:
                      "or split the model over more GPUs (a larger --tp)")
         self.num_blocks = _agree(group, error, build, blocks)
         bc = self.engine.build_config
-        use_graphs = options.enable_cuda_graphs and device.type == "cuda" and self.runner.graph_capturable()
         self.runner.allocate_kv_cache(self.num_blocks + (1 if use_graphs else 0))  # + a scratch block for padding
         self.cuda_graphs = None
         if use_graphs:
             self.cuda_graphs = DecodeCudaGraphs(
                 self.runner, bc.cuda_graph_batch_sizes, -(-bc.max_seq_len // bc.tokens_per_block), self.num_blocks
             )
+
+    def memory_budget(self) -> int:
+        """The most device memory PyTorch may hold for this rank from now on: the weights, the KV pool
+        and what the pool was sized to leave for the steps (activations, logits, sampling, graphs)."""
+        return self.runner.weight_bytes() + self.runner.kv_cache_bytes() + self.reserved
+
+    def memory_line(self) -> str:
+        """The plan's figures (those `trtc build --dry_run` prints), then what the profile run measured."""
+        line = f"memory plan: {self.plan.workspace_line()}"
+        if self.peaks.total:
+            captured = f", captured {size(self.cuda_graphs.memory_bytes)}" if self.cuda_graphs is not None else ""
+            line += (f"; profile run: step {size(self.peaks.step)}, sampling {size(self.peaks.sampling)}, graphs "
+                     f"{size(self.peaks.graphs)}{captured}; reserved {size(self.reserved)}")
+        line += f"; KV pool {size(self.runner.kv_cache_bytes())}"
+        if self.device.type == "cuda" and self.plan.capacity is not None:
+            line += f" (the plan's for {size(self.plan.capacity)} of GPU memory: {size(self.plan.kv_pool())})"
+        return line
 
     def execute(self, step: Step, on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """Logits [S, vocab] f32 of the step's logits rows: replayed from a decode CUDA graph where
@@ -111,6 +149,13 @@ class Worker:
             self.cuda_graphs.release()
             self.cuda_graphs = None
         self.runner.release()
+
+
+def runtime_plan(engine: Engine, free_gpu_memory_fraction: float) -> MemoryPlan:
+    """The engine's memory plan, as `trtc build --dry_run` computes it (the same figures)."""
+    p = engine.pretrained
+    return memory_plan(engine.graph, engine.mapping, p.dtype, QuantConfig.from_dict(p.quantization), engine.build_config,
+                       free_gpu_memory_fraction=free_gpu_memory_fraction)
 
 
 def _agree(group: RankGroup | None, error: str | None, build: tuple | None, blocks: int) -> int:

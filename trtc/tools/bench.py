@@ -5,6 +5,11 @@ requests/s, TTFT and TPOT percentiles. Latency mode runs `num_requests` requests
 `batch_size` (every request of a batch has the same length, so a batch ends before the next starts) and
 also reports the memory-bandwidth utilisation (MBU) of a decode step: bytes of weights and KV
 cache read per step / step time / the copy bandwidth measured on the same device in the same run.
+
+Max-throughput mode is `trtllm-bench throughput`'s method: synthetic prompts of fixed ISL/OSL, every
+request submitted at once (an infinite request rate), the engine's whole max_batch_size in flight,
+enough requests for a steady state, each generating exactly OSL tokens (no stop on EOS); its report
+sets TensorRT-LLM's published figure for the card it runs on beside trtc's.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ class BenchResult:
     bandwidth_gbps: float | None = None
     bytes_per_step: float | None = None
     load_seconds: float | None = None  # engine load (weights to the device, KV pool) before the run
+    completed: int | None = None  # max-throughput mode: requests that generated all OSL tokens
+    device_name: str | None = None
+    published: dict | None = None  # max-throughput mode: TensorRT-LLM's figure for this card, where there is one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +161,76 @@ def bench(
     return result
 
 
+# TensorRT-LLM's performance overview (docs/source/performance/perf-overview.md, NVIDIA/TensorRT-LLM),
+# Llama 3.1 8B FP8, TP1, max-throughput output tokens/s: (v1.0 PyTorch backend, v0.17 TensorRT engines)
+PUBLISHED_SOURCE = "TensorRT-LLM perf-overview, Llama 3.1 8B FP8 TP1"
+PUBLISHED = {
+    "H100 SXM": {(128, 128): (28312, 28837), (128, 2048): (22714, 21109), (2048, 128): (3450, 3557),
+                 (500, 2000): (17660, 16501), (1000, 1000): (15220, 15245)},
+    "H200 SXM": {(128, 128): (27911, 29526), (128, 2048): (26221, 25399), (2048, 128): (3538, 3794),
+                 (500, 2000): (20770, 21021), (1000, 1000): (17744, 17538)},
+}
+MAX_THROUGHPUT_KV_FRACTION = 0.95  # trtllm-bench's
+
+
+def published_figure(device_name: str | None, isl: int, osl: int) -> dict | None:
+    """TensorRT-LLM's published figure for the card named `device_name` at isl/osl, or None."""
+    name = (device_name or "").upper()
+    card = "H200 SXM" if "H200" in name else "H100 SXM" if "H100" in name else None
+    if card is None or (isl, osl) not in PUBLISHED[card]:
+        return None
+    v1, v017 = PUBLISHED[card][(isl, osl)]
+    return {"card": card, "source": PUBLISHED_SOURCE, "v1.0": v1, "v0.17": v017, "best": max(v1, v017)}
+
+
+def steady_state_requests(max_batch_size: int) -> int:
+    """Requests for a steady state: three full batches, and at least 1000."""
+    return max(3 * max_batch_size, 1000)
+
+
+def max_throughput(ex: Executor, isl: int = 128, osl: int = 128, num_requests: int | None = None,
+                   max_seconds: float | None = None, warmup: int = 2, progress: bool | None = False) -> BenchResult:
+    """Every request queued at once and run to its OSL tokens. num_requests: steady_state_requests of
+    the engine's max_batch_size. max_seconds: a time budget; requests still running then are cancelled
+    and the figure counts the tokens generated until then (`completed` says how many finished)."""
+    bc, vocab = ex.engine.build_config, ex.engine.graph.vocab_size
+    num_requests = num_requests or steady_state_requests(bc.max_batch_size)
+    run_requests(ex, synthetic_prompts(min(warmup, num_requests), isl, vocab, seed=1), min(osl, 8), bc.max_batch_size)
+    params = SamplingParams(max_tokens=osl, end_id=-1)
+    bar = tqdm(total=num_requests, desc="max-throughput", unit="req", leave=False,
+               disable=None if progress is None else not progress)
+    start = time.perf_counter()
+    submitted = {ex.add_request(p, params): time.perf_counter() for p in synthetic_prompts(num_requests, isl, vocab)}
+    first, last, count = {}, {}, dict.fromkeys(submitted, 0)
+    completed, seconds = 0, None
+    while ex.has_unfinished():
+        if seconds is None and max_seconds is not None and time.perf_counter() - start > max_seconds:
+            seconds = time.perf_counter() - start
+            for rid in submitted:
+                ex.cancel(rid)
+        events = ex.step()
+        now = time.perf_counter()
+        for e in events:
+            if e.token_id is not None:
+                first.setdefault(e.request_id, now)
+                last[e.request_id] = now
+                count[e.request_id] += 1
+            if e.finish_reason is not None and count[e.request_id] == osl:
+                completed += 1
+                bar.update(1)
+    seconds = seconds or time.perf_counter() - start
+    bar.close()
+    tokens = sum(count.values()) if completed < num_requests else completed * osl
+    name = torch.cuda.get_device_name(ex.device) if ex.device.type == "cuda" else str(ex.device)
+    return BenchResult(
+        mode="max-throughput", isl=isl, osl=osl, num_requests=num_requests, concurrency=num_requests,
+        seconds=seconds, output_tokens_per_s=tokens / seconds, requests_per_s=completed / seconds,
+        ttft_ms=percentiles([first[r] - submitted[r] for r in first]),
+        tpot_ms=percentiles([(last[r] - first[r]) / (count[r] - 1) for r in first if count[r] > 1]),
+        completed=completed, device_name=name, published=published_figure(name, isl, osl),
+    )
+
+
 def read_fraction(graph, name: str, batch_size: int) -> float:
     """The fraction of weight `name` a decode step of `batch_size` tokens reads: 1, or for a stacked
     expert tensor (`layers.{i}.mlp.experts.*`, E experts in front) the expected share of experts
@@ -173,6 +251,14 @@ def format_result(r: BenchResult) -> str:
     for name, p in (("TTFT", r.ttft_ms), ("TPOT", r.tpot_ms)):
         if p:
             lines.append(f"  {name} ms         mean {p['mean']:.2f}  p50 {p['p50']:.2f}  p90 {p['p90']:.2f}  p99 {p['p99']:.2f}")
+    if r.mode == "max-throughput":
+        lines[0] += f" (all at once; {r.completed} completed{'' if r.completed == r.num_requests else ' in the time budget'})"
+        p = r.published
+        if p is None:
+            lines.append(f"  published        none for {r.device_name} at {r.isl}/{r.osl}")
+        else:
+            lines.append(f"  published        {p['v1.0']:,} (v1.0) / {p['v0.17']:,} (v0.17) output tokens/s, {p['source']}, "
+                         f"{p['card']}; trtc {r.output_tokens_per_s / p['best']:.2f}x the higher")
     if r.mbu is not None:
         lines.append(f"  MBU              {100 * r.mbu:.1f}% ({r.bytes_per_step / 1e9:.3f} GB per step, "
                      f"bandwidth {r.bandwidth_gbps:,.0f} GB/s measured)")

@@ -4,11 +4,15 @@
 """
 
 from trtc.plugins.sampling.sampler import (
+    SAMPLING_CHUNK_ROWS,
     SamplingBatch,
     draw_noise,
     make_generator,
     process_logits,
     sample,
+    token_logprobs,
+    top_logprobs,
 )
 
-__all__ = ["SamplingBatch", "draw_noise", "make_generator", "process_logits", "sample"]
+__all__ = ["SAMPLING_CHUNK_ROWS", "SamplingBatch", "draw_noise", "make_generator", "process_logits", "sample",
+           "token_logprobs", "top_logprobs"]

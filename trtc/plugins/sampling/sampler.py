@@ -20,6 +20,11 @@ same tokens whatever else is in the batch; greedy rows draw nothing.
 
 Logprobs are vLLM's default: log-softmax of the raw logits (before any processing) at the chosen token.
 Everything is computed in float32 whatever the logits' dtype.
+
+The [B, V] temporaries (a sort's values and indices, softmax, cumulative sums, noise) are built for
+SAMPLING_CHUNK_ROWS rows at a time, so that a batch of 2048 rows over a 128K vocabulary holds one
+chunk's worth (the memory plan counts it), not ten gigabytes. Rows are independent: a chunked batch
+samples what the whole batch would (seeded rows token for token).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # the op needs only the fields; no import of the runtime package at run time
     from trtc.runtime.sampling_params import SamplingParams
+
+SAMPLING_CHUNK_ROWS = 256  # rows whose [rows, V] temporaries are live at once
 
 
 @dataclass(slots=True)
@@ -107,6 +114,14 @@ class SamplingBatch:
                 _token_index(output_ids, vocab_size, device), torch.tensor(1.0, device=device), accumulate=True
             )
         return batch
+
+    def rows(self, start: int, stop: int) -> SamplingBatch:
+        """The batch of rows start..stop-1 (views of the per-row tensors)."""
+        sub = {name: getattr(self, name) for name in self.__slots__}
+        for name, value in sub.items():
+            if value is not None:
+                sub[name] = value[start:stop]
+        return SamplingBatch(**sub)
 
     def append_tokens(self, tokens: Tensor) -> None:
         """Record the tokens just sampled (tokens: [B] i64), so the same batch serves the next step when
@@ -223,9 +238,20 @@ def draw_noise(batch: SamplingBatch, vocab_size: int, device: torch.device | str
     return noise
 
 
-def sample(logits: Tensor, batch: SamplingBatch, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """logits: [B, V] any float dtype; noise: [B, V] f32 Exp(1) (None = draw_noise).
-    Returns tokens [B] i64 and their logprobs [B] f32 (log-softmax of the raw logits)."""
+def sample(logits: Tensor, batch: SamplingBatch, noise: Tensor | None = None,
+           chunk_rows: int = SAMPLING_CHUNK_ROWS) -> tuple[Tensor, Tensor]:
+    """logits: [B, V] any float dtype; noise: [B, V] f32 Exp(1) (None = draw_noise, per chunk).
+    Returns tokens [B] i64 and their logprobs [B] f32 (log-softmax of the raw logits). Rows are
+    processed chunk_rows at a time."""
+    n = logits.shape[0]
+    if n <= chunk_rows:
+        return _sample(logits, batch, noise)
+    parts = [_sample(logits[i : i + chunk_rows], batch.rows(i, i + chunk_rows),
+                     None if noise is None else noise[i : i + chunk_rows]) for i in range(0, n, chunk_rows)]
+    return torch.cat([t for t, _ in parts]), torch.cat([lp for _, lp in parts])
+
+
+def _sample(logits: Tensor, batch: SamplingBatch, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     raw = logits.float()
     penalized = apply_penalties(raw, batch)
     if all(batch.greedy):
@@ -241,6 +267,23 @@ def sample(logits: Tensor, batch: SamplingBatch, noise: Tensor | None = None) ->
             tokens = torch.where(greedy, penalized.argmax(dim=-1), tokens)
     logprobs = raw.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int = SAMPLING_CHUNK_ROWS) -> Tensor:
+    """logits: [B, V]; tokens: [B] i64 -> [B] f32 log-softmax of each row at its token, chunk_rows
+    rows of log-softmax at a time."""
+    parts = [logits[i : i + chunk_rows].float().log_softmax(dim=-1).gather(1, tokens[i : i + chunk_rows, None]).squeeze(1)
+             for i in range(0, logits.shape[0], chunk_rows)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32, device=logits.device)
+
+
+def top_logprobs(logits: Tensor, rows: Sequence[int], k: int,
+                 chunk_rows: int = SAMPLING_CHUNK_ROWS) -> tuple[Tensor, Tensor]:
+    """logits: [B, V]; rows: R row indices -> (values [R, k] f32, token ids [R, k] i64): each row's k
+    most likely tokens under the log-softmax of its logits, chunk_rows rows at a time."""
+    parts = [logits[list(rows[i : i + chunk_rows])].float().log_softmax(dim=-1).topk(k, dim=-1)
+             for i in range(0, len(rows), chunk_rows)]
+    return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
