@@ -98,16 +98,19 @@ def gemm_table(ms: list[int], each: bool, dev: torch.device, g: torch.Generator)
             res = time_tactics(cands, x, w4, print)
             by_impl = {impl: min((r for r in res if r[1].impl == impl), default=None, key=lambda r: r[0])
                        for impl in ("cuda", "dequant_mm", "triton_tc")}
-            best = min(res, key=lambda r: r[0])
-            t_untuned = next((us for us, t in res if t == untuned), float("nan"))  # nan: it failed (printed)
+            nan = (float("nan"), Tactic("none"))  # every candidate failed (printed above)
+            best = min(res, key=lambda r: r[0], default=nan)
+            t_untuned = next((us for us, t in res if t == untuned), nan[0])
             xq = quantize_fp8(x, f8[0]["input_scale"])
             f8_cands = [Tactic("scaled_mm")] + ([default_tactic("fp8", m)] if m <= 16 else [])
-            f8_best = min(time_tactics(f8_cands, xq, f8, print), key=lambda r: r[0])
+            f8_best = min(time_tactics(f8_cands, xq, f8, print), key=lambda r: r[0], default=nan)
 
             def col(us):
-                return f"{'-':>11}" if us is None else f"{tf(us):>5.0f} {t_bf16 / us:>4.2f}x"
+                if us is None:
+                    return f"{'-':>11}"
+                return f"{tf(us):>5.{0 if tf(us) >= 100 else 1}f} {t_bf16 / us:>4.2f}x"
 
-            print(f"{m:>5} {shape:<8} {tf(t_bf16):>6.0f} | " + " ".join(col(r and r[0]) for r in by_impl.values())
+            print(f"{m:>5} {shape:<8} {tf(t_bf16):>6.1f} | " + " ".join(col(r and r[0]) for r in by_impl.values())
                   + f" | {col(best[0])} {name(best[1]):<28} {col(t_untuned)} | {col(f8_best[0])} {name(f8_best[1]):<10}",
                   flush=True)
             if each:
