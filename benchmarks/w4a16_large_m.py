@@ -52,7 +52,8 @@ def name(t: Tactic) -> str:
     if t.impl == "triton":
         return f"triton {t.block_m}x{t.block_n}x{t.block_k}/s{t.split_k}"
     if t.impl == "triton_tc":
-        return f"tc {t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}{'/swap' if t.swap_ab else ''}"
+        return (f"tc {t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}"
+                f"{f'/k{t.split_k}' if t.split_k > 1 else ''}{'/swap' if t.swap_ab else ''}")
     return t.impl
 
 

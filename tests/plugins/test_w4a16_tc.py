@@ -26,6 +26,7 @@ TC = Tactic("triton_tc", block_m=128, block_n=128, block_k=64, num_warps=8, num_
 TC_SWAP = Tactic("triton_tc", block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=True)
 TC_K128 = Tactic("triton_tc", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
 TC_256 = Tactic("triton_tc", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=4)
+TC_SPLIT = Tactic("triton_tc", block_m=128, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=4)
 DEQUANT_MM = Tactic("dequant_mm")
 
 
@@ -55,8 +56,8 @@ def test_dequantize_kernel(group, zero, pqs, dtype):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("m", [65, 128, 300, 1000])
-@pytest.mark.parametrize("tactic", [TC, TC_SWAP, TC_K128, TC_256, DEQUANT_MM],
-                         ids=["tc", "tc_swap", "tc_k128", "tc_256", "dequant_mm"])
+@pytest.mark.parametrize("tactic", [TC, TC_SWAP, TC_K128, TC_256, TC_SPLIT, DEQUANT_MM],
+                         ids=["tc", "tc_swap", "tc_k128", "tc_256", "tc_split2", "dequant_mm"])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (200, 384)])  # 200: a partial tile of N
 def test_w4a16_large_m_awq_shapes(m, tactic, n, k):
     check_int4(m, n, k, 128, zero=True, pqs=True, perm=False, tactic=tactic, dtype=torch.bfloat16, device="cuda")
@@ -67,8 +68,8 @@ def test_w4a16_large_m_awq_shapes(m, tactic, n, k):
 @pytest.mark.parametrize("group,zero,perm,pqs", [(128, False, True, False), (64, True, False, False),
                                                  (32, False, True, False), (32, True, False, True),
                                                  (2048, False, False, False)])  # 2048: one group (per-channel)
-@pytest.mark.parametrize("tactic", [TC, TC_SWAP, TC_K128, TC_256, DEQUANT_MM],
-                         ids=["tc", "tc_swap", "tc_k128", "tc_256", "dequant_mm"])
+@pytest.mark.parametrize("tactic", [TC, TC_SWAP, TC_K128, TC_256, TC_SPLIT, DEQUANT_MM],
+                         ids=["tc", "tc_swap", "tc_k128", "tc_256", "tc_split2", "dequant_mm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_w4a16_large_m_gptq_variants(group, zero, perm, pqs, tactic, dtype):
     check_int4(257, 1024, 2048, group, zero=zero, pqs=pqs, perm=perm, tactic=tactic, dtype=dtype, device="cuda")
@@ -77,8 +78,8 @@ def test_w4a16_large_m_gptq_variants(group, zero, perm, pqs, tactic, dtype):
 @pytest.mark.gpu
 @cuda
 def test_w4a16_large_m_autotune_candidates_and_graphs():
-    """Every candidate the build times past 64 rows is correct on a Llama-8B shape; a CUDA graph
-    replays the same bytes as eager launches; linear() runs the tactic the table names."""
+    """Every candidate the build times past 64 rows is correct on a Llama-8B shape; eager launches
+    repeat their bytes and a CUDA graph replays them (split-K too); linear() runs the tactic the table names."""
     from trtc.compiler.autotune import gemm_candidates
 
     w = make_int4(4096, 4096, 128, True, True, False, 5, "cuda")
@@ -91,13 +92,16 @@ def test_w4a16_large_m_autotune_candidates_and_graphs():
     assert {t.impl for t in candidates} == {"dequant_mm", "triton_tc"} and len(candidates) >= 6
     for tactic in candidates:
         close(run_tactic(tactic, x, w, torch.bfloat16, bias), ref)
-    first = run_tactic(TC, x, w, torch.bfloat16, bias)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run_tactic(TC, x, w, torch.bfloat16, bias)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, first)
+    for tactic in (TC, TC_SPLIT):  # split-K sums its partials in a fixed order, its counters reset themselves
+        first = run_tactic(tactic, x, w, torch.bfloat16, bias)
+        assert all(torch.equal(run_tactic(tactic, x, w, torch.bfloat16, bias), first) for _ in range(10))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run_tactic(tactic, x, w, torch.bfloat16, bias)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, first)
     layer = {f"q.{name}": t for name, t in w.items()} | {"q.bias": bias}
     tactics = TacticTable({key: {"512": {"impl": "triton_tc", "block_m": 64, "swap_ab": True}}})
     assert tactics.choose(key, 300) == Tactic("triton_tc", block_m=64, swap_ab=True)
@@ -116,7 +120,7 @@ def test_large_m_tactics():
     assert [t.impl for t in gemm_candidates(key, 128, 4096, packed=True)][:2] == ["dequant_mm", "triton_tc"]
     assert max(t.block_m for t in gemm_candidates(key, 100, 4096)) == 128
     assert max(t.block_m for t in gemm_candidates(key, 2048, 4096)) == 256
-    assert "split_k" not in TC_SWAP.launch_args() and TC_SWAP.launch_args()["swap_ab"] is True
+    assert TC_SWAP.launch_args()["swap_ab"] is True and TC_SPLIT.launch_args()["split_k"] == 2
     assert "swap_ab" not in Tactic("triton", split_k=2).launch_args()
     old_engine = TacticTable({key: {"512": {"impl": "dequant_mm", "block_m": 16, "block_n": 64, "block_k": 128,
                                             "split_k": 1, "num_warps": 4, "num_stages": 3}}})  # no swap_ab field
@@ -158,11 +162,12 @@ def test_large_m_candidates_compile_to_wgmma_for_hopper(dtype, tmp_path):
 
     pytest.importorskip("triton.backends.nvidia.compiler")
     ptr = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "scale_ptr": "*fp32", "zero_ptr": "*u8", "pqs_ptr": "*fp32",
-           "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+           "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "part_ptr": "*fp32", "lock_ptr": "*i32"}
     ints = {name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_w", "stride_sn", "stride_om")}
     for t in TC_CANDIDATES:
         consts = dict(GROUP=128, HAS_ZERO=True, HAS_PQS=False, HAS_BIAS=True, SWAP_AB=t.swap_ab, EVEN_K=True,
-                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=w4a16_tc.GROUP_M)
+                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=w4a16_tc.GROUP_M,
+                      SPLIT_K=t.split_k)
         k = compile_for_hopper(w4a16_tc._w4a16_tc_kernel, {**ptr, **ints}, consts, t.num_warps, t.num_stages)
         assert "wgmma.mma_async" in k.asm["ptx"] and k.metadata.shared <= 227 << 10, (t, k.metadata.shared)
         sass = sass_of(k.asm["cubin"], tmp_path)
@@ -187,6 +192,8 @@ def _interpreter_cases() -> None:
         (7, 64, 384, 128, False, False, False, Tactic("triton_tc", **{**small, "block_k": 128}, swap_ab=True), f16),
         (19, 40, 384, 192, True, True, True, Tactic("triton_tc", **{**small, "block_k": 128}), f16),  # group straddles
         (5, 40, 256, 256, False, True, False, Tactic("triton_tc", **small), f16),  # one group over K
+        (21, 40, 352, 32, True, True, False, Tactic("triton_tc", **small, split_k=3), f16),  # split-K, K % 64 = 32
+        (40, 72, 512, 128, False, False, True, Tactic("triton_tc", **small, split_k=2, swap_ab=True), f16),
     ]:
         check_int4(m, n, k, group, zero, pqs, perm, tactic, dtype, "cpu", seed=m)
     for group, zero, pqs in [(128, True, True), (32, False, False), (64, True, False)]:

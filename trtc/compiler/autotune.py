@@ -38,13 +38,13 @@ from trtc.utils.gpu_timing import copies_past_l2, timed
 # W4A16 past 64 rows: tiles of w4a16_tc.gemm (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages, swap_ab). Their
 # dequantization issues about as many instructions as the tensor cores take cycles for 128 rows of x
 # (SASS for sm_90: ~234 a K step of 128x128x64 at 8 warps), so 256-row tiles halve its share; 64-column
-# tiles give small-N layers (o, down) enough programs at a few hundred rows
+# tiles and split-K give small-N layers (o, down) enough programs at a few hundred rows
 TC_CANDIDATES = [
-    Tactic("triton_tc", block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, swap_ab=swap)
-    for bm, bn, bk, w, st, swap in [
-        (64, 128, 64, 4, 4, False), (128, 64, 64, 4, 4, False), (128, 128, 64, 8, 4, False),
-        (128, 128, 64, 8, 4, True), (128, 256, 64, 8, 3, False), (256, 64, 64, 4, 4, False),
-        (256, 128, 64, 8, 4, False),
+    Tactic("triton_tc", block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=w, num_stages=st, swap_ab=swap)
+    for bm, bn, bk, split, w, st, swap in [
+        (64, 128, 64, 1, 4, 4, False), (128, 64, 64, 1, 4, 4, False), (128, 128, 64, 1, 8, 4, False),
+        (128, 128, 64, 1, 8, 4, True), (128, 256, 64, 1, 8, 3, False), (256, 64, 64, 1, 4, 4, False),
+        (256, 128, 64, 1, 8, 4, False), (128, 64, 64, 2, 4, 4, False), (256, 64, 64, 2, 8, 4, False),
     ]
 ]
 
@@ -57,7 +57,8 @@ def gemm_candidates(key: str, m: int, k: int, packed: bool = False) -> list[Tact
     if packed and m <= MAX_M:  # trtc's CUDA kernels alone: they beat every Triton candidate on the 8B
         return out + [Tactic("cuda", block_n=block_n(m, r)) for r in BLOCK_GROUPS]  # shapes at M = 1, 16, 64
     if not fp8 and m > 64:  # compute-bound: the tensor-core GEMMs (w4a16_tc.py) against dequantize + cuBLAS
-        return out + [t for t in TC_CANDIDATES if t.block_m <= max(64, 1 << (m - 1).bit_length())]
+        return out + [t for t in TC_CANDIDATES if t.block_m <= max(64, 1 << (m - 1).bit_length())
+                      and k // t.split_k >= 4 * t.block_k]
     if m <= 64:
         block_ms = [max(16, m)]
         block_ns, splits, block_ks = [32, 64, 128] if fp8 else [64, 128], [1, 2, 4, 8], [128, 256]

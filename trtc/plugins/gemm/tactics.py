@@ -30,10 +30,11 @@ class Tactic:
     swap_ab: bool = False  # triton_tc: out^T = W x^T, the dequantized weight as the A operand (from registers)
 
     def launch_args(self) -> dict[str, int]:
-        """The Triton launch configuration of triton_quant.launch (split_k) or w4a16_tc.gemm (swap_ab)."""
+        """The Triton launch configuration of triton_quant.launch or w4a16_tc.gemm (which takes swap_ab too)."""
         d = asdict(self)
         d.pop("impl")
-        d.pop("swap_ab" if self.impl != "triton_tc" else "split_k")
+        if self.impl != "triton_tc":
+            d.pop("swap_ab")
         return d
 
 

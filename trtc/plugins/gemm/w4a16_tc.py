@@ -23,7 +23,10 @@ goes to the tensor cores as loaded.
 swap_ab computes out^T = W x^T: the dequantized tile is the A operand, which Hopper's wgmma takes
 from registers; without it W^T is the B operand, through shared memory. (In SASS swap_ab still moves
 the tile through shared memory to the operand layout and waits on each wgmma: 264 instructions.)
-fp32 accumulation; bias in the epilogue.
+fp32 accumulation; bias in the epilogue. split_k > 1 (small-N layers, o and down, at a few hundred
+rows, whose output tiles alone leave SMs idle): K in split_k parts, the float32 partials summed in
+split order by the last program of the tile to arrive, as triton_quant.py does (deterministic, one
+launch, graph-capturable; the counters from split_k_locks).
 flops = 2 M N K; bytes ~= N K / 2 + N K / G * (4 + 1) + M K 2 + M N 2.
 
 `dequantize` (tactic "dequant_mm" on a GPU): w' = dequantized weight (x pre_quant_scale, folded in
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from trtc.plugins.gemm.triton_quant import split_k_locks
 from trtc.plugins.gemm.w4a16 import w4a16_input
 
 GROUP_M = 8  # output tiles of BLOCK_M rows walked together, so that their weight tiles stay in L2
@@ -95,13 +99,14 @@ def _dequant_tile(w_ptr, scale_ptr, zero_ptr, pqs_ptr, n64, k0, K, stride_w, str
 
 @triton.jit
 def _w4a16_tc_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, pqs_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, pqs_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, stride_xm, stride_w, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, HAS_BIAS: tl.constexpr,
     SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * grid_n
@@ -119,7 +124,10 @@ def _w4a16_tc_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         x_ptrs = x_ptr + m64[:, None] * stride_xm + (k0 + kk)[None, :]
         if EVEN_K:
             xv = tl.load(x_ptrs)
@@ -133,11 +141,31 @@ def _w4a16_tc_kernel(
             acc = tl.dot(xv, tl.trans(wv), acc)  # [BM, BN]
     if SWAP_AB:
         acc = tl.trans(acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n64).to(tl.float32)[None, :]
     out_mask = (m < M)[:, None] & (n < N)[None, :]
     out_offs = m.to(tl.int64)[:, None] * stride_om + n.to(tl.int64)[None, :]
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if SPLIT_K > 1:  # float32 partials; the last of the tile's splits to arrive sums them in split order
+        split_elems = (grid_m * BLOCK_M).to(tl.int64) * N  # one split's partials: [M_pad, N]
+        part_offs = m.to(tl.int64)[:, None] * N + n.to(tl.int64)[None, :]
+        tl.store(part_ptr + pid_k * split_elems + part_offs, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial stored before the counter's release
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            if SPLIT_K == 2:  # a + b == b + a: whichever arrives last, the same bytes
+                acc += tl.load(part_ptr + (1 - pid_k) * split_elems + part_offs, mask=out_mask, other=0.0,
+                               cache_modifier=".cg")
+            else:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for s in range(SPLIT_K):
+                    acc += tl.load(part_ptr + s * split_elems + part_offs, mask=out_mask, other=0.0,
+                                   cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + n64).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + pid, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n64).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -176,7 +204,7 @@ def gemm(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None = None,
     pre_quant_scale: torch.Tensor | None = None, input_perm: torch.Tensor | None = None,
     bias: torch.Tensor | None = None, *, block_m: int = 128, block_n: int = 128, block_k: int = 64,
-    swap_ab: bool = False, num_warps: int = 8, num_stages: int = 4,
+    swap_ab: bool = False, split_k: int = 1, num_warps: int = 8, num_stages: int = 4,
 ) -> torch.Tensor:
     """x: [M, K] bf16/fp16; weight uint8 [N, K/2]; weight_scale float32 [N, K/G] (weight_zero uint8
     alike); pre_quant_scale [K]; input_perm int32 [K]; bias [N] -> [M, N] in x's dtype."""
@@ -188,14 +216,21 @@ def gemm(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    grid_m = triton.cdiv(m, block_m)
+    grid = (grid_m * triton.cdiv(n, block_n), split_k)
+    if split_k > 1:
+        part = torch.empty((split_k, grid_m * block_m, n), dtype=torch.float32, device=x.device)
+        locks = split_k_locks(x.device)
+        assert grid[0] <= locks.numel()
+    else:
+        part = locks = out  # unused
     _w4a16_tc_kernel[grid](
         x, w, weight_scale, weight_zero if weight_zero is not None else weight_scale, weight_scale,
-        bias if bias is not None else weight_scale, out,
+        bias if bias is not None else weight_scale, out, part, locks,
         m, n, k, x.stride(0), w.stride(0), weight_scale.stride(0), out.stride(0),
         GROUP=group, HAS_ZERO=weight_zero is not None, HAS_PQS=False,
         HAS_BIAS=bias is not None, SWAP_AB=swap_ab, EVEN_K=k % block_k == 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, SPLIT_K=split_k,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
