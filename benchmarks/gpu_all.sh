@@ -3,8 +3,9 @@
 # then run the named parts, by default the GPU tests, the bf16 engine benchmark against HF
 # transformers and, with two GPUs or more, the tensor-parallel tests and the tp 1 vs tp 2 benchmark.
 # Fixtures are read from $TRTC_FIXTURES.
-#   bash benchmarks/gpu_all.sh [quick] [tests] [bench] [tp] [kernels] [gemm] [variants] [engines] [moe]
+#   bash benchmarks/gpu_all.sh [quick] [tests] [bench] [tp] [kernels] [gemm] [large_m] [variants] [engines] [moe]
 #   kernels: the quantized-GEMM kernel tests; gemm: benchmarks/quant_gemm.py (rows $GEMM_M);
+#   large_m: benchmarks/w4a16_large_m.py (W4A16 tactics, FP8 and the fused FP8 epilogues at M 1-4096 vs bf16);
 #   variants: benchmarks/w4a16_variants.py (rows $GEMM_M, block shapes $W4A16_VARIANTS);
 #   engines: the bf16, FP8 and INT4-AWQ 8B engines against HF transformers;
 #   moe: the fused MoE kernel tests and benchmarks/moe.py (bf16, then FP8 experts);
@@ -38,13 +39,15 @@ GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 SHOW='Loading weights|Writing model|it/s\]'
 for part in "${PARTS[@]}"; do case $part in
   tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-  kernels) python3 -m pytest -q -m gpu -p no:cacheprovider tests/plugins/test_quant_gemm_kernels.py 2>&1 \
+  kernels) python3 -m pytest -q -m gpu -p no:cacheprovider tests/plugins/test_quant_gemm_kernels.py \
+             tests/plugins/test_w4a16_tc.py 2>&1 \
              | tee "$OUT/gpu_kernel_tests.log" | tail -25 ;;
   bench) if [ -n "$QUICK" ]; then ARGS=(--quick --skip_compile --skip_long); else ARGS=(); fi
          python3 benchmarks/gpu_engine.py "${ARGS[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v -E "$SHOW" | tail -60 ;;
   engines) python3 benchmarks/gpu_engine.py $QUICK --skip_compile --skip_long --engines bf16,fp8,int4_awq 2>&1 \
              | tee "$OUT/bench_engines.log" | grep -v -E "$SHOW" | tail -60 ;;
   gemm) python3 benchmarks/quant_gemm.py --m "${GEMM_M:-1,4,16,64}" 2>&1 | tee "$OUT/quant_gemm.log" ;;
+  large_m) python3 benchmarks/w4a16_large_m.py 2>&1 | tee "$OUT/w4a16_large_m.log" ;;
   variants) python3 benchmarks/w4a16_variants.py --m "${GEMM_M:-1,4,16,32,64}" --variants "${W4A16_VARIANTS:-8x8,8x4,4x8,4x16}" \
               2>&1 | tee "$OUT/w4a16_variants.log" ;;
   moe) python3 -m pytest -q -m gpu -p no:cacheprovider tests/plugins/test_moe_kernels.py 2>&1 \

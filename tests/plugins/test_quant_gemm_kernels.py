@@ -295,7 +295,7 @@ def test_tactic_table_and_defaults():
     assert default_tactic("fp8:n8:k32", 1000).impl == "scaled_mm"
     assert default_tactic("w4a16:n64:k256:g128", 1) == Tactic("cuda", block_n=16)
     assert default_tactic("w4a16:n64:k256:g128", 1, packed=False).impl == "triton"
-    assert default_tactic("w4a16:n64:k256:g128", 4096).impl == "dequant_mm"
+    assert default_tactic("w4a16:n64:k256:g128", 4096).impl == "triton_tc"
     tactics = TacticTable({"w4a16:n7:k256:g128": {"1": {"impl": "triton", "split_k": 8},
                                                   "16": {"impl": "triton", "block_n": 128, "split_k": 2}}})
     assert tactics.choose("w4a16:n7:k256:g128", 1).split_k == 8

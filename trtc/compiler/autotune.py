@@ -3,7 +3,8 @@
 For every quantized GEMM shape of the engine (trtc/plugins/gemm/tactics.py: kind, N, K, group) and
 every tuned row bucket M up to --max_num_tokens, the candidates (trtc's CUDA C++ W4A16 kernels up to
 64 rows where the layer is packed for them, else its Triton kernel with its launch configurations;
-dequantize + cuBLAS past 16 rows; cuBLASLt `_scaled_mm` for FP8) run on
+dequantize + cuBLAS past 16 rows; past 64 rows the tensor-core W4A16 GEMM with in-register dequantization
+in a few tile shapes, against dequantize + cuBLAS; cuBLASLt `_scaled_mm` for FP8) run on
 the engine's own weights of the first layer that has the shape, timed as they run in decode: back to back in one CUDA graph, each call reading
 a different copy of the weights so that none comes from L2 (trtc/utils/gpu_timing.py). Decode attention is tuned
 per CUDA-graph batch size at a context of min(max_seq_len, 2048) tokens (`triton.testing.do_bench`). The winners go to
@@ -34,6 +35,19 @@ from trtc.plugins.gemm.w4a16_packed import (
 )
 from trtc.utils.gpu_timing import copies_past_l2, timed
 
+# W4A16 past 64 rows: tiles of w4a16_tc.gemm (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages, swap_ab). Their
+# dequantization issues about as many instructions as the tensor cores take cycles for 128 rows of x
+# (SASS for sm_90: ~234 a K step of 128x128x64 at 8 warps), so 256-row tiles halve its share; 64-column
+# tiles and split-K give small-N layers (o, down) enough programs at a few hundred rows
+TC_CANDIDATES = [
+    Tactic("triton_tc", block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=w, num_stages=st, swap_ab=swap)
+    for bm, bn, bk, split, w, st, swap in [
+        (64, 128, 64, 1, 4, 4, False), (128, 64, 64, 1, 4, 4, False), (128, 128, 64, 1, 8, 4, False),
+        (128, 128, 64, 1, 8, 4, True), (128, 256, 64, 1, 8, 3, False), (256, 64, 64, 1, 4, 4, False),
+        (256, 128, 64, 1, 8, 4, False), (128, 64, 64, 2, 4, 4, False), (256, 64, 64, 2, 8, 4, False),
+    ]
+]
+
 
 def gemm_candidates(key: str, m: int, k: int, packed: bool = False) -> list[Tactic]:
     """packed: the INT4 layer has the CUDA kernel's layout (w4a16_packed.py)."""
@@ -42,6 +56,9 @@ def gemm_candidates(key: str, m: int, k: int, packed: bool = False) -> list[Tact
     out = [Tactic("scaled_mm")] if fp8 else [Tactic("dequant_mm")] if m > 16 else []
     if packed and m <= MAX_M:  # trtc's CUDA kernels alone: they beat every Triton candidate on the 8B
         return out + [Tactic("cuda", block_n=block_n(m, r)) for r in BLOCK_GROUPS]  # shapes at M = 1, 16, 64
+    if not fp8 and m > 64:  # compute-bound: the tensor-core GEMMs (w4a16_tc.py) against dequantize + cuBLAS
+        return out + [t for t in TC_CANDIDATES if t.block_m <= max(64, 1 << (m - 1).bit_length())
+                      and k // t.split_k >= 4 * t.block_k]
     if m <= 64:
         block_ms = [max(16, m)]
         block_ns, splits, block_ks = [32, 64, 128] if fp8 else [64, 128], [1, 2, 4, 8], [128, 256]

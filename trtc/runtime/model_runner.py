@@ -314,8 +314,8 @@ class ModelRunner:
                 m.activation)
         if m.moe.shared_intermediate_size:
             gate_up = self._linear(x, p + "shared.gate_up", out_dtype=self.dtype)  # [T, 2 * shared]
-            shared = self._linear(act_and_mul(gate_up, m.activation), p + "shared.down",
-                                  bias=False, out_dtype=self.dtype)
+            shared = self._linear(act_and_mul(gate_up, m.activation, w.get(p + "shared.down.input_scale")),
+                                  p + "shared.down", bias=False, out_dtype=self.dtype)  # quantized for an FP8 down
             if m.moe.shared_gate:
                 shared = torch.sigmoid(self._linear(x, p + "shared_gate", bias=False)) * shared  # [T, 1] * [T, hidden]
             y = y + shared

@@ -6,8 +6,9 @@ weights go to cuBLAS through torch (on a GPU) or to torch's CPU GEMM. A quantize
 `name.weight_scale` without it means INT4 weight-only (W4A16). So the forwards that call `linear`
 know nothing of quantization. On CUDA the quantized GEMMs run the tactic the build chose for
 their shape (tactics.py, the engine's TacticTable passed in by its model runner): trtc's CUDA C++ W4A16 kernel for decode-sized M (w4a16_packed.py), its
-Triton kernels (triton_quant.py) or, for FP8, cuBLASLt through `torch._scaled_mm`; elsewhere the
-PyTorch references (fp8.py, w4a16.py).
+Triton kernels (triton_quant.py; for INT4 at large M the tensor-core GEMM or dequantize + cuBLAS of
+w4a16_tc.py) or, for FP8, cuBLASLt through `torch._scaled_mm`; elsewhere the PyTorch references
+(fp8.py, w4a16.py).
 
 FP8 activations may arrive already quantized (float8_e4m3fn x, by the norm or activation kernel
 before the GEMM, with this layer's input_scale); the output is then in `out_dtype`.
@@ -79,9 +80,15 @@ def run_tactic(tactic: Tactic, x: torch.Tensor, w: dict[str, torch.Tensor], out_
         from trtc.plugins.gemm import w4a16_packed
 
         return w4a16_packed.gemm(x, w, bias, features_per_block=tactic.block_n)
-    if tactic.impl == "dequant_mm":  # INT4 only
-        return w4a16_linear(x, w["weight"], w["weight_scale"], w.get("weight_zero"), w.get("pre_quant_scale"),
-                            w.get("input_perm"), bias)
+    int4 = (w["weight"], w["weight_scale"], w.get("weight_zero"), w.get("pre_quant_scale"), w.get("input_perm"), bias)
+    if tactic.impl == "dequant_mm" and not (x.is_cuda and triton_available()):  # INT4: the PyTorch reference
+        return w4a16_linear(x, *int4)
+    if tactic.impl in ("dequant_mm", "triton_tc"):  # INT4, large M: w4a16_tc.py
+        from trtc.plugins.gemm import w4a16_tc
+
+        if tactic.impl == "dequant_mm":
+            return w4a16_tc.dequant_mm(x, *int4)
+        return w4a16_tc.gemm(x, *int4, **tactic.launch_args())
     from trtc.plugins.gemm import triton_quant
 
     return triton_quant.launch(

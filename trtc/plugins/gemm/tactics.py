@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-TUNED_BUCKETS = (1, 16, 32, 64, 128, 512, 2048, 8192, 32768)  # the build times these; M between two takes the larger
+TUNED_BUCKETS = (1, 16, 32, 64, 128, 256, 512, 2048, 8192, 32768)  # the build times these; M between two takes the larger
 
 
 @dataclass(frozen=True)
 class Tactic:
     impl: str  # "cuda" (INT4, M <= 64: trtc/plugins/gemm/w4a16_packed.py; block_n output features a block),
-    # "triton" (trtc/plugins/gemm/triton_quant.py), "scaled_mm" (cuBLASLt FP8 through torch), or
+    # "triton" (trtc/plugins/gemm/triton_quant.py), "scaled_mm" (cuBLASLt FP8 through torch),
+    # "triton_tc" (INT4, large M: w4a16_tc.gemm, dequantized in the mainloop for the tensor cores), or
     # "dequant_mm" (INT4: the weight dequantized to the model dtype, then cuBLAS: for large M, compute-bound)
     block_m: int = 16
     block_n: int = 64
@@ -26,10 +27,14 @@ class Tactic:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False  # triton_tc: out^T = W x^T, the dequantized weight as the A operand (from registers)
 
     def launch_args(self) -> dict[str, int]:
+        """The Triton launch configuration of triton_quant.launch or w4a16_tc.gemm (which takes swap_ab too)."""
         d = asdict(self)
         d.pop("impl")
+        if self.impl != "triton_tc":
+            d.pop("swap_ab")
         return d
 
 
@@ -46,7 +51,8 @@ def gemm_key(weight, weight_scale) -> str:
 
 def default_tactic(key: str, m: int, packed: bool = True) -> Tactic:
     """Configurations for an engine whose build did not tune (built on a CPU): among the winners of
-    benchmarks/quant_gemm.py on the H200; dequantize + cuBLAS past 64 rows. packed: the INT4 layer
+    benchmarks/quant_gemm.py on the H200; INT4 past 64 rows: the tensor-core GEMM (w4a16_tc.py) with
+    Hopper-sized tiles (benchmarks/w4a16_large_m.py compares it with dequantize + cuBLAS). packed: the INT4 layer
     has the CUDA kernel's layout (it has wherever the kernel compiles)."""
     if key.startswith("fp8"):
         return Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=2) if m <= 16 else Tactic("scaled_mm")
@@ -56,7 +62,11 @@ def default_tactic(key: str, m: int, packed: bool = True) -> Tactic:
         return Tactic("triton", block_m=16, block_n=64, block_k=128, split_k=2)
     if m <= 64:
         return Tactic("triton", block_m=32 if m <= 32 else 64, block_n=64, block_k=128)
-    return Tactic("dequant_mm")
+    if m <= 128:
+        return Tactic("triton_tc", block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4)
+    if m <= 512:
+        return Tactic("triton_tc", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
+    return Tactic("triton_tc", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=4)
 
 
 class TacticTable:
