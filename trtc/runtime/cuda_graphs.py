@@ -75,7 +75,7 @@ class DecodeCudaGraphs:
         pool = None
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            args = (self.input_ids[:bs], self._meta(bs), self.logits_indices[:bs], self.logits)
+            args = (self.input_ids[:bs], self._meta(bs), self.logits_indices[:bs])
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS picks) outside the capture
                 self.runner.forward(*args, logits_out=self.logits)
