@@ -63,6 +63,9 @@ def table(rows: list[dict]) -> None:
         done = f"{r['completed']}/{r['num_requests']}"
         print(f"{r['engine']:<12}{r['isl']:>5}/{r['osl']:<4}{r['output_tokens_per_s']:>12,.0f}{pub:>18}{ratio:>8}{done:>12}"
               f"  {r['peak'] / 2**30:.1f} / {r['plan'] / 2**30:.1f} GiB")
+    if not rows:
+        print("no engine run finished: the table is empty (each run's error is above)")
+        return
     card = next((r["published"]["card"] for r in rows if r["published"]), None)
     print(f"published: TensorRT-LLM perf-overview, Llama 3.1 8B FP8 TP1, {card or 'no figure for this card'} "
           "(v1.0 PyTorch backend / v0.17 TensorRT engines); ratio against the higher; not measured here")

@@ -153,6 +153,29 @@ def test_chunked_prefill_long():
 
 @pytest.mark.gpu
 @cuda
+def test_launchers_keep_no_input_alive():
+    """Decode and prefill attention hold nothing of a call once it returns: after 20 calls on fresh
+    q and output tensors, the allocated memory is what it was after the first (a cache keyed on the
+    tensors would keep every step's q alive)."""
+    specs = [(1, 300), (1, 17), (37, 100), (64, 64)]
+    _, kc, vc, meta = make_batch(specs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
+    total, scale = sum(n for n, _ in specs), 1 / math.sqrt(128)
+
+    def call():
+        q = torch.randn(total, 32, 128, dtype=torch.bfloat16, device="cuda")
+        paged_attention(q, kc, vc, meta, scale, out=torch.empty_like(q))
+
+    call()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(20):
+        call()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.gpu
+@cuda
 def test_decode_cuda_graph():
     """The decode path captures into a CUDA graph and replays right with new lengths and tables,
     including a padding row of context 0 (it gets zeros, not NaN)."""

@@ -214,9 +214,13 @@ class ModelRunner:
             if layer.mlp_output_norm is not None:
                 h = norm(h, layer.mlp_output_norm, w[p + "mlp_output_norm.weight"])
         h, _ = self._add_norm(h[logits_indices], residual[logits_indices], self.graph.final_norm, "final_norm")
+        rows = self.build_config.max_batch_size  # the same chunks on every rank: the LM head's gathers match
         if on_logits is None:
-            return self.compute_logits(h, logits_out)
-        rows = self.build_config.max_batch_size
+            out = logits_out if logits_out is not None else torch.empty(
+                h.shape[0], self.graph.vocab_size, dtype=torch.float32, device=h.device)
+            for start in range(0, h.shape[0], rows):
+                self.compute_logits(h[start : start + rows], out[start:])
+            return out[: h.shape[0]]
         for start in range(0, h.shape[0], rows):
             on_logits(start, self.compute_logits(h[start : start + rows], logits_out))
         return None

@@ -14,8 +14,6 @@ bytes ~= sum over sequences of context * Hkv * D * 2 * itemsize (K and V read on
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -120,7 +118,6 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-@functools.cache
 def paged_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
     """Check q [..., Hq, D] against the paged caches [num_blocks, tokens_per_block, Hkv, D] (unit
     stride in D, Hq a multiple of Hkv) and return (tokens_per_block, Hkv)."""
