@@ -246,6 +246,7 @@ class LLM:
         if event.finish_reason is not None:
             self._detokenizers.pop(out.request_id, None)
             c.finish_reason, out.finished = event.finish_reason, True
+            out.error = event.error
         return True
 
 

@@ -51,3 +51,4 @@ class TokenEvent:
     logprob: float | None
     finish_reason: str | None
     top_logprobs: dict[int, float] | None = None  # token id -> logprob, most likely first, when asked for
+    error: str | None = None  # why the request failed (finish reason "error")

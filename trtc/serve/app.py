@@ -29,7 +29,8 @@ log = logging.getLogger("trtc")
 
 def create_app(llm: LLM, model_name: str, chat_template: str | None = None, api_key: str | None = None,
                max_queued_requests: int | None = None, tool_call_parser: str | None = None,
-               reasoning_parser: str | None = None) -> FastAPI:
+               reasoning_parser: str | None = None, on_engine_dead=None) -> FastAPI:
+    """on_engine_dead: called (on the event loop) once the engine stops on a broken device."""
     def stats() -> EngineStats:
         engine = llm.async_engine
         return engine.stats if engine is not None else EngineStats(num_blocks=llm.executor.num_blocks)
@@ -39,7 +40,7 @@ def create_app(llm: LLM, model_name: str, chat_template: str | None = None, api_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        llm.start_async_engine()  # the engine thread, on uvicorn's loop
+        llm.start_async_engine().on_dead = on_engine_dead  # the engine thread, on uvicorn's loop
         yield
         ctx.shutting_down = True
 

@@ -22,7 +22,7 @@ from trtc.errors import TrtcError
 from trtc.llm import LLM
 from trtc.runtime.request_stream import RequestStream
 from trtc.serve.chat import render_chat
-from trtc.serve.errors import APIError
+from trtc.serve.errors import APIError, error_body
 from trtc.serve.metrics import ServerMetrics
 from trtc.serve.protocol import ChatCompletionRequest, CompletionRequest
 from trtc.serve.structured import ChatReplyParser
@@ -169,6 +169,9 @@ async def serve_completion(ctx: ServeContext, request: Request, req: CompletionR
         _record(ctx, c)
     if watch.done() and not watch.cancelled():
         return Response(status_code=499)  # nobody reads it
+    failed = next((c.stream.output for c in choices if c.stream.output.outputs[0].finish_reason == "error"), None)
+    if failed is not None:  # a failed step (out of memory, say) ended it; the engine goes on
+        raise APIError(500, failed.error or "the request failed in the engine; retry it")
     return JSONResponse(_full_response(ctx, req, choices, prompt_tokens, rid, chat))
 
 
@@ -277,6 +280,8 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
                 yield chunk([{"index": c.index, "text": o.text, "logprobs": lp, "finish_reason": reason}])
             if delta.finished:
                 _record(ctx, c)
+                if o.finish_reason == "error":
+                    yield f"data: {json.dumps(error_body(500, c.stream.output.error or 'the request failed'))}\n\n"
         if req.include_usage:
             yield chunk([], _usage(prompt_tokens, choices))
         yield "data: [DONE]\n\n"
