@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from trtc.errors import TrtcError
 from trtc.llm import LLM
 from trtc.runtime.request_stream import RequestStream
+from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.chat import render_chat
 from trtc.serve.errors import APIError, error_body
 from trtc.serve.metrics import ServerMetrics
@@ -33,7 +34,7 @@ FINISH_REASONS = {"end_id": "stop", "stop_words": "stop", "stop": "stop", "lengt
 
 @dataclass
 class ServeContext:
-    llm: LLM
+    llm: LLM | AsyncLLM  # the server's: AsyncLLM (the engine core in its own process)
     model_name: str
     metrics: ServerMetrics
     chat_template: str | None = None
@@ -58,7 +59,7 @@ def openai_finish_reason(reason: str | None) -> str | None:
 async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_tokens: int | None,
                   logprobs: bool) -> tuple[list[Choice], int]:
     """Tokenize, check and submit every (prompt, sample); returns the choices and the prompt tokens."""
-    llm, max_seq_len = ctx.llm, ctx.llm.executor.engine.build_config.max_seq_len
+    llm, max_seq_len = ctx.llm, ctx.llm.max_seq_len
     ids = [llm.tokenizer(p).input_ids if isinstance(p, str) else p for p in prompts]
     plans = []
     for p, prompt_ids in zip(prompts, ids):
@@ -70,7 +71,7 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
                 raise APIError(400, str(e)) from None
             if params.guided_decoding is not None and j == 0:  # compiled off the event loop, once (cached)
                 try:
-                    await asyncio.to_thread(llm.executor.guided_decoder.compile, params.guided_decoding)
+                    await asyncio.to_thread(llm.guided_decoder.compile, params.guided_decoding)
                 except TrtcError as e:
                     raise APIError(400, str(e)) from None
             try:

@@ -1,4 +1,9 @@
-"""`trtc serve`: load the engine, start uvicorn, and shut down gracefully.
+"""`trtc serve`: start the engine core process (it loads the engine), start uvicorn, shut down gracefully.
+
+Two processes, as vLLM's AsyncLLM / EngineCore: this one (HTTP, JSON, tokenization,
+detokenization, SSE: trtc/serve/async_llm.py) and the engine core (trtc/runtime/engine_core.py),
+which owns the executor and steps it without pause; they talk over ZeroMQ. The core ends with this
+process (it watches its parent), so none is left behind.
 
 SIGTERM / SIGINT: uvicorn stops accepting connections; the engine ends every in-flight request at
 the next step (finish reason "abort"), so open streams get their final chunk and `[DONE]`; then the
@@ -22,8 +27,8 @@ import uvicorn
 import yaml
 
 from trtc.errors import TrtcError
-from trtc.llm import LLM
 from trtc.serve.app import create_app
+from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.chat import load_chat_template
 
 log = logging.getLogger("trtc")
@@ -88,8 +93,8 @@ def serve(cfg: ServeConfig) -> None:
     template = load_chat_template(cfg.chat_template)
     if cfg.max_queued_requests is not None and cfg.max_queued_requests < 0:
         raise TrtcError(f"--max_queued_requests must be >= 0, got {cfg.max_queued_requests}")
-    llm = LLM(cfg.model, tp_size=cfg.tp_size, kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction,
-              device=cfg.device)
+    llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction,
+                   device=cfg.device)  # the engine core process: loads the engine and steps it
     dead: list[str] = []  # why the engine stopped, once it has
     server: GracefulServer | None = None
 
