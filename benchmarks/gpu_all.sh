@@ -69,9 +69,9 @@ for part in "${PARTS[@]}"; do case $part in
                rm -rf /tmp/trtc-gpu-bench-mixtral-8x7b-* ;;
   serve) S=/tmp/trtc-serve-8b
          python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_engine as g; g.make_checkpoint(g.Path('$S/hf'), g.LLAMA_8B)"
-         python3 -m trtc.cli build --model_dir $S/hf --output_dir $S/engine ${BUILD_FLAGS:---max_seq_len 4096 --max_batch_size 256 --max_num_tokens 8192} \
+         python3 -m trtc.cli build --model_dir $S/hf --output_dir $S/engine ${BUILD_FLAGS:---max_seq_len 4096 --max_batch_size 512 --max_num_tokens 8192} \
            --overwrite 2>&1 | tail -2
-         python3 benchmarks/serve_vs_offline.py $S/engine --concurrency "${SERVE_CONCURRENCY:-1,25,100,250}" \
+         python3 benchmarks/serve_vs_offline.py $S/engine --concurrency "${SERVE_CONCURRENCY:-1,25,100,250,500}" \
            --output_json "$OUT/serve_vs_offline.json" 2>&1 | tee "$OUT/serve.log" | grep -v -E "$SHOW" | tail -20
          rm -rf $S ;;
   maxtput) rm -rf /tmp/trtc-maxtput /tmp/trtc-gpu-bench-* /tmp/trtc-serve-8b

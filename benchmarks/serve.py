@@ -33,8 +33,15 @@ from trtc.tools.serve_bench import format_serve_result, run_serve_bench  # noqa:
 
 
 def rss_mib(pid: int) -> float:
+    """Resident memory of the server: the front process and its children (the engine core, its ranks)."""
     text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+    total = int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            total += rss_mib(int(child))
+        except (OSError, AttributeError):
+            pass  # it ended meanwhile
+    return total
 
 
 def metric(url: str, name: str) -> float:

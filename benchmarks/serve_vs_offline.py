@@ -1,10 +1,11 @@
 """`trtc serve` against the offline engine at the same concurrency, with the server's TTFT and ITL.
 
-    python benchmarks/serve_vs_offline.py ENGINE [--concurrency 1,25,100,250] [--isl 128] [--osl 128]
+    python benchmarks/serve_vs_offline.py ENGINE [--concurrency 1,25,100,250,500] [--isl 128] [--osl 128]
 
 For each concurrency c, max(8, 2c) requests of ISL/OSL tokens: first `trtc bench` offline (the
-Executor in this process, c requests in flight), then, once that engine is closed, `trtc serve
-ENGINE` on a loopback port loaded by `trtc bench --url`'s streaming clients at the same c.
+Executor in a process of its own, c requests in flight; the process ends before the server starts,
+so the server's pool gets the whole device), then `trtc serve ENGINE` on a loopback port loaded by
+`trtc bench --url`'s streaming clients at the same c.
 Server overhead is 1 - server output tok/s / offline output tok/s. Prints one table; --output_json
 keeps every figure. Not a test: the numbers depend on the machine.
 """
@@ -13,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
+import multiprocessing
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,10 +30,19 @@ from trtc.tools.bench import bench  # noqa: E402
 from trtc.tools.serve_bench import run_serve_bench  # noqa: E402
 
 
+def offline_bench(engine: str, kv_fraction: float, isl: int, osl: int, n: dict[int, int]) -> dict[int, dict]:
+    """`trtc bench` of the engine at each concurrency (run in a process of its own)."""
+    ex = Executor(engine, free_gpu_memory_fraction=kv_fraction)
+    try:
+        return {c: bench(ex, isl, osl, k, concurrency=c).to_dict() for c, k in n.items()}
+    finally:
+        ex.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engine")
-    ap.add_argument("--concurrency", default="1,25,100,250")
+    ap.add_argument("--concurrency", default="1,25,100,250,500")
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--osl", type=int, default=128)
     ap.add_argument("--kv_fraction", type=float, default=0.7, help="free GPU memory fraction of the KV pool, both runs")
@@ -42,12 +51,8 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     n = {c: max(8, 2 * c) for c in levels}
 
-    ex = Executor(args.engine, free_gpu_memory_fraction=args.kv_fraction)
-    offline = {c: bench(ex, args.isl, args.osl, n[c], concurrency=c).to_dict() for c in levels}
-    ex.close()
-    del ex
-    gc.collect()
-    torch.cuda.empty_cache()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # CUDA: spawn, not fork
+        offline = pool.submit(offline_bench, args.engine, args.kv_fraction, args.isl, args.osl, n).result()
 
     proc, url = start_server(args.engine, None, "--kv_cache_free_gpu_memory_fraction", str(args.kv_fraction))
     try:

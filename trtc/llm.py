@@ -64,14 +64,7 @@ class LLM:
         device: str | torch.device | None = None,
         revision: str | None = None,
     ) -> None:
-        path = Path(model)
-        if path.exists() and not path.is_dir():
-            raise TrtcError(f"{path} is a file, not a directory; pass an engine directory, a local HF model directory "
-                            "or a Hugging Face model id")
-        path = resolve_model_dir(model, revision)  # a Hub model id: its snapshot in the HF cache
-        if not is_engine_dir(path) and _config_format(path) == CHECKPOINT_FORMAT:
-            Engine.load(path)  # refuses it, naming the build command
-        self.engine_dir = path if is_engine_dir(path) else cached_engine(path, tp_size, dtype, build_config, backend)
+        self.engine_dir = resolve_engine_dir(model, tp_size, dtype, build_config, backend, revision)
         self.executor = Executor(
             self.engine_dir, device, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, enable_prefix_reuse,
             enable_cuda_graphs,
@@ -170,13 +163,20 @@ class LLM:
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise TrtcError (naming the limit) for a prompt the engine can never run."""
-        engine, max_seq_len = self.executor.engine, self.executor.engine.build_config.max_seq_len
-        vocab = engine.graph.vocab_size
-        if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
-            raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > max_seq_len:
-            raise TrtcError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                            f"engine's max_seq_len {max_seq_len}; shorten the prompt or lower max_tokens")
+        check_prompt(self.executor.engine, prompt_ids, params)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.executor.engine.build_config.max_seq_len
+
+    @property
+    def num_blocks(self) -> int:
+        return self.executor.num_blocks
+
+    @property
+    def guided_decoder(self):
+        """The executor's grammar compiler (a spec is compiled once, cached)."""
+        return self.executor.guided_decoder
 
     # Internals ------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -248,7 +248,31 @@ class LLM:
         if event.finish_reason is not None:
             self._detokenizers.pop(out.request_id, None)
             c.finish_reason, out.finished = event.finish_reason, True
+            out.error = event.error
         return True
+
+
+def check_prompt(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+    """Raise TrtcError (naming the limit) for a prompt `engine` can never run."""
+    max_seq_len, vocab = engine.build_config.max_seq_len, engine.graph.vocab_size
+    if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
+        raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab})")
+    if len(prompt_ids) + params.max_tokens > max_seq_len:
+        raise TrtcError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                        f"engine's max_seq_len {max_seq_len}; shorten the prompt or lower max_tokens")
+
+
+def resolve_engine_dir(model: str | Path, tp_size: int = 1, dtype: str = "auto", build_config: BuildConfig | None = None,
+                       backend: str = "auto", revision: str | None = None) -> Path:
+    """The engine directory of `model`: itself, or the cached build of an HF model (directory or Hub id)."""
+    path = Path(model)
+    if path.exists() and not path.is_dir():
+        raise TrtcError(f"{path} is a file, not a directory; pass an engine directory, a local HF model directory "
+                        "or a Hugging Face model id")
+    path = resolve_model_dir(model, revision)  # a Hub model id: its snapshot in the HF cache
+    if not is_engine_dir(path) and _config_format(path) == CHECKPOINT_FORMAT:
+        Engine.load(path)  # refuses it, naming the build command
+    return path if is_engine_dir(path) else cached_engine(path, tp_size, dtype, build_config, backend)
 
 
 def _is_single(prompts) -> bool:

@@ -110,7 +110,7 @@ def tune_gemms(engine_dir: Path, max_num_tokens: int, dtype: torch.dtype, log=pr
     from trtc.plugins.gemm.triton_quant import split_k_locks
 
     device = torch.device("cuda")
-    split_k_locks(device)
+    locks = split_k_locks(device)  # noqa: F841 - held while tuning
     shapes: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(rank_file(engine_dir, 0, "engine")), framework="pt", device="cuda") as f:
         names = set(f.keys())

@@ -41,6 +41,7 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens admitted
     prefix_cache_hits: int = 0  # of those, tokens served from cached KV blocks
+    engine_dead: bool = False  # the device (or a rank) broke: nothing runs any more
 
     @property
     def kv_cache_usage(self) -> float:
@@ -80,6 +81,7 @@ class AsyncEngine:
         self._pending = 0  # submitted, not yet taken by the engine thread (asyncio side writes, engine reads)
         self._taken = 0
         self.error: BaseException | None = None
+        self.on_dead = None  # called on the asyncio loop once the engine has stopped on an error
         self.stats = EngineStats(num_blocks=executor.num_blocks)
         self._live: dict[int, RequestHandle] = {}  # executor id -> handle (engine thread only)
         self._held: list[RequestHandle] = []  # taken, waiting for their `after` request's prompt (engine thread)
@@ -151,9 +153,12 @@ class AsyncEngine:
             failed = list(self._live.values()) + self._held
             while not self._submits.empty():
                 failed.append(self._submits.get())
+            self.stats = replace(self.stats, engine_dead=True)
             err = EngineDead(f"the engine stopped on an error ({e}); restart the server")
             for h in failed:
                 self._post(h.events.put_nowait, err)
+            if self.on_dead is not None:
+                self._post(self.on_dead)
 
     def _drain(self) -> None:
         ex = self.executor

@@ -12,8 +12,10 @@ them itself, and alone samples.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +43,36 @@ if TYPE_CHECKING:  # imported with the first guided request: xgrammar takes ~1.5
     from trtc.runtime.guided_decoding import GuidedDecoder, TokenBitmask
 
 log = logging.getLogger("trtc")
+FAULT_INJECT_ENV = "TRTC_FAULT_INJECT_STEP"  # K or K:device: step K raises (a failed step, or a broken device)
+BROKEN_DEVICE = ("device-side assert", "illegal memory access", "unspecified launch failure", "CUDA error",
+                 "cudaError", "CUBLAS_STATUS_EXECUTION_FAILED", "uncorrectable ECC", "misaligned address")
+
+
+class EngineDeadError(TrtcError):
+    """The device (or a tensor-parallel rank) is broken: no step can run any more; restart the process."""
+
+
+def device_broken(error: BaseException) -> bool:
+    """Whether a step's error leaves the device unusable (a CUDA error: every later kernel fails too), as
+    opposed to one that fails only the step's requests (out of memory, a bad tensor shape)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return any(m in str(error) for m in BROKEN_DEVICE)
+
+
+def _fault_injection() -> tuple[int, bool] | None:
+    """TRTC_FAULT_INJECT_STEP=K: the K-th step that runs a batch (from 1) raises RuntimeError, as an
+    out-of-memory step would; K:device raises a CUDA-like error, as a broken device would (tests)."""
+    value = os.environ.get(FAULT_INJECT_ENV, "").strip()
+    if not value:
+        return None
+    step, _, kind = value.partition(":")
+    if not step.isdigit() or kind not in ("", "device"):
+        raise TrtcError(f"{FAULT_INJECT_ENV}={value!r}: expected a step number K, or K:device")
+    return int(step), kind == "device"
 
 
 @dataclass
@@ -165,6 +197,8 @@ class Executor:
         graph = self.engine.graph
         self.eos_ids = list(graph.eos_token_id)
         self._guided: GuidedDecoder | None = None  # built with the first guided request (it needs the tokenizer)
+        self._fault = _fault_injection()
+        self._num_steps = 0  # steps that ran a batch
 
     # Requests -------------------------------------------------------------------------------------
     def add_request(
@@ -222,11 +256,19 @@ class Executor:
         return self.worker.num_blocks
 
     def close(self) -> None:
-        """Give the device memory back now (CUDA graphs, KV cache, weights) and stop the other
-        ranks; the executor is unusable after."""
+        """Give the device memory back now (CUDA graphs, KV cache, weights, workspaces, the grammar
+        masks) and stop the other ranks; the executor is unusable after."""
         self.worker.close()
         if self.ranks is not None:
             self.ranks.close()
+        self.requests.clear()
+        self._guided = None
+        gc.collect()  # tensors held by reference cycles (autograd-free, but graphs and closures)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # cuBLAS's workspace of each stream it ran on
+                torch._C._cuda_clearCublasWorkspaces()
+            torch.cuda.empty_cache()
 
     def _guard(self, section: str = "step"):
         """Around work the ranks do together: a rank's failure becomes one TrtcError."""
@@ -240,11 +282,43 @@ class Executor:
 
     # The step -------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        """One step's events. A step that fails (out of memory, say) ends its own requests with finish
+        reason "error" (the event's `error` says why) and frees their blocks; the executor goes on.
+        A broken device or tensor-parallel rank raises EngineDeadError: nothing can run any more."""
         with self._guard():
             batch = self.scheduler.schedule()
-            tokens, logprobs, tops = self._run(batch)
+            try:
+                if len(batch.request_ids):
+                    self._num_steps += 1
+                    self._inject_fault()
+                tokens, logprobs, tops = self._run(batch)
+            except Exception as e:  # noqa: BLE001 - the step's requests hear why; the engine decides if it lives
+                if self.ranks is not None or device_broken(e):  # the ranks' collectives are out of step, or the device is lost
+                    raise EngineDeadError(f"the engine's device failed in a step ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0] if str(e) else ''}); restart the process") from e
+                return self._fail_step(batch, e)
             updates = self.scheduler.update(tokens)
         return self._postprocess(updates, logprobs, tops)
+
+    def _inject_fault(self) -> None:
+        if self._fault is not None and self._num_steps == self._fault[0]:
+            if self._fault[1]:
+                raise RuntimeError(f"CUDA error: an illegal memory access was encountered ({FAULT_INJECT_ENV})")
+            raise RuntimeError(f"injected failure of step {self._num_steps} ({FAULT_INJECT_ENV})")
+
+    def _fail_step(self, batch, error: Exception) -> list[TokenEvent]:
+        """End every request of the failed step with finish reason "error" (their blocks are freed);
+        requests cancelled before it end as usual."""
+        failed = {int(rid) for rid in batch.request_ids}
+        line = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
+        log.error("a step of %d requests failed (%s); they end with an error, the engine goes on", len(failed), line)
+        for rid in failed:
+            self.scheduler.cancel(rid)
+        updates = self.scheduler.update([0] * int(np.count_nonzero(np.asarray(batch.sample))))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed step held, back to the device before the next one
+        return self._postprocess([(rid, tok, "error" if rid in failed else r) for rid, tok, r in updates], {}, {},
+                                 f"the step running this request failed ({line}); retry it")
 
     def _run(self, batch) -> tuple[list[int], dict[int, float], dict[int, dict[int, float]]]:
         """Plan the step, run it, and sample a token for every request whose chunk reached its end.
@@ -332,7 +406,8 @@ class Executor:
         return tokens.tolist(), {r.request_id: lp for r, lp in zip(reqs, logprobs.tolist())}, tops
 
     def _postprocess(self, updates: list[tuple[int, int, str | None]], logprobs: dict[int, float],
-                     tops: dict[int, dict[int, float]]) -> list[TokenEvent]:
+                     tops: dict[int, dict[int, float]], error: str | None = None) -> list[TokenEvent]:
+        """error: why the requests ending with finish reason "error" failed."""
         events = []
         for rid, token, reason in updates:
             r = self.requests.get(rid)
@@ -348,7 +423,7 @@ class Executor:
                 r.logprobs.append(logprobs[rid])
                 event = TokenEvent(rid, token, logprobs[rid], reason, tops.get(rid))
             else:
-                event = TokenEvent(rid, None, None, reason)
+                event = TokenEvent(rid, None, None, reason, error=error if reason == "error" else None)
             if not r.first_event_sent:
                 r.first_event_sent = True
                 event.prompt_logprobs, event.num_cached_tokens = r.prompt_logprobs, r.num_cached_tokens

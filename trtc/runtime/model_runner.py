@@ -79,7 +79,7 @@ class ModelRunner:
             from trtc.plugins.gemm.triton_quant import split_k_locks
             from trtc.plugins.gemm.w4a16_packed import prepare_weights
 
-            split_k_locks(device)  # before any CUDA graph capture
+            self._split_k_locks = split_k_locks(device)  # before any CUDA graph capture; held while this runner lives
             prepare_weights(self.w, self.dtype, device)  # INT4 layers: the CUDA kernel's layout beside the engine's
         self.gemm_tactics = TacticTable(engine.tactics.get("gemm"))  # tuned at build, this engine's own
         self.decode_tactics = decode_tactics(engine.tactics.get("decode_attention"))
@@ -122,8 +122,11 @@ class ModelRunner:
         return input_ids, meta, torch.arange(min(tokens, bc.max_batch_size), device=dev)
 
     def release(self) -> None:
-        """Free the weights and the KV-cache pool now; the runner is unusable after."""
+        """Free the weights, the KV-cache pool, the RoPE tables and the workspaces now; the runner is
+        unusable after."""
         self.k_cache, self.v_cache, self.w = [], [], {}
+        self._rope_tables, self._layer_rope, self._kv_scales = {}, {}, []
+        self._split_k_locks = None
         if self._decode_kv is not None:
             self._decode_kv.reset()
         if self.device.type == "cuda":

@@ -68,6 +68,7 @@ class TokenEvent:
     logprob: float | None
     finish_reason: str | None
     top_logprobs: dict[int, float] | None = None  # token id -> logprob, most likely first, when asked for
+    error: str | None = None  # why the request failed (finish reason "error")
     # On a request's first event only: its prompt's logprobs (when asked for) and its prompt tokens
     # that came from the prefix cache (None if it ended before it was scheduled).
     prompt_logprobs: PromptLogprobs | None = None

@@ -111,6 +111,7 @@ class RequestStream:
                 reason = "stop"
         if reason is not None:
             c.finish_reason, self.output.finished = reason, True
+            self.output.error = event.error
             self.times.finished = now
 
 

@@ -144,11 +144,14 @@ class Worker:
         return self.runner.forward(input_ids, meta, index, on_logits)
 
     def close(self) -> None:
-        """Give the device memory back now (CUDA graphs, KV cache, weights)."""
+        """Give the device memory back now (CUDA graphs, KV cache, weights, workspaces); the worker keeps no
+        reference to any of them."""
         if self.cuda_graphs is not None:
             self.cuda_graphs.release()
             self.cuda_graphs = None
-        self.runner.release()
+        if self.runner is not None:
+            self.runner.release()
+            self.runner = None
 
 
 def runtime_plan(engine: Engine, free_gpu_memory_fraction: float) -> MemoryPlan:

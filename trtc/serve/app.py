@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trtc.llm import LLM
 from trtc.runtime.async_engine import EngineStats
+from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.completions import ServeContext, serve_completion
 from trtc.serve.errors import APIError, error_response, parse_body
 from trtc.serve.metrics import ServerMetrics
@@ -27,19 +28,20 @@ from trtc.version import __version__
 log = logging.getLogger("trtc")
 
 
-def create_app(llm: LLM, model_name: str, chat_template: str | None = None, api_key: str | None = None,
+def create_app(llm: LLM | AsyncLLM, model_name: str, chat_template: str | None = None, api_key: str | None = None,
                max_queued_requests: int | None = None, tool_call_parser: str | None = None,
-               reasoning_parser: str | None = None) -> FastAPI:
+               reasoning_parser: str | None = None, on_engine_dead=None) -> FastAPI:
+    """on_engine_dead: called (on the event loop) once the engine stops on a broken device."""
     def stats() -> EngineStats:
         engine = llm.async_engine
-        return engine.stats if engine is not None else EngineStats(num_blocks=llm.executor.num_blocks)
+        return engine.stats if engine is not None else EngineStats(num_blocks=llm.num_blocks)
 
     ctx = ServeContext(llm, model_name, ServerMetrics(stats, model_name), chat_template, max_queued_requests,
                        tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        llm.start_async_engine()  # the engine thread, on uvicorn's loop
+        llm.start_async_engine().on_dead = on_engine_dead  # the engine thread, on uvicorn's loop
         yield
         ctx.shutting_down = True
 
@@ -91,7 +93,7 @@ def create_app(llm: LLM, model_name: str, chat_template: str | None = None, api_
 
     @app.get("/v1/models")
     async def models():
-        card = ModelCard(id=model_name, max_model_len=llm.executor.engine.build_config.max_seq_len)
+        card = ModelCard(id=model_name, max_model_len=llm.max_seq_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     @app.post("/v1/completions")

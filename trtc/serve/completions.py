@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from trtc.errors import TrtcError
 from trtc.llm import LLM
 from trtc.runtime.request_stream import RequestStream
+from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.chat import render_chat
-from trtc.serve.errors import APIError
+from trtc.serve.errors import APIError, error_body
 from trtc.serve.metrics import ServerMetrics
 from trtc.serve.protocol import ChatCompletionRequest, CompletionRequest
 from trtc.serve.structured import ChatReplyParser
@@ -33,7 +34,7 @@ FINISH_REASONS = {"end_id": "stop", "stop_words": "stop", "stop": "stop", "lengt
 
 @dataclass
 class ServeContext:
-    llm: LLM
+    llm: LLM | AsyncLLM  # the server's: AsyncLLM (the engine core in its own process)
     model_name: str
     metrics: ServerMetrics
     chat_template: str | None = None
@@ -74,7 +75,7 @@ def openai_finish_reason(reason: str | None) -> str | None:
 async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_tokens: int | None,
                   logprobs: bool) -> tuple[list[Choice], int]:
     """Tokenize, check and submit every (prompt, sample); returns the choices and the prompt tokens."""
-    llm, max_seq_len = ctx.llm, ctx.llm.executor.engine.build_config.max_seq_len
+    llm, max_seq_len = ctx.llm, ctx.llm.max_seq_len
     ids = [llm.tokenizer(p).input_ids if isinstance(p, str) else p for p in prompts]
     prompt_top = req.requested_prompt_logprobs()
     echo = isinstance(req, CompletionRequest) and req.echo
@@ -89,7 +90,7 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
                 raise APIError(400, str(e)) from None
             if params.guided_decoding is not None and j == 0:  # compiled off the event loop, once (cached)
                 try:
-                    await asyncio.to_thread(llm.executor.guided_decoder.compile, params.guided_decoding)
+                    await asyncio.to_thread(llm.guided_decoder.compile, params.guided_decoding)
                 except TrtcError as e:
                     raise APIError(400, str(e)) from None
             try:
@@ -224,6 +225,9 @@ async def serve_completion(ctx: ServeContext, request: Request, req: CompletionR
         _record(ctx, c)
     if watch.done() and not watch.cancelled():
         return Response(status_code=499)  # nobody reads it
+    failed = next((c.stream.output for c in choices if c.stream.output.outputs[0].finish_reason == "error"), None)
+    if failed is not None:  # a failed step (out of memory, say) ended it; the engine goes on
+        raise APIError(500, failed.error or "the request failed in the engine; retry it")
     return JSONResponse(_full_response(ctx, req, choices, prompt_tokens, rid, chat))
 
 
@@ -348,6 +352,8 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
                 yield chunk([{"index": c.index, "text": o.text, "logprobs": lp, "finish_reason": reason}])
             if delta.finished:
                 _record(ctx, c)
+                if o.finish_reason == "error":
+                    yield f"data: {json.dumps(error_body(500, c.stream.output.error or 'the request failed'))}\n\n"
         if req.include_usage:
             yield chunk([], _usage(prompt_tokens, choices))
         yield "data: [DONE]\n\n"

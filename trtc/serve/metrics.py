@@ -40,6 +40,8 @@ class EngineCollector:
              CounterMetricFamily),
             ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hits,
              CounterMetricFamily),
+            ("engine_dead", "1 once the engine stopped on a broken device (restart the server).", int(s.engine_dead),
+             GaugeMetricFamily),
         ]:
             metric = kind(f"trtc:{name}", doc, labels=list(self.labels))
             metric.add_metric(list(self.labels.values()), value)

@@ -28,13 +28,15 @@ bytes ~= N*K/2 (+ N*K/group*4 scales) for W4A16, N*K for FP8, + M*K*2 + M*N*2.
 from __future__ import annotations
 
 import atexit
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
 LOCKS_PER_DEVICE = 1 << 16
-_locks: dict[torch.device, torch.Tensor] = {}
+# held by the runners that use them (ModelRunner keeps its device's): freed with the last of them
+_locks: weakref.WeakValueDictionary[torch.device, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 @atexit.register
@@ -44,10 +46,12 @@ def _release_locks() -> None:
 
 def split_k_locks(device: torch.device) -> torch.Tensor:
     """The per-tile counters of split-K launches on `device` (zero between launches). Allocate them
-    before any CUDA graph capture (ModelRunner does) so that they live outside graph pools."""
-    if device not in _locks:
-        _locks[device] = torch.zeros(LOCKS_PER_DEVICE, dtype=torch.int32, device=device)
-    return _locks[device]
+    before any CUDA graph capture and keep a reference while they are used (ModelRunner does) so
+    that they live outside graph pools; they are freed with the last reference."""
+    locks = _locks.get(device)
+    if locks is None:
+        locks = _locks[device] = torch.zeros(LOCKS_PER_DEVICE, dtype=torch.int32, device=device)
+    return locks
 
 
 @triton.jit

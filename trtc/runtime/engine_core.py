@@ -1,0 +1,191 @@
+"""The engine core process: owns the Executor and steps it without pause; a front process (the
+server: trtc/runtime/engine_client.py) sends requests and aborts and receives one message per step.
+
+    python -m trtc.runtime.engine_core ENGINE_DIR --input ADDR --output ADDR [--device D] ...
+
+Between steps the core takes every message waiting on its input (a PULL socket), adds and cancels,
+then steps; after the step it sends every request's event of the step and the scheduler's statistics
+in one EngineCoreOutputs. While nothing runs it waits on its input. A broken device (EngineDeadError)
+sends EngineCoreDead and exits 1; "shutdown" closes the executor and exits 0; the core ends when its
+parent (the front) is gone, so no core outlives its server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+
+import zmq
+
+from trtc.errors import TrtcError
+from trtc.runtime.executor import Executor
+from trtc.runtime.messages import (
+    EngineCoreAbort,
+    EngineCoreControl,
+    EngineCoreDead,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreReady,
+    EngineCoreRequest,
+    EngineCoreStats,
+    encoder,
+    front_decoder,
+)
+
+log = logging.getLogger("trtc")
+IDLE_POLL_MS = 500  # an idle core looks at its input at least this often
+
+
+class EngineCore:
+    def __init__(self, executor: Executor, input_socket: zmq.Socket, output_socket: zmq.Socket) -> None:
+        self.executor, self.input, self.output = executor, input_socket, output_socket
+        self.live: dict[int, int] = {}  # executor id -> front id
+        self.by_front: dict[int, int] = {}  # front id -> executor id
+        self.held: list[EngineCoreRequest] = []  # waiting for their `after` request's prompt
+        self.prompt_pending: set[int] = set()  # front ids added whose prompt is not computed yet
+        self.aborted: set[int] = set()  # front ids aborted before they were added
+        self.taken = 0
+        self.queries = 0
+        self.stopping = False
+        self.pending_outputs: list[EngineCoreOutput] = []
+
+    def run(self) -> None:
+        ex = self.executor
+        while True:
+            busy = ex.has_unfinished()
+            self._receive(block=not busy and not self.pending_outputs)
+            self._admit()
+            if self.stopping and not ex.has_unfinished():
+                self._send(time.monotonic())
+                return
+            if not ex.has_unfinished():
+                self._send(time.monotonic())
+                continue
+            start = time.monotonic()
+            events = ex.step()
+            if not events and ex.scheduler.num_running() == 0 and ex.has_unfinished() and not self.held:
+                raise TrtcError("no waiting request fits the KV-cache pool; give the runtime more KV-cache memory")
+            for e in events:
+                front = self.live.get(e.request_id)
+                if front is None:
+                    continue
+                self.prompt_pending.discard(front)
+                if e.finish_reason is not None:
+                    del self.live[e.request_id]
+                    self.by_front.pop(front, None)
+                self.pending_outputs.append(EngineCoreOutput(front, e.token_id, e.logprob, e.finish_reason,
+                                                             e.top_logprobs, e.error, e.prompt_logprobs,
+                                                             e.num_cached_tokens))
+            self._send(start)
+
+    def _receive(self, block: bool) -> None:
+        if block and not self.input.poll(IDLE_POLL_MS):
+            return
+        while True:
+            try:
+                raw = self.input.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = front_decoder.decode(raw)
+            if isinstance(msg, EngineCoreRequest):
+                self.held.append(msg)
+            elif isinstance(msg, EngineCoreAbort):
+                for front in msg.request_ids:
+                    rid = self.by_front.get(front)
+                    if rid is not None:
+                        self.executor.cancel(rid)
+                    else:
+                        self.aborted.add(front)
+            elif isinstance(msg, EngineCoreControl):
+                if msg.command == "shutdown":
+                    self.stopping = True
+                if msg.command in ("abort_all", "shutdown"):
+                    self.aborted.update(r.request_id for r in self.held)
+                    for rid in list(self.live):
+                        self.executor.cancel(rid)
+
+    def _admit(self) -> None:
+        held, self.held = self.held, []
+        for r in held:
+            if r.after is not None and r.after in self.prompt_pending and r.request_id not in self.aborted:
+                self.held.append(r)
+                continue
+            self.taken += 1
+            if r.request_id in self.aborted or self.stopping:
+                self.aborted.discard(r.request_id)
+                self.pending_outputs.append(EngineCoreOutput(r.request_id, None, None, "cancelled"))
+                continue
+            try:
+                rid = self.executor.add_request(r.prompt_ids, r.params)
+            except TrtcError as e:
+                self.pending_outputs.append(EngineCoreOutput(r.request_id, None, None, "rejected", error=str(e)))
+                continue
+            self.live[rid], self.by_front[r.request_id] = r.request_id, rid
+            self.prompt_pending.add(r.request_id)
+            self.queries += len(r.prompt_ids)
+
+    def stats(self) -> EngineCoreStats:
+        s = self.executor.scheduler
+        st = s.stats()
+        return EngineCoreStats(s.num_running(), s.num_waiting(), st["num_blocks"], st["used_blocks"],
+                               st["num_preemptions"], self.queries, st["reused_tokens"], self.taken)
+
+    def _send(self, start: float) -> None:
+        outputs, self.pending_outputs = self.pending_outputs, []
+        self.output.send(encoder.encode(EngineCoreOutputs(start, outputs, self.stats())))
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("engine_dir")
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
+    ap.add_argument("--kv_cache_max_tokens", type=int, default=None)
+    args = ap.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[trtc] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="trtc-core-parent", daemon=True).start()
+    ctx = zmq.Context()
+    input_socket, output_socket = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    input_socket.connect(args.input)
+    output_socket.connect(args.output)
+    output_socket.setsockopt(zmq.LINGER, 5000)
+    try:
+        executor = Executor(args.engine_dir, args.device, args.kv_cache_max_tokens,
+                            args.kv_cache_free_gpu_memory_fraction)
+    except TrtcError as e:
+        output_socket.send(encoder.encode(EngineCoreReady(0, str(e))))
+        return 1
+    output_socket.send(encoder.encode(EngineCoreReady(executor.num_blocks)))
+    core = EngineCore(executor, input_socket, output_socket)
+    try:
+        core.run()
+    except BaseException as e:  # noqa: BLE001 - the front hears why, then this process ends
+        log.exception("engine core stopped")
+        output_socket.send(encoder.encode(EngineCoreDead(f"{type(e).__name__}: {e}")))
+        output_socket.close()
+        os._exit(1)  # the device may be broken: no orderly teardown
+    executor.close()
+    output_socket.close()
+    input_socket.close()
+    ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The server's front: tokenizer, detokenization and request streams, with the engine in an engine
+core process of its own (trtc/runtime/engine_client.py), as vLLM's AsyncLLM / EngineCore.
+
+It has the LLM methods the handlers use (tokenizer, check_prompt, generate_async, start_async_engine,
+async_engine, max_seq_len, num_blocks, guided_decoder, close); the weights, the KV pool and the step
+loop live in the core, so HTTP, JSON and SSE never share an interpreter with the step loop.
+Guided-decoding specs are checked here (a bad schema is a 400 before anything is queued; xgrammar's
+cache makes it once per spec) and compiled again where they run, in the core.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trtc.formats.engine import Engine
+from trtc.llm import check_prompt, resolve_engine_dir
+from trtc.runtime.detokenizer import Detokenizer
+from trtc.runtime.engine_client import EngineClient
+from trtc.runtime.request_stream import RequestStream
+from trtc.runtime.sampling_params import SamplingParams
+from trtc.runtime.tokenizer import has_tokenizer, load_tokenizer
+
+
+class AsyncLLM:
+    def __init__(self, model: str | Path, *, tp_size: int = 1, kv_cache_free_gpu_memory_fraction: float = 0.9,
+                 device: str | None = None) -> None:
+        self.engine_dir = resolve_engine_dir(model, tp_size)
+        self.engine = Engine.load(self.engine_dir)
+        self.max_seq_len = self.engine.build_config.max_seq_len
+        self._tokenizer = None
+        self._has_tokenizer = has_tokenizer(self.engine_dir)
+        self._guided = None
+        self.async_engine = EngineClient(self.engine_dir, device, kv_cache_free_gpu_memory_fraction)
+        self.num_blocks = self.async_engine.num_blocks
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.engine_dir)
+        return self._tokenizer
+
+    @property
+    def guided_decoder(self):
+        """A grammar compiler here, to refuse a spec that does not compile before it is queued."""
+        if self._guided is None:
+            from trtc.runtime.guided_decoding import GuidedDecoder
+
+            self._guided = GuidedDecoder(self.tokenizer, self.engine.graph.vocab_size, "cpu", 1)
+        return self._guided
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        check_prompt(self.engine, prompt_ids, params)
+
+    def start_async_engine(self) -> EngineClient:
+        self.async_engine.attach()
+        return self.async_engine
+
+    def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
+                       after: RequestStream | None = None) -> RequestStream:
+        """LLM.generate_async through the engine core process."""
+        params = sampling_params or SamplingParams()
+        engine = self.start_async_engine()
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
+        self.check_prompt(ids, params)
+        detok = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
+        return RequestStream(engine, engine.submit(ids, params, None if after is None else after.handle), text, detok)
+
+    def close(self) -> None:
+        self.async_engine.close()
+
