@@ -174,6 +174,7 @@ class LLM:
         vocab = engine.graph.vocab_size
         if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
             raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab})")
+        _check_logit_bias(params, vocab)
         if len(prompt_ids) + params.max_tokens > max_seq_len:
             raise TrtcError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                             f"engine's max_seq_len {max_seq_len}; shorten the prompt or lower max_tokens")
@@ -197,6 +198,7 @@ class LLM:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
         try:
+            _check_logit_bias(params, self.executor.engine.graph.vocab_size)
             rid = self.executor.add_request(ids, params)
         except TrtcError as e:
             if not reject_ok:
@@ -252,3 +254,9 @@ class LLM:
 def _is_single(prompts) -> bool:
     return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
 
+
+def _check_logit_bias(params: SamplingParams, vocab: int) -> None:
+    bad = [t for t in params.logit_bias or {} if t >= vocab]
+    if bad:
+        raise TrtcError(f"logit_bias key {bad[0]} is not a token of the model (vocabulary of {vocab}); "
+                        f"pass token ids below {vocab}")
