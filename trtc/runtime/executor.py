@@ -387,12 +387,14 @@ class Executor:
         self, request_ids: np.ndarray, logits: torch.Tensor, bitmask: TokenBitmask | None = None
     ) -> tuple[list[int], dict[int, float], dict[int, dict[int, float]]]:
         """One token per request from its logits [S, vocab], on the device; rows with a grammar are
-        masked first (in place, after the forward and outside its CUDA graph)."""
+        masked first (in place, after the forward and outside its CUDA graph); a row's logit bias is added
+        by the sampler on a copy, so logprobs and top logprobs stay the model's (the mask applied)."""
         if bitmask is not None:
             bitmask.apply(logits)
         reqs = [self.requests[int(rid)] for rid in request_ids]
         tops = _top_logprobs(logits, reqs)
-        if all(r.params.is_greedy and not _has_penalty(r.params) for r in reqs):  # the common case: argmax only
+        if all(r.params.is_greedy and not _has_penalty(r.params) and r.params.logit_bias is None
+               for r in reqs):  # the common case: argmax only
             tokens = logits.argmax(dim=-1)
             if not any(r.params.logprobs for r in reqs):
                 return tokens.tolist(), {r.request_id: float("nan") for r in reqs}, tops

@@ -57,6 +57,25 @@ def _normalize_stop_token_ids(value) -> list[list[int]]:
     return sequences
 
 
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
+
+
+def _normalize_logit_bias(value) -> dict[int, float] | None:
+    """{token id (int, or its decimal text as OpenAI's JSON sends it): bias} -> {int: float}; None or {} -> None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"logit_bias must map token ids to biases in [-100, 100], got {type(value).__name__}")
+    out = {}
+    for key, bias in value.items():
+        token = key if _is_int(key) else int(key) if isinstance(key, str) and key.strip().isdigit() else None
+        if token is None or token < 0:
+            raise ValueError(f"logit_bias key {key!r} is not a token id (an integer >= 0)")
+        _check_range(f"logit_bias[{key!r}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        out[int(token)] = float(bias)
+    return out or None
+
+
 @dataclass(frozen=True, slots=True)
 class GuidedDecodingParams:
     """One constraint on the output, exactly one field set (vLLM's names). Whether the schema,
@@ -109,6 +128,8 @@ class SamplingParams:
         stop: strings that end generation (`trtc run --stop_words`); the text is cut before the
             first one, and streamed text never shows it.
         logprobs: also return the log-probability of each generated token.
+        logit_bias: {token id: bias in [-100, 100]} added to those logits before penalties, temperature and
+            truncation (OpenAI's): -100 bans a token, +100 all but forces it. Logprobs stay the model's.
         top_logprobs: with logprobs, also the top_logprobs (0-20) most likely tokens of each step and
             their log-probabilities, from the model's distribution (log_softmax of its logits, before
             temperature, penalties and truncation; a grammar's mask applied), as vLLM returns them.
@@ -136,6 +157,7 @@ class SamplingParams:
     top_logprobs: int = 0  # with logprobs: the most likely tokens of each step too, 0-20
     guided_decoding: GuidedDecodingParams | None = None  # structured output: schema / regex / grammar / choice
     prompt_logprobs: int | None = None  # score the prompt: each token's logprob and rank, and the top N, 0-20
+    logit_bias: dict[int, float] | None = None  # {token id: bias in [-100, 100]} added to the logits
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
@@ -166,6 +188,7 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         self.stop = stop
+        self.logit_bias = _normalize_logit_bias(self.logit_bias)
         if isinstance(self.guided_decoding, dict):
             self.guided_decoding = GuidedDecodingParams(**self.guided_decoding)
         if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):

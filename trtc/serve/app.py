@@ -1,4 +1,5 @@
 """The FastAPI application: OpenAI routes, /health, /version, /metrics, bearer-key auth, errors.
+vLLM's tokenizer routes are in trtc/serve/tokenize.py, the Responses API in trtc/serve/responses.py.
 
 Every error a client can cause is answered with an OpenAI error object and a 4xx; an unexpected
 exception is logged and answered with a 500 error object (never a traceback), and the server goes
@@ -21,8 +22,11 @@ from trtc.runtime.async_engine import EngineStats
 from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.completions import ServeContext, serve_completion
 from trtc.serve.errors import APIError, error_response, parse_body
+from trtc.serve.fields import check_fields
 from trtc.serve.metrics import ServerMetrics
 from trtc.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from trtc.serve.responses import add_responses_routes
+from trtc.serve.tokenize import add_tokenizer_routes
 from trtc.version import __version__
 
 log = logging.getLogger("trtc")
@@ -91,21 +95,32 @@ def create_app(llm: LLM | AsyncLLM, model_name: str, chat_template: str | None =
     async def metrics():
         return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card() -> ModelCard:
+        return ModelCard(id=model_name, max_model_len=llm.max_seq_len)
+
     @app.get("/v1/models")
     async def models():
-        card = ModelCard(id=model_name, max_model_len=llm.max_seq_len)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        return JSONResponse(ModelList(data=[model_card()]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(model_id)
+        return JSONResponse(model_card().model_dump())
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse_body(request, CompletionRequest)
         check_model(req.model)
+        check_fields(req, "completions")
         return await serve_completion(ctx, request, req)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse_body(request, ChatCompletionRequest)
         check_model(req.model)
+        check_fields(req, "chat")
         return await serve_completion(ctx, request, req)
 
+    add_tokenizer_routes(app, ctx, check_model)
+    add_responses_routes(app, ctx, check_model)
     return app

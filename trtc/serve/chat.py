@@ -33,7 +33,7 @@ def _content_text(message: ChatMessage) -> str:
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], template: str | None, add_generation_prompt: bool,
-                tools: list[dict] | None = None) -> str:
+                tools: list[dict] | None = None, template_kwargs: dict | None = None) -> str:
     """The prompt text for `messages`; a 400 when the model has no chat template."""
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; start the server with --chat_template FILE "
@@ -41,6 +41,7 @@ def render_chat(tokenizer, messages: list[ChatMessage], template: str | None, ad
     conversation = [{**m.model_dump(exclude_none=True), "content": _content_text(m)} for m in messages]
     try:
         return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, tools=tools or None)
+                                             add_generation_prompt=add_generation_prompt, tools=tools or None,
+                                             **(template_kwargs or {}))
     except Exception as e:  # a template that rejects the conversation (roles out of order, say)
         raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None

@@ -53,6 +53,7 @@ class Choice:
     first: Choice | None = None  # sample 0 of the same prompt, which computed the prompt's logprobs
     drop_output: bool = False  # max_tokens 0: the engine's one token is not returned
     echoed: bool = False  # streaming: the prompt's chunk was sent
+    recorded: bool = False  # counted in the metrics
 
     @property
     def prompt_logprobs(self):
@@ -80,14 +81,18 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
     prompt_top = req.requested_prompt_logprobs()
     echo = isinstance(req, CompletionRequest) and req.echo
     plans = []
+    where = "prompt" if isinstance(req, CompletionRequest) else "messages"
     for p, prompt_ids in zip(prompts, ids):
-        n_tokens = max_tokens if max_tokens is not None else max(1, max_seq_len - len(prompt_ids))
+        if max_tokens is None and len(prompt_ids) >= max_seq_len:  # the default max_tokens fills what is left
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, which leaves no room for a reply within the "
+                                f"engine's max_seq_len {max_seq_len}; shorten the {where}", where)
+        n_tokens = max_tokens if max_tokens is not None else max_seq_len - len(prompt_ids)
         for j in range(req.n):
             try:  # max_tokens 0: the engine samples one token (from the prompt's last row), not returned
                 params = req.sampling_params(max(1, n_tokens), logprobs, seed_offset=j,
                                              prompt_logprobs=prompt_top if j == 0 else None)
             except ValueError as e:
-                raise APIError(400, str(e)) from None
+                raise APIError(400, str(e), "logit_bias" if "logit_bias" in str(e) else None) from None
             if params.guided_decoding is not None and j == 0:  # compiled off the event loop, once (cached)
                 try:
                     await asyncio.to_thread(llm.guided_decoder.compile, params.guided_decoding)
@@ -96,7 +101,10 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
             try:
                 llm.check_prompt(prompt_ids, params)
             except TrtcError as e:
-                raise APIError(400, str(e), "prompt" if isinstance(req, CompletionRequest) else "messages") from None
+                message = str(e)
+                if getattr(req, "max_completion_tokens", None) is not None:  # name the field that was sent
+                    message = message.replace("max_tokens", "max_completion_tokens")
+                raise APIError(400, message, "logit_bias" if "logit_bias" in message else where) from None
             text = p if isinstance(p, str) else llm.tokenizer.decode(prompt_ids) if echo else None
             plans.append((text, prompt_ids, params, j))
     engine = llm.start_async_engine()
@@ -191,6 +199,9 @@ def _chat_logprobs(llm: LLM, token_ids: list[int], logprobs: list[float], tops: 
 
 
 def _record(ctx: ServeContext, choice: Choice) -> None:
+    if choice.recorded:
+        return
+    choice.recorded = True
     ctx.metrics.record(choice.stream, openai_finish_reason(choice.stream.output.outputs[0].finish_reason) or "abort")
 
 
@@ -198,7 +209,8 @@ async def serve_completion(ctx: ServeContext, request: Request, req: CompletionR
     chat = isinstance(req, ChatCompletionRequest)
     if chat:
         tools = _check_tools(ctx, req)
-        prompts = [render_chat(ctx.llm.tokenizer, req.messages, ctx.chat_template, req.add_generation_prompt, tools)]
+        prompts = [render_chat(ctx.llm.tokenizer, req.messages, ctx.chat_template, req.add_generation_prompt, tools,
+                               req.template_kwargs())]
         max_tokens, logprobs = req.requested_max_tokens(), req.logprobs
     else:
         prompts, max_tokens, logprobs = req.prompts(), req.max_tokens, req.logprobs is not None
@@ -362,3 +374,4 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
         for c in choices:
             if not c.stream.finished:
                 c.stream.abort()
+            _record(ctx, c)  # a client that left mid-stream: "abort", as a non-streamed disconnect

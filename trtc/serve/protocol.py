@@ -1,8 +1,9 @@
 """OpenAI protocol models (pydantic) for /v1/completions, /v1/chat/completions and /v1/models.
 
 Field names and defaults follow the OpenAI API; the extensions are named as vLLM names them
-(`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`). Ranges are checked here, so a bad value is a
-400 that names the field before anything reaches the engine.
+(`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`). Ranges are checked here, so a bad
+value is a 400 that names the field before anything reaches the engine. The fields declared here are the
+honoured ones; the others OpenAI defines are harmless or refused (trtc/serve/fields.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """The fields completions and chat completions share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # undeclared fields: sorted by trtc/serve/fields.py
 
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -36,13 +37,14 @@ class SamplingRequest(BaseModel):
     seed: int | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    user: str | None = None
+    logit_bias: dict[str, float] | None = None  # {token id: bias in [-100, 100]}
     # vLLM's extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     ignore_eos: bool = False
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # each prompt token's logprob
+    stop_token_ids: list[int] | None = None
     # structured output: OpenAI's response_format, vLLM's guided_* extensions (trtc/serve/structured.py)
     response_format: dict | None = None
     guided_json: dict | str | None = None
@@ -63,6 +65,7 @@ class SamplingRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + seed_offset,
             end_id=-1 if self.ignore_eos else None, stop=[s for s in stop if s], logprobs=logprobs,
+            stop_token_ids=list(self.stop_token_ids or []), logit_bias=self.logit_bias,
             top_logprobs=self.requested_top_logprobs() if logprobs else 0, guided_decoding=self.guided_decoding(),
             prompt_logprobs=prompt_logprobs,
         )
@@ -136,11 +139,20 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # with logprobs: N most likely too
     add_generation_prompt: bool = True  # vLLM's extension
+    chat_template_kwargs: dict | None = None  # vLLM's extension: extra variables for the chat template
+    reasoning_effort: str | None = None  # passed to the chat template (as vLLM does), for templates that read it
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None  # "auto" (the default with tools), "none", "required", a named function
+    parallel_tool_calls: bool = True  # False: at most one call (exactly one under tool_choice "required")
 
     def guided_decoding(self) -> GuidedDecodingParams | None:
-        return guided_decoding_of(self, self.tools, self.tool_choice)
+        return guided_decoding_of(self, self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def template_kwargs(self) -> dict:
+        extra = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            extra.setdefault("reasoning_effort", self.reasoning_effort)
+        return extra
 
     @property
     def forced_tool_choice(self) -> bool:

@@ -23,7 +23,8 @@ from trtc.serve.tool_parsers import (
 )
 
 
-def guided_decoding_of(req, tools: list | None = None, tool_choice=None) -> GuidedDecodingParams | None:
+def guided_decoding_of(req, tools: list | None = None, tool_choice=None,
+                       parallel_tool_calls: bool = True) -> GuidedDecodingParams | None:
     """The request's one constraint, or None. Raises ValueError naming a bad or doubled field."""
     given: dict[str, GuidedDecodingParams] = {}
     rf = getattr(req, "response_format", None)
@@ -44,7 +45,7 @@ def guided_decoding_of(req, tools: list | None = None, tool_choice=None) -> Guid
         value = getattr(req, name, None)
         if value is not None:
             given[name] = GuidedDecodingParams(**{key: value})
-    forced = forced_tool_choice_guided(tools or [], tool_choice) if tools is not None or tool_choice is not None else None
+    forced = forced_tool_choice_guided(tools or [], tool_choice, parallel_tool_calls) if tools is not None or tool_choice is not None else None
     if forced is not None:
         given["tool_choice"] = forced
     if len(given) > 1:

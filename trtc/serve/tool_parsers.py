@@ -211,10 +211,16 @@ def _named(tool_choice) -> str | None:
     return None
 
 
-def forced_tool_choice_guided(tools: Sequence[dict], tool_choice) -> GuidedDecodingParams | None:
+MAX_PARALLEL_TOOL_CALLS = 4  # tool_choice "required": the array of calls closes after this many at most
+
+
+def forced_tool_choice_guided(tools: Sequence[dict], tool_choice,
+                              parallel_tool_calls: bool = True) -> GuidedDecodingParams | None:
     """The grammar that makes the model call a tool: a named function -> its parameters' JSON object;
-    "required" -> a JSON array of one or more {"name", "parameters"} calls of the given tools. None for
-    "auto" / "none". Raises ValueError naming an unknown function or a bad tool_choice."""
+    "required" -> a JSON array of 1 to MAX_PARALLEL_TOOL_CALLS {"name", "parameters"} calls of the given
+    tools (exactly one when parallel_tool_calls is false): bounded, so generation ends when the array
+    closes, as a small model may otherwise repeat a call until max_tokens. None for "auto" / "none".
+    Raises ValueError naming an unknown function or a bad tool_choice."""
     functions = {f["name"]: f for f in map(_function, tools or [])}
     name = _named(tool_choice)
     if name is not None:
@@ -226,7 +232,8 @@ def forced_tool_choice_guided(tools: Sequence[dict], tool_choice) -> GuidedDecod
             raise ValueError("tool_choice 'required' needs at least one tool in tools")
         calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": f.get("parameters") or {"type": "object"}},
                   "required": ["name", "parameters"]} for n, f in functions.items()]
-        return GuidedDecodingParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+        most = MAX_PARALLEL_TOOL_CALLS if parallel_tool_calls else 1
+        return GuidedDecodingParams(json={"type": "array", "minItems": 1, "maxItems": most, "items": {"anyOf": calls}})
     if tool_choice in (None, "auto", "none"):
         return None
     raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a named function, got {tool_choice!r}")

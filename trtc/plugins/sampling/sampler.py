@@ -4,6 +4,7 @@ One call per decode step turns the last-position logits of B requests into B tok
 own parameters. Processing order is HF transformers `generate`'s, each step matching HF's own
 processor (tests/plugins/test_sampling.py checks them one by one):
 
+    logit bias           OpenAI: {token id: bias} added to the row's logits (vLLM: before the penalties)
     repetition penalty   HF: over prompt + output tokens, logit < 0 → logit * p, else logit / p
     presence/frequency   OpenAI/vLLM: over output tokens, logit -= presence * (count > 0) + frequency * count
     temperature          logit / T
@@ -18,7 +19,8 @@ token against this reference: pass the same `noise` to both. Each sampling row d
 own generator (or, when it has none, from the device's default generator), so a seeded request gives the
 same tokens whatever else is in the batch; greedy rows draw nothing.
 
-Logprobs are vLLM's default: log-softmax of the raw logits (before any processing) at the chosen token.
+Logprobs are vLLM's default: log-softmax of the raw logits (before any processing, the bias included) at
+the chosen token.
 Everything is computed in float32 whatever the logits' dtype.
 
 The [B, V] temporaries (a sort's values and indices, softmax, cumulative sums, noise) are built for
@@ -64,6 +66,8 @@ class SamplingBatch:
     # [B, V] f32: times each token was generated (f32 so the penalty is one expression; exact below 2**24);
     # built only with presence/frequency penalties
     output_counts: Tensor | None = field(default=None, repr=False)
+    # logit bias, sparse: (rows [N] i64, token ids [N] i64, biases [N] f32); built only when a row has one
+    logit_bias: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_requests(
@@ -104,6 +108,12 @@ class SamplingBatch:
             presence_penalty=per_row("presence_penalty", 0.0, f32),
             frequency_penalty=per_row("frequency_penalty", 0.0, f32),
         )
+        biases = [(i, t, b) for i, p in enumerate(params) for t, b in (getattr(p, "logit_bias", None) or {}).items()
+                  if 0 <= t < vocab_size]
+        if biases:
+            rows, toks, values = zip(*biases)
+            batch.logit_bias = (torch.tensor(rows, dtype=i64, device=device), torch.tensor(toks, dtype=i64, device=device),
+                                torch.tensor(values, dtype=f32, device=device))
         if batch.repetition_penalty is not None:
             seen = [list(a) + list(b) for a, b in zip(prompt_ids, output_ids)]
             batch.prompt_mask = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
@@ -144,6 +154,12 @@ def _token_index(ids: Sequence[Sequence[int]], vocab_size: int, device) -> tuple
 
 
 # ---- processors: logits [B, V] f32 in, new [B, V] f32 out; per-row parameters [B] -------------------
+
+
+def apply_logit_bias(logits: Tensor, bias: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    # bias: (rows [N] i64, token ids [N] i64, biases [N] f32); a new tensor (the raw logits stay for logprobs)
+    rows, tokens, values = bias
+    return logits.index_put((rows, tokens), values, accumulate=True)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -198,7 +214,9 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
 
 
 def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """Repetition, then presence/frequency penalties. logits: [B, V] f32 → [B, V] f32."""
+    """Logit bias, repetition, then presence/frequency penalties. logits: [B, V] f32 → [B, V] f32."""
+    if batch.logit_bias is not None:
+        logits = apply_logit_bias(logits, batch.logit_bias)
     if batch.repetition_penalty is not None:
         logits = apply_repetition_penalty(logits, batch.prompt_mask, batch.repetition_penalty)
     if batch.output_counts is not None:
