@@ -25,7 +25,7 @@ from trtc.formats.engine_layout import stack_depth
 from trtc.formats.graph import ModelGraph
 from trtc.formats.mapping import Mapping
 from trtc.formats.quant_layout import quantize_fp8
-from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, gemm_key, to_config
+from trtc.plugins.gemm.tactics import TUNED_BUCKETS, Tactic, fit_stages, gemm_key, key_group, to_config
 from trtc.plugins.gemm.w4a16_packed import (
     BLOCK_GROUPS,
     MAX_M,
@@ -52,12 +52,12 @@ TC_CANDIDATES = [
 def gemm_candidates(key: str, m: int, k: int, packed: bool = False) -> list[Tactic]:
     """packed: the INT4 layer has the CUDA kernel's layout (w4a16_packed.py)."""
     fp8 = key.startswith("fp8")
-    group = int(key.rsplit(":g", 1)[1]) if not fp8 else 0
+    group = key_group(key)
     out = [Tactic("scaled_mm")] if fp8 else [Tactic("dequant_mm")] if m > 16 else []
     if packed and m <= MAX_M:  # trtc's CUDA kernels alone: they beat every Triton candidate on the 8B
         return out + [Tactic("cuda", block_n=block_n(m, r)) for r in BLOCK_GROUPS]  # shapes at M = 1, 16, 64
     if not fp8 and m > 64:  # compute-bound: the tensor-core GEMMs (w4a16_tc.py) against dequantize + cuBLAS
-        return out + [t for t in TC_CANDIDATES if t.block_m <= max(64, 1 << (m - 1).bit_length())
+        return out + [fit_stages(t, group) for t in TC_CANDIDATES if t.block_m <= max(64, 1 << (m - 1).bit_length())
                       and k // t.split_k >= 4 * t.block_k]
     if m <= 64:
         block_ms = [max(16, m)]

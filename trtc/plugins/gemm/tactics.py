@@ -10,7 +10,7 @@ keep their own. A shape without a stored tactic (an engine built on a CPU) gets 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 TUNED_BUCKETS = (1, 16, 32, 64, 128, 256, 512, 2048, 8192, 32768)  # the build times these; M between two takes the larger
 
@@ -49,6 +49,23 @@ def gemm_key(weight, weight_scale) -> str:
     return f"fp8:n{shape[0]}:k{shape[1]}"
 
 
+def fit_stages(tactic: Tactic, group: int) -> Tactic:
+    """The tactic with a pipeline that fits a Hopper block's 227 KiB of shared memory. A triton_tc tile
+    whose K block spans several quantization groups (group < block_k) stages more bytes a stage; from
+    128 x 128 x 128 (or 256 x 128 x 64) elements on it takes at most 3 stages, 2 with block_k 128
+    (the sizes Triton compiles them to: tests/plugins/test_w4a16_tc.py)."""
+    if tactic.impl != "triton_tc" or not group or group >= tactic.block_k:
+        return tactic
+    if tactic.block_m * tactic.block_n * tactic.block_k < 128 * 128 * 128:
+        return tactic
+    return replace(tactic, num_stages=min(tactic.num_stages, 2 if tactic.block_k >= 128 else 3))
+
+
+def key_group(key: str) -> int:
+    """The quantization group of a 'w4a16:...:g{group}' key; 0 for FP8."""
+    return int(key.rsplit(":g", 1)[1]) if key.startswith("w4a16") else 0
+
+
 def default_tactic(key: str, m: int, packed: bool = True) -> Tactic:
     """Configurations for an engine whose build did not tune (built on a CPU): among the winners of
     benchmarks/quant_gemm.py on the H200; INT4 past 64 rows: the tensor-core GEMM (w4a16_tc.py) with
@@ -66,7 +83,7 @@ def default_tactic(key: str, m: int, packed: bool = True) -> Tactic:
         return Tactic("triton_tc", block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4)
     if m <= 512:
         return Tactic("triton_tc", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
-    return Tactic("triton_tc", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=4)
+    return fit_stages(Tactic("triton_tc", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=4), key_group(key))
 
 
 class TacticTable:
