@@ -155,7 +155,7 @@ def test_chunked_prefill_long():
 @cuda
 def test_launchers_keep_no_input_alive():
     """Decode and prefill attention hold nothing of a call once it returns: after 20 calls on fresh
-    q and output tensors, the allocated memory is what it was after the first (a cache keyed on the
+    q and output tensors, the allocated memory is no more than after the first (a cache keyed on the
     tensors would keep every step's q alive)."""
     specs = [(1, 300), (1, 17), (37, 100), (64, 64)]
     _, kc, vc, meta = make_batch(specs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
@@ -171,7 +171,7 @@ def test_launchers_keep_no_input_alive():
     for _ in range(20):
         call()
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.memory_allocated() <= before  # 20 kept q's would be 20 x 2.6 MiB more
 
 
 @pytest.mark.gpu

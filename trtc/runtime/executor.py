@@ -293,7 +293,9 @@ class Executor:
                     self._inject_fault()
                 tokens, logprobs, tops = self._run(batch)
             except Exception as e:  # noqa: BLE001 - the step's requests hear why; the engine decides if it lives
-                if self.ranks is not None or device_broken(e):  # the ranks' collectives are out of step, or the device is lost
+                if self.ranks is not None:  # the ranks' collectives are out of step: the guard names the rank
+                    raise
+                if device_broken(e):  # the device is lost
                     raise EngineDeadError(f"the engine's device failed in a step ({type(e).__name__}: "
                                           f"{str(e).splitlines()[0] if str(e) else ''}); restart the process") from e
                 return self._fail_step(batch, e)
