@@ -85,3 +85,17 @@ class Server:
     def metric(self, name: str, **labels) -> float:
         label = ",".join(f'{k}="{v}"' for k, v in sorted({"model_name": "test-model", **labels}.items()))
         return self.metrics().get(f"{name}{{{label}}}", 0.0)
+
+
+def hermes_engine(root: Path) -> Path:
+    """A tiny random Llama with a byte-level tokenizer and a Hermes-style chat template (tools rendered
+    by it), built for the server's structured-output and tool-calling tests."""
+    from models import add_byte_tokenizer, make_hf_model
+
+    from trtc.compiler.build import build_from_hf
+    from trtc.formats.build_config import BuildConfig
+
+    hf = add_byte_tokenizer(make_hf_model(root / "hf", "llama3_gqa", vocab_size=400, num_hidden_layers=1,
+                                          max_position_embeddings=1024), chat_template="hermes")
+    return build_from_hf(hf, root / "engine", dtype="float32", build_config=BuildConfig(
+        max_batch_size=16, max_num_tokens=1024, tokens_per_block=16, max_seq_len=1024), progress=False)

@@ -23,12 +23,9 @@ import httpx2 as httpx
 import jsonschema
 import openai
 import pytest
-from models import add_byte_tokenizer, make_hf_model
-from serve_helpers import Server
+from serve_helpers import Server, hermes_engine
 
 from trtc import SamplingParams
-from trtc.compiler.build import build_from_hf
-from trtc.formats.build_config import BuildConfig
 from trtc.llm import LLM, load_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1,
@@ -42,11 +39,7 @@ PROMPT = "The weather in Paris is"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_surface")
-    hf = add_byte_tokenizer(make_hf_model(root / "hf", "llama3_gqa", vocab_size=400, num_hidden_layers=1,
-                                          max_position_embeddings=1024), chat_template="hermes")
-    engine = build_from_hf(hf, root / "engine", dtype="float32", build_config=BuildConfig(
-        max_batch_size=16, max_num_tokens=1024, tokens_per_block=16, max_seq_len=1024), progress=False)
+    engine = hermes_engine(tmp_path_factory.mktemp("serve_surface"))
     server = Server(engine, "--tool_call_parser", "hermes")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     yield server, client, engine

@@ -147,13 +147,7 @@ class LLM:
         computing them again."""
         if self._closed:
             self._check_open()
-        params = sampling_params or SamplingParams()
-        engine = self.start_async_engine()
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
-        self.check_prompt(ids, params)
-        detok = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
-        return RequestStream(engine, engine.submit(ids, params, None if after is None else after.handle), text, detok)
+        return open_stream(self, self.start_async_engine(), prompt, sampling_params or SamplingParams(), after)
 
     def start_async_engine(self) -> AsyncEngine:
         """The engine thread for generate_async, started (on the running asyncio loop) on first use."""
@@ -255,6 +249,16 @@ class LLM:
             c.finish_reason, out.finished = event.finish_reason, True
             out.error = event.error
         return True
+
+
+def open_stream(llm, engine, prompt, params: SamplingParams, after: RequestStream | None) -> RequestStream:
+    """Tokenize and check `prompt` with `llm`'s tokenizer and limits (LLM or the server's AsyncLLM), submit it
+    to `engine` (the engine thread, or the engine core's client) and return its stream."""
+    text = prompt if isinstance(prompt, str) else None
+    ids = llm.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
+    llm.check_prompt(ids, params)
+    detok = Detokenizer(llm.tokenizer, ids, params.stop) if llm._has_tokenizer else None
+    return RequestStream(engine, engine.submit(ids, params, None if after is None else after.handle), text, detok)
 
 
 def check_prompt(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:

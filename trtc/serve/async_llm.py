@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trtc.formats.engine import Engine
-from trtc.llm import check_prompt, resolve_engine_dir
-from trtc.runtime.detokenizer import Detokenizer
+from trtc.llm import check_prompt, open_stream, resolve_engine_dir
 from trtc.runtime.engine_client import EngineClient
 from trtc.runtime.request_stream import RequestStream
 from trtc.runtime.sampling_params import SamplingParams
@@ -58,13 +57,7 @@ class AsyncLLM:
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
                        after: RequestStream | None = None) -> RequestStream:
         """LLM.generate_async through the engine core process."""
-        params = sampling_params or SamplingParams()
-        engine = self.start_async_engine()
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
-        self.check_prompt(ids, params)
-        detok = Detokenizer(self.tokenizer, ids, params.stop) if self._has_tokenizer else None
-        return RequestStream(engine, engine.submit(ids, params, None if after is None else after.handle), text, detok)
+        return open_stream(self, self.start_async_engine(), prompt, sampling_params or SamplingParams(), after)
 
     def close(self) -> None:
         self.async_engine.close()
