@@ -16,7 +16,7 @@ from trtc.formats.checkpoint import CHECKPOINT_FORMAT
 from trtc.formats.engine import ENGINE_FORMAT, Engine
 from trtc.runtime.async_engine import AsyncEngine
 from trtc.runtime.detokenizer import Detokenizer
-from trtc.runtime.executor import Executor
+from trtc.runtime.executor import Executor, check_logit_bias
 from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent, new_completion
 from trtc.runtime.request_stream import RequestStream, snapshot
 from trtc.runtime.sampling_params import SamplingParams
@@ -195,7 +195,6 @@ class LLM:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
         try:
-            _check_logit_bias(params, self.executor.engine.graph.vocab_size)
             rid = self.executor.add_request(ids, params)
         except TrtcError as e:
             if not reject_ok:
@@ -266,7 +265,7 @@ def check_prompt(engine: Engine, prompt_ids: list[int], params: SamplingParams) 
     max_seq_len, vocab = engine.build_config.max_seq_len, engine.graph.vocab_size
     if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
         raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab})")
-    _check_logit_bias(params, vocab)
+    check_logit_bias(params, vocab)
     if len(prompt_ids) + params.max_tokens > max_seq_len:
         raise TrtcError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                         f"engine's max_seq_len {max_seq_len}; shorten the prompt or lower max_tokens")
@@ -288,9 +287,3 @@ def resolve_engine_dir(model: str | Path, tp_size: int = 1, dtype: str = "auto",
 def _is_single(prompts) -> bool:
     return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
 
-
-def _check_logit_bias(params: SamplingParams, vocab: int) -> None:
-    bad = [t for t in params.logit_bias or {} if t >= vocab]
-    if bad:
-        raise TrtcError(f"logit_bias key {bad[0]} is not a token of the model (vocabulary of {vocab}); "
-                        f"pass token ids below {vocab}")

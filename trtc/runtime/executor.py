@@ -63,6 +63,14 @@ def device_broken(error: BaseException) -> bool:
     return any(m in str(error) for m in BROKEN_DEVICE)
 
 
+def check_logit_bias(params: SamplingParams, vocab: int) -> None:
+    """Raise TrtcError for a logit_bias key that is not a token of a `vocab`-token model."""
+    bad = [t for t in params.logit_bias or {} if t >= vocab]
+    if bad:
+        raise TrtcError(f"logit_bias key {bad[0]} is not a token of the model (vocabulary of {vocab}); "
+                        f"pass token ids below {vocab}")
+
+
 def _fault_injection() -> tuple[int, bool] | None:
     """TRTC_FAULT_INJECT_STEP=K: the K-th step that runs a batch (from 1) raises RuntimeError, as an
     out-of-memory step would; K:device raises a CUDA-like error, as a broken device would (tests)."""
@@ -210,6 +218,7 @@ class Executor:
         vocab = self.engine.graph.vocab_size
         if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
             raise TrtcError(f"prompt token ids must be non-empty and in [0, {vocab}); got {len(prompt_ids)} ids")
+        check_logit_bias(params, vocab)
         if params.end_id is not None and params.end_id >= vocab:
             raise TrtcError(f"end_id {params.end_id} is not a token of the model (vocabulary of {vocab}); "
                             f"pass an id below {vocab}, or -1 for none")
