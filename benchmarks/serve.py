@@ -97,7 +97,7 @@ def main() -> None:
     try:
         report = {}
         if args.concurrent:
-            r = asyncio.run(run_serve_bench(url, None, args.isl, args.osl, args.concurrent, None, None))
+            r = run_serve_bench(url, None, args.isl, args.osl, args.concurrent, None, None)
             print(format_serve_result(r), file=sys.stderr)
             time.sleep(1.0)  # the last step's statistics
             report["concurrent"] = {"streams": args.concurrent, "errors": r.errors, "seconds": round(r.seconds, 2),

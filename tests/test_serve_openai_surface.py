@@ -5,7 +5,8 @@ rendered by it), served with --tool_call_parser hermes.
 - logit_bias: +100 forces a token and -100 bans one under greedy decoding, on completions and chat,
   streamed and not, with the offline engine's tokens for the same bias; the logprobs stay the model's
   (a random model over 400 tokens gives the forced token a logprob near log(1/400), not 0).
-- tool_choice "required" returns parsed tool_calls; parallel_tool_calls false gives exactly one.
+- tool_choice "required" returns parsed tool_calls; parallel_tool_calls false gives exactly one; with a
+  response_format beside it (as agent frameworks send) the reply is still the call.
 - An OpenAI field that would change the output and is not implemented is a 400 naming it; a field of
   no schema is ignored; models.retrieve; echo of a token-id prompt; /tokenize and /detokenize equal
   the tokenizer (the chat template applied for messages); the Responses API gives chat's text for the
@@ -119,6 +120,23 @@ def test_required_tool_choice_and_one_call_without_parallel(served):
                         ["parameters"])
 
 
+def test_a_forced_tool_choice_with_a_response_format_is_the_call(served):
+    """Agent frameworks send their output schema on every turn, a forced tool_choice too: the reply is
+    the call (chat and the Responses API)."""
+    _, client, _ = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "final", "schema": {"type": "object", "properties": {
+        "answer": {"type": "string"}}, "required": ["answer"]}}}
+    r = client.chat.completions.create(model="test-model", messages=USER, tools=[WEATHER], tool_choice="required",
+                                       response_format=fmt, temperature=1.0, seed=3, max_tokens=160)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    jsonschema.validate(json.loads(r.choices[0].message.tool_calls[0].function.arguments), SCHEMA)
+    resp = client.responses.create(model="test-model", input=USER, tools=[{"type": "function", **WEATHER["function"]}],
+                                   tool_choice="required", max_output_tokens=160, extra_body={"seed": 5},
+                                   text={"format": {"type": "json_schema", "name": "final",
+                                                    "schema": fmt["json_schema"]["schema"]}})
+    assert [o.type for o in resp.output] == ["function_call"] and resp.output[0].name == "get_weather"
+
+
 def test_fields_that_change_the_output_are_refused_others_ignored(served):
     server, client, _ = served
     with pytest.raises(openai.BadRequestError) as e:
@@ -165,6 +183,10 @@ def test_responses_give_the_chat_text_whole_and_streamed(served):
     resp = client.responses.create(model="test-model", input=USER[0]["content"], max_output_tokens=12, temperature=0)
     assert resp.output_text == chat.choices[0].message.content
     assert resp.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert resp.output[-1].type == "message" and resp.output[-1].status == resp.status  # cut: its item too
+    with pytest.raises(openai.BadRequestError) as e:  # the error names the field that was sent
+        client.responses.create(model="test-model", input="hi", max_output_tokens=5000)
+    assert "max_output_tokens (5000)" in e.value.body["message"] and "max_completion" not in e.value.body["message"]
     assert resp.usage.output_tokens == chat.usage.completion_tokens
     assert resp.usage.input_tokens == chat.usage.prompt_tokens
     kinds, text = [], ""

@@ -352,6 +352,9 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
 @click.option("--range_ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="With --url: prompt lengths uniform in [isl*(1-r), isl*(1+r)].")
 @click.option("--api_key", default=None, help="With --url: the server's API key [env: TRTC_API_KEY].")
+@click.option("--client_processes", default=None, type=click.IntRange(min=1),
+              help="With --url: client processes that share the requests. [default: one per 64 in flight, at most "
+                   "one per CPU core]")
 @click.option("--isl", default=128, show_default=True, type=click.IntRange(min=1), help="Input tokens per request.")
 @click.option("--osl", default=128, show_default=True, type=click.IntRange(min=1), help="Output tokens per request.")
 @click.option("--num_requests", default=None, type=click.IntRange(min=1),
@@ -373,9 +376,9 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
 @click.option("--output_json", type=click.Path(), help="Write the figures as JSON.")
 @quiet_option
 @user_errors
-def bench(engine_dir, url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, latency, batch_size,
-          max_throughput, max_seconds, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, output_json,
-          quiet) -> None:
+def bench(engine_dir, url, request_rate, range_ratio, api_key, client_processes, isl, osl, num_requests, concurrency,
+          latency, batch_size, max_throughput, max_seconds, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction,
+          output_json, quiet) -> None:
     """Measure throughput (default), max throughput (--max_throughput, trtllm-bench's method) or batch
     latency of an engine on synthetic prompts, or with --url the serving metrics of a running server
     (TTFT / TPOT / ITL / E2E)."""
@@ -384,7 +387,8 @@ def bench(engine_dir, url, request_rate, range_ratio, api_key, isl, osl, num_req
     if (engine_dir is None) == (url is None):
         raise TrtcError("pass one of --engine_dir (an engine, offline) or --url (a running server)")
     if url is not None:
-        _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests or 1000, concurrency, output_json)
+        _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests or 1000, concurrency, client_processes,
+                   output_json)
         return
 
     from trtc.runtime.executor import Executor
@@ -469,6 +473,9 @@ def tune(engine_dir: str, force: bool) -> None:
                    "(Hermes, Qwen 2.5/3 <tool_call> blocks) or llama3_json (Llama 3.x JSON calls).")
 @click.option("--reasoning_parser", default=None, type=click.Choice(list(REASONING_PARSERS)),
               help="Split <think>...</think> out of chat replies into reasoning_content.")
+@click.option("--api_server_count", default=None, type=click.IntRange(min=1),
+              help="HTTP front processes (parsing, detokenization, SSE) over the one engine core, on one port: "
+                   "more keep up with more streams. [default: 1]")
 @click.option("--log_level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
               help="uvicorn's log level. [default: info]")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="A serve.yaml with any of these options.")
@@ -483,15 +490,15 @@ def serve(model, config_file, **flags) -> None:
     run_serve(ServeConfig(model=model, **options))
 
 
-def _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, output_json) -> None:
-    import asyncio
+def _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, client_processes,
+               output_json) -> None:
     import json
     import os
 
     from trtc.tools.serve_bench import format_serve_result, run_serve_bench
 
-    result = asyncio.run(run_serve_bench(url.rstrip("/"), None, isl, osl, num_requests, concurrency, request_rate,
-                                         range_ratio, api_key=api_key or os.environ.get("TRTC_API_KEY")))
+    result = run_serve_bench(url.rstrip("/"), None, isl, osl, num_requests, concurrency, request_rate, range_ratio,
+                             api_key=api_key or os.environ.get("TRTC_API_KEY"), processes=client_processes)
     click.echo(format_serve_result(result))
     if output_json:
         Path(output_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -41,6 +41,8 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens admitted
     prefix_cache_hits: int = 0  # of those, tokens served from cached KV blocks
+    num_steps: int = 0  # steps that ran a batch
+    num_graph_steps: int = 0  # of them, replayed from a decode CUDA graph (the rest ran eagerly)
     engine_dead: bool = False  # the device (or a rank) broke: nothing runs any more
 
     @property
@@ -215,10 +217,11 @@ class AsyncEngine:
     def _publish(self) -> None:
         s = self.executor.scheduler
         st = s.stats()
+        steps, graph_steps = self.executor.step_counts()
         self.stats = replace(
             self.stats, num_running=s.num_running(), num_waiting=s.num_waiting(), num_blocks=st["num_blocks"],
             used_blocks=st["used_blocks"], num_preemptions=st["num_preemptions"],
-            prefix_cache_hits=st["reused_tokens"],
+            prefix_cache_hits=st["reused_tokens"], num_steps=steps, num_graph_steps=graph_steps,
         )
 
 

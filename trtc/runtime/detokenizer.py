@@ -31,7 +31,11 @@ class Detokenizer:
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = (),
                  skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's `tokenizers.Tokenizer`
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._decode_ids = backend.decode  # what the HF decode returns then, without its Python layers
+        else:
+            self._decode_ids = tokenizer.decode
         self._skip_special = skip_special_tokens
         # The tokens from the prefix offset on: [prefix_offset, read_offset) are decoded already
         # (their text is `_prefix_text`), [read_offset, end) are not yet.
@@ -58,7 +62,7 @@ class Detokenizer:
         """Add new output tokens; return the newly released text."""
         if self._stopped or not token_ids:
             return ""
-        self._window.extend(int(t) for t in token_ids)
+        self._window.extend(map(int, token_ids))
         return self._release(self._decode_new(final=False), final=False)
 
     def flush(self) -> str:
@@ -70,7 +74,7 @@ class Detokenizer:
 
     # Internals ------------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special) if ids else ""
+        return self._decode_ids(ids, skip_special_tokens=self._skip_special) if ids else ""
 
     def _decode_new(self, final: bool) -> str:
         """Text of the tokens past the read offset; "" while the last character is unfinished."""

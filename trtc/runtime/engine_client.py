@@ -10,6 +10,10 @@ work unchanged. The core starts with the client, loads the engine, and says read
 it ends with close() ("shutdown": in-flight requests cancelled, the executor closed), with the
 front process (it watches its parent), or on a broken device (EngineCoreDead: the client's
 requests fail with EngineDead and `on_dead` is called).
+
+Several fronts can share one core (`trtc serve --api_server_count N`): the client that starts it
+(front 0, num_fronts N) makes an input and an output address for each; front k > 0 is an
+EngineClient.attach_front(addresses[k], k, N) in a process of its own, and owns no core process.
 """
 
 from __future__ import annotations
@@ -52,40 +56,59 @@ class EngineClient:
     TrtcError with the core's reason if it cannot). attach() on the asyncio loop before submit()."""
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, kv_cache_free_gpu_memory_fraction: float = 0.9,
-                 kv_cache_max_tokens: int | None = None, startup_s: float = 3600.0) -> None:
+                 kv_cache_max_tokens: int | None = None, startup_s: float = 3600.0, num_fronts: int = 1) -> None:
         self._dir = tempfile.mkdtemp(prefix="trtc-core-")
-        self.input_address = f"ipc://{self._dir}/input"
-        self.output_address = f"ipc://{self._dir}/output"
-        self._ctx = zmq.Context()
-        self._input = self._ctx.socket(zmq.PUSH)  # sends happen on one thread (the loop's, or before it)
-        self._input.setsockopt(zmq.SNDHWM, 0)
-        self._input.setsockopt(zmq.LINGER, 2000)
-        self._input.bind(self.input_address)
-        self._output = self._ctx.socket(zmq.PULL)
-        self._output.setsockopt(zmq.RCVHWM, 0)
-        self._output.bind(self.output_address)
-        cmd = [sys.executable, "-m", "trtc.runtime.engine_core", str(engine_dir), "--input", self.input_address,
-               "--output", self.output_address, "--kv_cache_free_gpu_memory_fraction",
-               str(kv_cache_free_gpu_memory_fraction)]
+        self.addresses = [(f"ipc://{self._dir}/input-{k}", f"ipc://{self._dir}/output-{k}") for k in range(num_fronts)]
+        self._bind(self.addresses[0], 0, num_fronts)
+        cmd = [sys.executable, "-m", "trtc.runtime.engine_core", str(engine_dir),
+               "--input", ",".join(a for a, _ in self.addresses), "--output", ",".join(b for _, b in self.addresses),
+               "--kv_cache_free_gpu_memory_fraction", str(kv_cache_free_gpu_memory_fraction)]
         cmd += ["--device", str(device)] if device is not None else []
         cmd += ["--kv_cache_max_tokens", str(kv_cache_max_tokens)] if kv_cache_max_tokens is not None else []
         env = {**os.environ, "PYTHONPATH": _python_path()}
         if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the core's idle threads must not spin on the front's cores
-        self.process = subprocess.Popen(cmd, env=env)
+        self.process: subprocess.Popen | None = subprocess.Popen(cmd, env=env)
+        self._ready(startup_s)
+
+    @classmethod
+    def attach_front(cls, addresses: tuple[str, str], index: int, num_fronts: int,
+                     startup_s: float = 3600.0) -> EngineClient:
+        """Front `index` of `num_fronts` over the core that front 0 started (its process watches that core)."""
+        self = cls.__new__(cls)
+        self._dir = None
+        self._bind(addresses, index, num_fronts)
+        self.process = None
+        self._ready(startup_s)
+        return self
+
+    def _bind(self, addresses: tuple[str, str], index: int, num_fronts: int) -> None:
+        self._ctx = zmq.Context()
+        self._input = self._ctx.socket(zmq.PUSH)  # sends happen on one thread (the loop's, or before it)
+        self._input.setsockopt(zmq.SNDHWM, 0)
+        self._input.setsockopt(zmq.LINGER, 2000)
+        self._input.bind(addresses[0])
+        self._output = self._ctx.socket(zmq.PULL)
+        self._output.setsockopt(zmq.RCVHWM, 0)
+        self._output.bind(addresses[1])
         self.error: BaseException | None = None
         self.on_dead = None  # called on the asyncio loop once the engine core has stopped on an error
         self.stats = EngineStats()
         self._live: dict[int, RequestHandle] = {}  # front id -> handle, until its last event
-        self._next_id = 0
+        self._next_id, self._id_step = index, num_fronts  # this front's ids: index, index + N, ...
         self._submitted = 0
         self._taken = 0
         self._closed = False
         self._reader: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _ready(self, startup_s: float) -> None:
         ready = self._wait_ready(startup_s)
         self.num_blocks = ready.num_blocks
         self.stats = EngineStats(num_blocks=ready.num_blocks)
+
+    def _core_exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
 
     def _wait_ready(self, timeout: float) -> EngineCoreReady:
         deadline = time.monotonic() + timeout
@@ -98,7 +121,7 @@ class EngineClient:
                         self._close_sockets()
                         raise TrtcError(msg.error)
                     return msg
-            if self.process.poll() is not None:
+            if self._core_exited():
                 self._close_sockets()
                 raise TrtcError(f"the engine core process exited with status {self.process.returncode} while loading "
                                 "the engine; see its lines above")
@@ -115,7 +138,7 @@ class EngineClient:
 
     @property
     def alive(self) -> bool:
-        return self.error is None and not self._closed and self.process.poll() is None
+        return self.error is None and not self._closed and not self._core_exited()
 
     def num_waiting(self) -> int:
         """Requests not yet running: queued in the core's scheduler or not yet taken by the core."""
@@ -127,7 +150,7 @@ class EngineClient:
         self.attach()
         handle = RequestHandle(prompt_ids, params, after)
         handle.request_id = self._next_id
-        self._next_id += 1
+        self._next_id += self._id_step
         self._live[handle.request_id] = handle
         self._submitted += 1
         self._input.send(encoder.encode(EngineCoreRequest(handle.request_id, prompt_ids, params,
@@ -141,16 +164,17 @@ class EngineClient:
             self._input.send(encoder.encode(EngineCoreAbort([handle.request_id])))
 
     def abort_all(self) -> None:
-        """Shutdown: every request ends (finish reason "cancelled") at the core's next step."""
-        if not self._closed and self.process.poll() is None:
+        """Shutdown: every request (every front's) ends (finish reason "cancelled") at the core's next step."""
+        if not self._closed and not self._core_exited():
             self._input.send(encoder.encode(EngineCoreControl("abort_all")))
 
     def close(self, timeout: float = CORE_EXIT_S) -> None:
-        """Stop the core (after cancelling what runs): it frees the device and exits."""
+        """Stop the core (after cancelling what runs): it frees the device and exits. A front that did
+        not start the core only closes its sockets."""
         if self._closed:
             return
         self._closed = True
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             try:
                 self._input.send(encoder.encode(EngineCoreControl("shutdown")))
             except zmq.ZMQError:
@@ -161,6 +185,8 @@ class EngineClient:
         self._close_sockets()
 
     def _stop_process(self, timeout: float) -> None:
+        if self.process is None:
+            return
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -172,16 +198,17 @@ class EngineClient:
         self._input.close(linger=0)
         self._output.close(linger=0)
         self._ctx.term()
-        for name in ("input", "output"):
-            Path(self._dir, name).unlink(missing_ok=True)
-        os.rmdir(self._dir) if os.path.isdir(self._dir) else None
+        if self._dir is not None:  # front 0's: every front's socket files
+            for address in (a for pair in self.addresses for a in pair):
+                Path(address.removeprefix("ipc://")).unlink(missing_ok=True)
+            os.rmdir(self._dir) if os.path.isdir(self._dir) else None
 
     async def _read(self) -> None:
         socket = zmq.asyncio.Socket.from_socket(self._output)
         try:
             while True:
                 if not await socket.poll(500):
-                    if self.process.poll() is not None and not self._closed:
+                    if self._core_exited() and not self._closed:
                         self._die(f"the engine core process exited with status {self.process.returncode}")
                         return
                     continue
@@ -199,7 +226,8 @@ class EngineClient:
         self._taken = s.num_taken
         self.stats = replace(self.stats, num_running=s.num_running, num_waiting=s.num_waiting, num_blocks=s.num_blocks,
                              used_blocks=s.used_blocks, num_preemptions=s.num_preemptions,
-                             prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
+                             prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+                             num_steps=s.num_steps, num_graph_steps=s.num_graph_steps)
         start = msg.step_start
         for o in msg.outputs:
             h = self._live.get(o.request_id)

@@ -1,11 +1,13 @@
 """The engine core process: owns the Executor and steps it without pause; a front process (the
 server: trtc/runtime/engine_client.py) sends requests and aborts and receives one message per step.
 
-    python -m trtc.runtime.engine_core ENGINE_DIR --input ADDR --output ADDR [--device D] ...
+    python -m trtc.runtime.engine_core ENGINE_DIR --input ADDR[,ADDR...] --output ADDR[,ADDR...] [--device D] ...
 
-Between steps the core takes every message waiting on its input (a PULL socket), adds and cancels,
-then steps; after the step it sends every request's event of the step and the scheduler's statistics
-in one EngineCoreOutputs. While nothing runs it waits on its input. A broken device (EngineDeadError)
+One input and one output address per front (`trtc serve --api_server_count N` runs N front processes
+over one core). Front k numbers its requests k, k + N, k + 2N, ..., so a request's outputs go back
+to the output of front `request_id % N`. Between steps the core takes every message waiting on its
+input (a PULL socket connected to every front), adds and cancels, then steps; after the step it sends
+each front its requests' events of the step and the scheduler's statistics in one EngineCoreOutputs. While nothing runs it waits on its input. A broken device (EngineDeadError)
 sends EngineCoreDead and exits 1; "shutdown" closes the executor and exits 0; the core ends when its
 parent (the front) is gone, so no core outlives its server.
 """
@@ -41,14 +43,14 @@ IDLE_POLL_MS = 500  # an idle core looks at its input at least this often
 
 
 class EngineCore:
-    def __init__(self, executor: Executor, input_socket: zmq.Socket, output_socket: zmq.Socket) -> None:
-        self.executor, self.input, self.output = executor, input_socket, output_socket
+    def __init__(self, executor: Executor, input_socket: zmq.Socket, output_sockets: list[zmq.Socket]) -> None:
+        self.executor, self.input, self.outputs = executor, input_socket, output_sockets
         self.live: dict[int, int] = {}  # executor id -> front id
         self.by_front: dict[int, int] = {}  # front id -> executor id
         self.held: list[EngineCoreRequest] = []  # waiting for their `after` request's prompt
         self.prompt_pending: set[int] = set()  # front ids added whose prompt is not computed yet
         self.aborted: set[int] = set()  # front ids aborted before they were added
-        self.taken = 0
+        self.taken = [0] * len(output_sockets)  # requests taken from each front's input
         self.queries = 0
         self.stopping = False
         self.pending_outputs: list[EngineCoreOutput] = []
@@ -114,7 +116,7 @@ class EngineCore:
             if r.after is not None and r.after in self.prompt_pending and r.request_id not in self.aborted:
                 self.held.append(r)
                 continue
-            self.taken += 1
+            self.taken[r.request_id % len(self.outputs)] += 1
             if r.request_id in self.aborted or self.stopping:
                 self.aborted.discard(r.request_id)
                 self.pending_outputs.append(EngineCoreOutput(r.request_id, None, None, "cancelled"))
@@ -128,15 +130,20 @@ class EngineCore:
             self.prompt_pending.add(r.request_id)
             self.queries += len(r.prompt_ids)
 
-    def stats(self) -> EngineCoreStats:
+    def stats(self, front: int) -> EngineCoreStats:
         s = self.executor.scheduler
         st = s.stats()
         return EngineCoreStats(s.num_running(), s.num_waiting(), st["num_blocks"], st["used_blocks"],
-                               st["num_preemptions"], self.queries, st["reused_tokens"], self.taken)
+                               st["num_preemptions"], self.queries, st["reused_tokens"], self.taken[front],
+                               *self.executor.step_counts())
 
     def _send(self, start: float) -> None:
+        """Each front its requests' outputs and the statistics (every front, every step: its gauges stay current)."""
         outputs, self.pending_outputs = self.pending_outputs, []
-        self.output.send(encoder.encode(EngineCoreOutputs(start, outputs, self.stats())))
+        n = len(self.outputs)
+        by_front = [outputs] if n == 1 else [[o for o in outputs if o.request_id % n == k] for k in range(n)]
+        for k, socket in enumerate(self.outputs):
+            socket.send(encoder.encode(EngineCoreOutputs(start, by_front[k], self.stats(k))))
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -148,8 +155,8 @@ def _exit_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("engine_dir")
-    ap.add_argument("--input", required=True)
-    ap.add_argument("--output", required=True)
+    ap.add_argument("--input", required=True, help="the fronts' input addresses, comma-separated")
+    ap.add_argument("--output", required=True, help="their output addresses, in the same order")
     ap.add_argument("--device", default=None)
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     ap.add_argument("--kv_cache_max_tokens", type=int, default=None)
@@ -161,27 +168,39 @@ def main(argv: list[str] | None = None) -> int:
     log.propagate = False
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="trtc-core-parent", daemon=True).start()
     ctx = zmq.Context()
-    input_socket, output_socket = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    input_socket.connect(args.input)
-    output_socket.connect(args.output)
-    output_socket.setsockopt(zmq.LINGER, 5000)
+    input_socket = ctx.socket(zmq.PULL)
+    for address in args.input.split(","):
+        input_socket.connect(address)
+    output_sockets = []
+    for address in args.output.split(","):
+        output_sockets.append(ctx.socket(zmq.PUSH))
+        output_sockets[-1].setsockopt(zmq.SNDHWM, 0)
+        output_sockets[-1].setsockopt(zmq.LINGER, 5000)
+        output_sockets[-1].connect(address)
+
+    def tell_all(msg) -> None:
+        for socket in output_sockets:
+            socket.send(encoder.encode(msg))
+
     try:
         executor = Executor(args.engine_dir, args.device, args.kv_cache_max_tokens,
                             args.kv_cache_free_gpu_memory_fraction)
     except TrtcError as e:
-        output_socket.send(encoder.encode(EngineCoreReady(0, str(e))))
+        tell_all(EngineCoreReady(0, str(e)))
         return 1
-    output_socket.send(encoder.encode(EngineCoreReady(executor.num_blocks)))
-    core = EngineCore(executor, input_socket, output_socket)
+    tell_all(EngineCoreReady(executor.num_blocks))
+    core = EngineCore(executor, input_socket, output_sockets)
     try:
         core.run()
-    except BaseException as e:  # noqa: BLE001 - the front hears why, then this process ends
+    except BaseException as e:  # noqa: BLE001 - the fronts hear why, then this process ends
         log.exception("engine core stopped")
-        output_socket.send(encoder.encode(EngineCoreDead(f"{type(e).__name__}: {e}")))
-        output_socket.close()
+        tell_all(EngineCoreDead(f"{type(e).__name__}: {e}"))
+        for socket in output_sockets:
+            socket.close()
         os._exit(1)  # the device may be broken: no orderly teardown
     executor.close()
-    output_socket.close()
+    for socket in output_sockets:
+        socket.close()
     input_socket.close()
     ctx.term()
     return 0

@@ -264,6 +264,10 @@ class Executor:
     def num_blocks(self) -> int:
         return self.worker.num_blocks
 
+    def step_counts(self) -> tuple[int, int]:
+        """Steps that ran a batch so far, and how many of them replayed a decode CUDA graph."""
+        return self._num_steps, self.worker.graph_steps
+
     def close(self) -> None:
         """Give the device memory back now (CUDA graphs, KV cache, weights, workspaces, the grammar
         masks) and stop the other ranks; the executor is unusable after."""

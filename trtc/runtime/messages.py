@@ -57,6 +57,8 @@ class EngineCoreStats(msgspec.Struct, array_like=True):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_taken: int
+    num_steps: int = 0  # steps that ran a batch so far
+    num_graph_steps: int = 0  # of them, replayed from a decode CUDA graph (the rest ran eagerly)
 
 
 class EngineCoreOutputs(msgspec.Struct, tag="outputs", array_like=True):

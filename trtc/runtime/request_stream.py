@@ -2,9 +2,10 @@
 
 `async for out in stream` yields a snapshot of the RequestOutput each time it gains text or ends;
 `await stream` (or `await stream.aresult()`) returns the finished output; `stream.deltas()` yields
-outputs holding only what is new (the server's SSE chunks). Detokenization happens here, on the
-asyncio side, with the incremental Detokenizer; a stop string found in the text aborts the request
-in the engine (finish reason "stop"). Leaving an iteration early (break, a cancelled task) aborts
+outputs holding only what is new (the server's SSE chunks; the steps that arrived while its consumer
+was busy come as one delta, so a loaded server sends fewer, larger chunks rather than fall behind).
+Detokenization happens here, on the asyncio side, with the incremental Detokenizer; a stop string
+found in the text aborts the request in the engine (finish reason "stop"). Leaving an iteration early (break, a cancelled task) aborts
 the request too, so its KV blocks go back to the pool.
 """
 
@@ -54,13 +55,19 @@ class RequestStream:
         TrtcError) if the request was rejected or the engine died."""
         c = self.output.outputs[0]
         try:
+            events = self.handle.events
             while not self.output.finished:
-                item = await self.handle.events.get()
-                if isinstance(item, BaseException):
-                    raise item
+                items = [await events.get()]
+                while not events.empty():  # steps that came while the consumer was busy: one delta for all
+                    items.append(events.get_nowait())
                 n_tokens, n_text = len(c.token_ids), len(c.text)
-                for event, step_start in item:
-                    self._add(event, step_start)
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    for event, step_start in item:
+                        self._add(event, step_start)
+                        if self.output.finished:
+                            break
                     if self.output.finished:
                         break
                 new = replace(c, text=c.text[n_text:], token_ids=c.token_ids[n_tokens:],

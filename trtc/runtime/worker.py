@@ -104,6 +104,7 @@ class Worker:
         bc = self.engine.build_config
         self.runner.allocate_kv_cache(self.num_blocks + (1 if use_graphs else 0))  # + a scratch block for padding
         self.cuda_graphs = None
+        self.graph_steps = 0  # steps replayed from a decode CUDA graph (the others ran eagerly)
         if use_graphs:
             self.cuda_graphs = DecodeCudaGraphs(
                 self.runner, bc.cuda_graph_batch_sizes, -(-bc.max_seq_len // bc.tokens_per_block), self.num_blocks
@@ -132,6 +133,7 @@ class Worker:
         are computed instead (ModelRunner.forward) and None is returned."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(step):
             logits = self.cuda_graphs.run(step)
+            self.graph_steps += 1
             if on_logits is None:
                 return logits
             on_logits(0, logits)

@@ -32,6 +32,39 @@ from trtc.version import __version__
 log = logging.getLogger("trtc")
 
 
+class GuardMiddleware:
+    """Bearer-key auth of /v1 routes, and a 500 error object (logged) for an exception that no handler
+    took. A plain ASGI middleware: the response's messages pass straight through, so a stream's chunks
+    cost no more here than a call."""
+
+    def __init__(self, app, api_key: str | None) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self._expected is not None and scope["path"].startswith("/v1"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not secrets.compare_digest(given, self._expected):
+                response = error_response(401, "missing or wrong API key; send Authorization: Bearer KEY")
+                return await response(scope, receive, send)
+        started = False
+
+        async def watch_start(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch_start)
+        except Exception:  # noqa: BLE001 - logged; the client gets an error object, the server goes on
+            log.exception("error serving %s", scope["path"])
+            if not started:
+                response = error_response(500, "internal error while serving the request; see the server log")
+                await response(scope, receive, send)
+
+
 def create_app(llm: LLM | AsyncLLM, model_name: str, chat_template: str | None = None, api_key: str | None = None,
                max_queued_requests: int | None = None, tool_call_parser: str | None = None,
                reasoning_parser: str | None = None, on_engine_dead=None) -> FastAPI:
@@ -52,17 +85,7 @@ def create_app(llm: LLM | AsyncLLM, model_name: str, chat_template: str | None =
     app = FastAPI(title="trtc", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key; send Authorization: Bearer KEY")
-        try:
-            return await call_next(request)
-        except Exception:  # noqa: BLE001 - logged; the client gets an error object, the server goes on
-            log.exception("error serving %s", request.url.path)
-            return error_response(500, "internal error while serving the request; see the server log")
+    app.add_middleware(GuardMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

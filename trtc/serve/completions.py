@@ -74,8 +74,9 @@ def openai_finish_reason(reason: str | None) -> str | None:
 
 
 async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_tokens: int | None,
-                  logprobs: bool) -> tuple[list[Choice], int]:
-    """Tokenize, check and submit every (prompt, sample); returns the choices and the prompt tokens."""
+                  logprobs: bool, max_tokens_name: str | None = None) -> tuple[list[Choice], int]:
+    """Tokenize, check and submit every (prompt, sample); returns the choices and the prompt tokens.
+    max_tokens_name: the field the client sent the length in, for the errors that name it."""
     llm, max_seq_len = ctx.llm, ctx.llm.max_seq_len
     ids = [llm.tokenizer(p).input_ids if isinstance(p, str) else p for p in prompts]
     prompt_top = req.requested_prompt_logprobs()
@@ -103,7 +104,7 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
             except TrtcError as e:
                 message = str(e)
                 if getattr(req, "max_completion_tokens", None) is not None:  # name the field that was sent
-                    message = message.replace("max_tokens", "max_completion_tokens")
+                    message = message.replace("max_tokens", max_tokens_name or "max_completion_tokens")
                 raise APIError(400, message, "logit_bias" if "logit_bias" in message else where) from None
             text = p if isinstance(p, str) else llm.tokenizer.decode(prompt_ids) if echo else None
             plans.append((text, prompt_ids, params, j))
@@ -287,6 +288,14 @@ def _full_response(ctx, req, choices: list[Choice], prompt_tokens: int, rid: str
 
 async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]:
     """Deltas of all choices as they come: (choice, RequestOutput delta)."""
+    if len(choices) == 1:  # the common case: no task and queue in between
+        c = choices[0]
+        try:
+            async for delta in c.stream.deltas():
+                yield c, delta
+        except TrtcError as e:
+            yield c, e
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(c: Choice) -> None:
@@ -328,11 +337,12 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
     watch = asyncio.ensure_future(_watch_disconnect(request, choices))
 
+    head = f'data: {{"id": {json.dumps(rid)}, "object": "{obj}", "created": {created}, "model": {json.dumps(ctx.model_name)}, "choices": '
+
     def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
-        body = {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": choice_list}
-        if req.include_usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
+        """One SSE event: json.dumps of the chunk object, its constant fields rendered once per stream."""
+        tail = f', "usage": {json.dumps(usage)}}}\n\n' if req.include_usage else "}\n\n"
+        return head + json.dumps(choice_list) + tail
 
     try:
         if chat:

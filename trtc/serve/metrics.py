@@ -2,13 +2,19 @@
 
 Scheduler state (running / waiting requests, KV-cache usage, preemptions, prefix-cache queries and
 hits) is read at scrape time from the statistics the engine thread publishes after each step; the
-per-request counters and histograms are recorded when a request ends.
+per-request counters and histograms are recorded when a request ends. With several API server
+processes (`trtc serve --api_server_count N`, PROMETHEUS_MULTIPROC_DIR set before prometheus_client
+is imported), each process records into that folder and a scrape of any of them sums them all
+(prometheus_client's multiprocess mode, as vLLM's API servers do).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from trtc.runtime.request_stream import RequestStream
 
@@ -42,6 +48,9 @@ class EngineCollector:
              CounterMetricFamily),
             ("engine_dead", "1 once the engine stopped on a broken device (restart the server).", int(s.engine_dead),
              GaugeMetricFamily),
+            ("engine_steps", "Engine steps that ran a batch.", s.num_steps, CounterMetricFamily),
+            ("engine_graph_steps", "Of them, decode-only steps replayed from a CUDA graph (the rest ran eagerly).",
+             s.num_graph_steps, CounterMetricFamily),
         ]:
             metric = kind(f"trtc:{name}", doc, labels=list(self.labels))
             metric.add_metric(list(self.labels.values()), value)
@@ -54,6 +63,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(get_stats, model_name))
         labels, reg = ["model_name"], self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the values live in the folder: a scrape reads them all
+            MultiProcessCollector(self.registry)
+            reg = None
         self.prompt_tokens = Counter("trtc:prompt_tokens", "Prefill tokens processed.", labels, registry=reg)
         self.generation_tokens = Counter("trtc:generation_tokens", "Generation tokens produced.", labels,
                                          registry=reg)
@@ -71,20 +83,23 @@ class ServerMetrics:
         self.model_name = model_name
         for reason in FINISH_REASONS:  # present at 0 from the start, as dashboards expect
             self.request_success.labels(model_name, reason)
+        self._prompt, self._generation = self.prompt_tokens.labels(model_name), self.generation_tokens.labels(model_name)
+        self._ttft, self._itl = self.ttft.labels(model_name), self.itl.labels(model_name)
+        self._e2e, self._queue = self.e2e.labels(model_name), self.queue_time.labels(model_name)
 
     def record(self, stream: RequestStream, finish_reason: str) -> None:
         """A request ended (finish_reason: stop | length | abort)."""
-        m, t = self.model_name, stream.times
-        out = stream.output
-        self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
-        self.generation_tokens.labels(m).inc(len(out.outputs[0].token_ids))
-        self.request_success.labels(m, finish_reason).inc()
+        t, out = stream.times, stream.output
+        self._prompt.inc(len(out.prompt_token_ids))
+        self._generation.inc(len(out.outputs[0].token_ids))
+        self.request_success.labels(self.model_name, finish_reason).inc()
         if t.token_times:
-            self.ttft.labels(m).observe(t.token_times[0] - t.arrival)
-            self.queue_time.labels(m).observe(max(0.0, t.first_step - t.arrival))
+            self._ttft.observe(t.token_times[0] - t.arrival)
+            self._queue.observe(max(0.0, t.first_step - t.arrival))
+            observe = self._itl.observe
             for a, b in zip(t.token_times, t.token_times[1:]):
-                self.itl.labels(m).observe(b - a)
-        self.e2e.labels(m).observe((t.finished or t.arrival) - t.arrival)
+                observe(b - a)
+        self._e2e.observe((t.finished or t.arrival) - t.arrival)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

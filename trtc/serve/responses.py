@@ -159,8 +159,9 @@ class OutputItems:
                 events += self._write(kind, delta[key])
         return events
 
-    def finish(self, calls: list[ToolCall]) -> list[dict]:
-        events = self._close()
+    def finish(self, calls: list[ToolCall], incomplete: bool = False) -> list[dict]:
+        """The open item closes ("incomplete": cut at max_output_tokens); then the calls' items."""
+        events = self._close("incomplete" if incomplete else "completed")
         if not calls and not any(i["type"] == "message" for i in self.items):
             events += self._write("message", "") + self._close()  # an empty reply is an empty message
         for call in calls:
@@ -205,13 +206,13 @@ class OutputItems:
             events.append({"type": event, **self._ref(), "content_index": 0, "delta": text, **extra})
         return events
 
-    def _close(self) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         item = self._open
         if item is None:
             return []
         self._open = None
         kind, text, ref = item["type"], item.pop("_text"), {"item_id": item["id"], "output_index": self.items.index(item)}
-        item.update(content=[self._part(kind, text)], status="completed")
+        item.update(content=[self._part(kind, text)], status=status)
         done = "response.output_text.done" if kind == "message" else "response.reasoning_text.done"
         extra = {"logprobs": []} if kind == "message" else {}
         return [{"type": done, **ref, "content_index": 0, "text": text, **extra},
@@ -244,7 +245,8 @@ def add_responses_routes(app: FastAPI, ctx, check_model) -> None:
         chat = chat_request(req)
         tools = _check_tools(ctx, chat)
         prompt = render_chat(ctx.llm.tokenizer, chat.messages, ctx.chat_template, True, tools, chat.template_kwargs())
-        choices, prompt_tokens = await _submit(ctx, chat, [prompt], chat.requested_max_tokens(), False)
+        choices, prompt_tokens = await _submit(ctx, chat, [prompt], chat.requested_max_tokens(), False,
+                                               max_tokens_name="max_output_tokens")
         choice = choices[0]
         choice.reply = ChatReplyParser(ctx.reasoning_parser, ctx.tool_call_parser if tools else None, chat.tool_choice,
                                        chat.forced_tool_choice)
@@ -299,8 +301,9 @@ class _ResponseObject:
             return Response(status_code=499)
         self.output.feed(c.reply.feed(out.outputs[0].text))
         self.output.feed(c.reply.finish())
-        self.output.finish(c.reply.calls)
-        return JSONResponse(self.body(self.status()))
+        status = self.status()
+        self.output.finish(c.reply.calls, status == "incomplete")
+        return JSONResponse(self.body(status))
 
     async def events(self, request: Request) -> AsyncIterator[str]:
         c, seq = self.choice, 0
@@ -318,10 +321,10 @@ class _ResponseObject:
             async for delta in c.stream.deltas():
                 for event in self.output.feed(c.reply.feed(delta.outputs[0].text)):
                     yield sse(event)
-            for event in self.output.feed(c.reply.finish()) + self.output.finish(c.reply.calls):
+            status = self.status()
+            for event in self.output.feed(c.reply.finish()) + self.output.finish(c.reply.calls, status == "incomplete"):
                 yield sse(event)
             _record(self.ctx, c)
-            status = self.status()
             yield sse({"type": f"response.{status}", "response": self.body(status)})
         except TrtcError as e:
             yield sse({"type": "error", "code": "503", "message": str(e), "param": None})

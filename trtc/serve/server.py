@@ -5,6 +5,11 @@ detokenization, SSE: trtc/serve/async_llm.py) and the engine core (trtc/runtime/
 which owns the executor and steps it without pause; they talk over ZeroMQ. The core ends with this
 process (it watches its parent), so none is left behind.
 
+--api_server_count N (vLLM's flag): N - 1 more API server processes, spawned here, accept on the same
+listening socket and talk to the same core, each over its own pair of sockets; so the HTTP, JSON and
+detokenization work of many streams spreads over N cores. /metrics sums all N (prometheus_client's
+multiprocess mode). If one of them exits, the server stops (exit 1), as it does for a dead engine.
+
 SIGTERM / SIGINT: uvicorn stops accepting connections; the engine ends every in-flight request at
 the next step (finish reason "abort"), so open streams get their final chunk and `[DONE]`; then the
 engine's memory is freed and tensor-parallel ranks are stopped, and the process exits 0.
@@ -19,7 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,7 +39,7 @@ import uvicorn
 import yaml
 
 from trtc.errors import TrtcError
-from trtc.serve.app import create_app
+from trtc.runtime.engine_client import CORE_EXIT_S
 from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.chat import load_chat_template
 
@@ -52,6 +64,7 @@ class ServeConfig:
     log_level: str = "info"
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    api_server_count: int = 1
 
 
 def read_config(path: str | Path) -> dict:
@@ -73,19 +86,57 @@ def read_config(path: str | Path) -> dict:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn, whose exit signal also ends the engine's in-flight requests (their streams close)."""
+    """uvicorn, whose exit signal also ends the engine's in-flight requests (their streams close), and
+    which stops when one of the other API server processes (`fronts`) has exited."""
 
-    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit, fronts: list[multiprocessing.Process] = (),
+                 on_started=None) -> None:
         super().__init__(config)
-        self._on_exit = on_exit
+        self._on_exit, self._on_started = on_exit, on_started
+        self.fronts = list(fronts)
+        self.front_failed: str | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)  # the signal handlers are in place, the sockets served
+        if self.started and self._on_started is not None:
+            self._on_started()
 
     def handle_exit(self, sig, frame) -> None:
         self._on_exit()
+        for p in self.fronts:  # each stops as this one does (its streams end, then it exits)
+            if p.is_alive():
+                p.terminate()
         super().handle_exit(sig, frame)
         # uvicorn re-raises the signal after shutting down (so the process dies of it); the shutdown
         # here is complete and orderly, so `trtc serve` exits 0 instead
         if hasattr(self, "_captured_signals"):
             self._captured_signals.clear()
+
+    async def on_tick(self, counter: int) -> bool:
+        for k, p in enumerate(self.fronts, 1):
+            if p.exitcode is not None and self.front_failed is None and not self.should_exit:
+                self.front_failed = f"API server {k} exited with status {p.exitcode}"
+                log.error("%s; the server stops", self.front_failed)
+                self._on_exit()
+                for q in self.fronts:
+                    q.terminate() if q.is_alive() else None
+                return True
+        return await super().on_tick(counter)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket that every API server process accepts on."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise TrtcError(f"could not listen on {host}:{port} ({e.strerror}); is the port in use? pick another with "
+                        "--port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -93,8 +144,50 @@ def serve(cfg: ServeConfig) -> None:
     template = load_chat_template(cfg.chat_template)
     if cfg.max_queued_requests is not None and cfg.max_queued_requests < 0:
         raise TrtcError(f"--max_queued_requests must be >= 0, got {cfg.max_queued_requests}")
-    llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction,
-                   device=cfg.device)  # the engine core process: loads the engine and steps it
+    n = cfg.api_server_count
+    if n < 1:
+        raise TrtcError(f"--api_server_count must be >= 1, got {n}")
+    metrics_dir = None
+    if n > 1:  # before prometheus_client is imported, here and in the other API servers
+        metrics_dir = tempfile.mkdtemp(prefix="trtc-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    fronts: list[multiprocessing.Process] = []
+    try:
+        llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, device=cfg.device, num_fronts=n,
+                       kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction)  # the engine core process
+        try:
+            sock = bind_socket(cfg.host, cfg.port) if n > 1 else None
+            spawn = multiprocessing.get_context("spawn")
+            ready, go = [spawn.Event() for _ in range(1, n)], spawn.Event()
+            for k in range(1, n):
+                fronts.append(spawn.Process(target=_front_main, args=(cfg, llm.async_engine.addresses[k], k, sock,
+                                                                      ready[k - 1], go),
+                                            name=f"trtc-api-server-{k}", daemon=True))
+                fronts[-1].start()
+            for k, (p, event) in enumerate(zip(fronts, ready), 1):  # all serve before this one says it does
+                while not event.wait(0.5):
+                    if p.exitcode is not None:
+                        raise TrtcError(f"API server {k} exited with status {p.exitcode} while starting; see its "
+                                        "lines above")
+            run_front(cfg, llm, api_key, template, sock, fronts, on_started=go.set if fronts else None)
+        finally:
+            for p in fronts:
+                p.join(CORE_EXIT_S)
+                p.kill() if p.is_alive() else None
+            llm.close()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def run_front(cfg: ServeConfig, llm: AsyncLLM, api_key: str | None, template: str | None,
+              sock: socket.socket | None, fronts: list[multiprocessing.Process] = (), ready=None, go=None,
+              on_started=None) -> None:
+    """Serve HTTP in this process over `llm`'s engine core until a signal, a dead engine or a dead front.
+    Another API server process sets `ready` once its app is made and serves once `go` is set (front 0
+    sets it when it serves, its signal handlers in place: before that a signal would kill it outright)."""
+    from trtc.serve.app import create_app  # after PROMETHEUS_MULTIPROC_DIR is set
+
     dead: list[str] = []  # why the engine stopped, once it has
     server: GracefulServer | None = None
 
@@ -104,25 +197,58 @@ def serve(cfg: ServeConfig) -> None:
         app.state.ctx.shutting_down = True
         asyncio.get_running_loop().call_later(DEAD_EXIT_DELAY_S, setattr, server, "should_exit", True)
 
+    name = cfg.served_model_name or Path(cfg.model).name
+    app = create_app(llm, name, template, api_key, cfg.max_queued_requests, cfg.tool_call_parser,
+                     cfg.reasoning_parser, on_engine_dead)
+
+    def on_exit() -> None:
+        app.state.ctx.shutting_down = True
+        if llm.async_engine is not None:
+            llm.async_engine.abort_all()
+
+    other = sock is not None and not fronts  # another API server process: front 0 says where it serves
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, access_log=False, timeout_graceful_shutdown=30,
+                            log_level="warning" if other and cfg.log_level in ("debug", "info") else cfg.log_level)
+    if not other:
+        log.info("serving %s as %r on http://%s:%d%s%s", llm.engine_dir, name, cfg.host, cfg.port,
+                 " (API key required)" if api_key else "",
+                 f" with {cfg.api_server_count} API server processes" if cfg.api_server_count > 1 else "")
+    server = GracefulServer(config, on_exit, fronts, on_started)
+    if ready is not None:
+        ready.set()
+        go.wait()
+    server.run(sockets=None if sock is None else [sock])
+    if not server.started:
+        raise TrtcError(f"could not listen on {cfg.host}:{cfg.port}; is the port in use? pick another with --port")
+    if server.front_failed:
+        raise TrtcError(f"{server.front_failed}; see its lines above")
+    if dead:
+        raise TrtcError(f"the engine stopped on an error ({dead[0]}); restart the server")
+
+
+def _front_main(cfg: ServeConfig, addresses: tuple[str, str], index: int, sock: socket.socket, ready, go) -> None:
+    """API server process `index` (of cfg.api_server_count): HTTP over the engine core front 0 started."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[trtc] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="trtc-front-parent", daemon=True).start()
+    llm = None
     try:
-        name = cfg.served_model_name or Path(cfg.model).name
-        app = create_app(llm, name, template, api_key, cfg.max_queued_requests, cfg.tool_call_parser,
-                         cfg.reasoning_parser, on_engine_dead)
-
-        def on_exit() -> None:
-            app.state.ctx.shutting_down = True
-            if llm.async_engine is not None:
-                llm.async_engine.abort_all()
-
-        config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                timeout_graceful_shutdown=30, access_log=False)
-        log.info("serving %s as %r on http://%s:%d%s", llm.engine_dir, name, cfg.host, cfg.port,
-                 " (API key required)" if api_key else "")
-        server = GracefulServer(config, on_exit)
-        server.run()
-        if not server.started:
-            raise TrtcError(f"could not listen on {cfg.host}:{cfg.port}; is the port in use? pick another with --port")
-        if dead:
-            raise TrtcError(f"the engine stopped on an error ({dead[0]}); restart the server")
+        llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, num_fronts=cfg.api_server_count, front=(addresses, index))
+        run_front(cfg, llm, cfg.api_key or os.environ.get("TRTC_API_KEY") or None,
+                  load_chat_template(cfg.chat_template), sock, ready=ready, go=go)
+    except TrtcError as e:
+        log.error("API server %d: %s", index, e)
+        sys.exit(1)
     finally:
-        llm.close()
+        if llm is not None:
+            llm.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)

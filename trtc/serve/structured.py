@@ -25,7 +25,9 @@ from trtc.serve.tool_parsers import (
 
 def guided_decoding_of(req, tools: list | None = None, tool_choice=None,
                        parallel_tool_calls: bool = True) -> GuidedDecodingParams | None:
-    """The request's one constraint, or None. Raises ValueError naming a bad or doubled field."""
+    """The request's one constraint, or None. Raises ValueError naming a bad or doubled field. A forced
+    tool_choice with a response_format (as agent frameworks send on every turn) is the forced call's
+    grammar: the reply is the call, with no text for the format to shape (OpenAI's behaviour)."""
     given: dict[str, GuidedDecodingParams] = {}
     rf = getattr(req, "response_format", None)
     if rf is not None:
@@ -47,6 +49,7 @@ def guided_decoding_of(req, tools: list | None = None, tool_choice=None,
             given[name] = GuidedDecodingParams(**{key: value})
     forced = forced_tool_choice_guided(tools or [], tool_choice, parallel_tool_calls) if tools is not None or tool_choice is not None else None
     if forced is not None:
+        given.pop("response_format", None)
         given["tool_choice"] = forced
     if len(given) > 1:
         raise ValueError(f"give at most one of response_format, guided_json, guided_regex, guided_choice, guided_grammar "

@@ -47,6 +47,8 @@ class BenchResult:
     completed: int | None = None  # max-throughput mode: requests that generated all OSL tokens
     device_name: str | None = None
     published: dict | None = None  # max-throughput mode: TensorRT-LLM's figure for this card, where there is one
+    steps: int | None = None  # engine steps of the run
+    graph_steps: int | None = None  # of them, replayed from a decode CUDA graph
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,11 +143,14 @@ def bench(
     num_requests = num_requests or 1000
     concurrency = min(concurrency or ex.engine.build_config.max_batch_size, num_requests)
     run_requests(ex, synthetic_prompts(min(warmup, num_requests), isl, vocab, seed=1), min(osl, 8), concurrency)
+    steps0, graphs0 = ex.step_counts()
     seconds, ttft, tpot = run_requests(ex, synthetic_prompts(num_requests, isl, vocab), osl, concurrency, progress)
+    steps1, graphs1 = ex.step_counts()
     result = BenchResult(
         mode="latency" if latency else "throughput", isl=isl, osl=osl, num_requests=num_requests,
         concurrency=concurrency, seconds=seconds, output_tokens_per_s=num_requests * osl / seconds,
         requests_per_s=num_requests / seconds, ttft_ms=percentiles(ttft), tpot_ms=percentiles(tpot),
+        steps=steps1 - steps0, graph_steps=graphs1 - graphs0,
     )
     if latency and tpot:
         unread = {"embedding.weight", *decode_unread(ex.runner.w)}  # one row of the table; INT4 layers' packed copy alone
@@ -259,6 +264,8 @@ def format_result(r: BenchResult) -> str:
         else:
             lines.append(f"  published        {p['v1.0']:,} (v1.0) / {p['v0.17']:,} (v0.17) output tokens/s, {p['source']}, "
                          f"{p['card']}; trtc {r.output_tokens_per_s / p['best']:.2f}x the higher")
+    if r.steps:
+        lines.append(f"  steps            {r.steps:,}, {100 * r.graph_steps / r.steps:.0f}% replayed from CUDA graphs")
     if r.mbu is not None:
         lines.append(f"  MBU              {100 * r.mbu:.1f}% ({r.bytes_per_step / 1e9:.3f} GB per step, "
                      f"bandwidth {r.bandwidth_gbps:,.0f} GB/s measured)")
