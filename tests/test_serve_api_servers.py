@@ -1,13 +1,15 @@
 """`trtc serve --api_server_count 3`: three HTTP front processes on one port over one engine core.
 Streams through them give the offline engine's text, /metrics from any of them counts every
 request, `trtc bench --url` with several client processes completes every request, SIGTERM ends
-every process (exit 0), and a front that dies stops the whole server (exit 1, no process left)."""
+every process (exit 0), a front that dies stops the whole server (exit 1, no process left), and a
+port in use is a one-line error before the engine loads."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 
@@ -95,3 +97,15 @@ def test_sigterm_ends_every_process_and_a_dead_front_stops_the_server(server):
     assert "Traceback" not in s.output()
     assert all(gone(k, 30) for k in kids), s.output()
     assert s.proc.returncode != -signal.SIGKILL
+
+
+def test_a_port_in_use_is_one_line_before_the_engine_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = subprocess.run([sys.executable, "-m", "trtc.cli", "serve", str(stories260k()), "--device", "cpu",
+                            "--port", str(taken.getsockname()[1]), "--api_server_count", "2"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "could not listen on 127.0.0.1" in r.stderr and "--port" in r.stderr
+    assert "loaded" not in r.stderr  # the engine was never loaded

@@ -153,10 +153,10 @@ def serve(cfg: ServeConfig) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     fronts: list[multiprocessing.Process] = []
     try:
+        sock = bind_socket(cfg.host, cfg.port) if n > 1 else None  # a port in use fails before the engine loads
         llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, device=cfg.device, num_fronts=n,
                        kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction)  # the engine core process
         try:
-            sock = bind_socket(cfg.host, cfg.port) if n > 1 else None
             spawn = multiprocessing.get_context("spawn")
             ready, go = [spawn.Event() for _ in range(1, n)], spawn.Event()
             for k in range(1, n):
