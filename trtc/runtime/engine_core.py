@@ -146,6 +146,17 @@ class EngineCore:
             socket.send(encoder.encode(EngineCoreOutputs(start, by_front[k], self.stats(k))))
 
 
+def child_process_setup(name: str) -> None:
+    """In a process that a front started (the engine core, another API server): trtc's lines on stderr,
+    and an exit as soon as its parent is gone, so that no such process outlives the server."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[trtc] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name=f"{name}-parent", daemon=True).start()
+
+
 def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
@@ -161,12 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     ap.add_argument("--kv_cache_max_tokens", type=int, default=None)
     args = ap.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[trtc] %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="trtc-core-parent", daemon=True).start()
+    child_process_setup("trtc-core")
     ctx = zmq.Context()
     input_socket = ctx.socket(zmq.PULL)
     for address in args.input.split(","):

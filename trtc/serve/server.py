@@ -30,8 +30,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import yaml
 
 from trtc.errors import TrtcError
 from trtc.runtime.engine_client import CORE_EXIT_S
+from trtc.runtime.engine_core import child_process_setup
 from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.chat import load_chat_template
 
@@ -228,13 +227,7 @@ def run_front(cfg: ServeConfig, llm: AsyncLLM, api_key: str | None, template: st
 
 def _front_main(cfg: ServeConfig, addresses: tuple[str, str], index: int, sock: socket.socket, ready, go) -> None:
     """API server process `index` (of cfg.api_server_count): HTTP over the engine core front 0 started."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[trtc] %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    parent = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), name="trtc-front-parent", daemon=True).start()
+    child_process_setup(f"trtc-api-server-{index}")
     llm = None
     try:
         llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, num_fronts=cfg.api_server_count, front=(addresses, index))
@@ -246,9 +239,3 @@ def _front_main(cfg: ServeConfig, addresses: tuple[str, str], index: int, sock: 
     finally:
         if llm is not None:
             llm.close()
-
-
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
