@@ -337,7 +337,8 @@ async def _sse(ctx: ServeContext, request: Request, req, choices: list[Choice], 
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
     watch = asyncio.ensure_future(_watch_disconnect(request, choices))
 
-    head = f'data: {{"id": {json.dumps(rid)}, "object": "{obj}", "created": {created}, "model": {json.dumps(ctx.model_name)}, "choices": '
+    head = (f'data: {{"id": {json.dumps(rid)}, "object": "{obj}", "created": {created}, '
+            f'"model": {json.dumps(ctx.model_name)}, "choices": ')
 
     def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
         """One SSE event: json.dumps of the chunk object, its constant fields rendered once per stream."""
