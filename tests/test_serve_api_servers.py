@@ -109,3 +109,13 @@ def test_a_port_in_use_is_one_line_before_the_engine_loads():
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert "could not listen on 127.0.0.1" in r.stderr and "--port" in r.stderr
     assert "loaded" not in r.stderr  # the engine was never loaded
+
+
+def test_a_killed_core_stops_every_front():
+    s = Server(stories260k(), "--api_server_count", "2")
+    kids = children(s.proc.pid)
+    core = next(k for k in kids if "trtc.runtime.engine_core" in cmdline(k))
+    subprocess.run(["kill", "-KILL", str(core)], check=True)
+    assert s.proc.wait(60) == 1, s.output()
+    assert "the engine core process exited" in s.output() and "Traceback" not in s.output(), s.output()
+    assert all(gone(k, 30) for k in kids), s.output()

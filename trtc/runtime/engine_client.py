@@ -72,13 +72,13 @@ class EngineClient:
         self._ready(startup_s)
 
     @classmethod
-    def attach_front(cls, addresses: tuple[str, str], index: int, num_fronts: int,
+    def attach_front(cls, addresses: tuple[str, str], index: int, core_pid: int, num_fronts: int,
                      startup_s: float = 3600.0) -> EngineClient:
-        """Front `index` of `num_fronts` over the core that front 0 started (its process watches that core)."""
+        """Front `index` of `num_fronts` over the core (process `core_pid`) that front 0 started."""
         self = cls.__new__(cls)
         self._dir = None
         self._bind(addresses, index, num_fronts)
-        self.process = None
+        self.process, self._core_pid = None, core_pid
         self._ready(startup_s)
         return self
 
@@ -107,8 +107,17 @@ class EngineClient:
         self.num_blocks = ready.num_blocks
         self.stats = EngineStats(num_blocks=ready.num_blocks)
 
+    def _exit_status(self) -> str:
+        return f" with status {self.process.returncode}" if self.process is not None else f" (pid {self._core_pid})"
+
     def _core_exited(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
+        if self.process is not None:
+            return self.process.poll() is not None
+        try:  # another front's child: gone, or a zombie its parent has not reaped yet
+            os.kill(self._core_pid, 0)
+            return Path(f"/proc/{self._core_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            return True
 
     def _wait_ready(self, timeout: float) -> EngineCoreReady:
         deadline = time.monotonic() + timeout
@@ -123,7 +132,7 @@ class EngineClient:
                     return msg
             if self._core_exited():
                 self._close_sockets()
-                raise TrtcError(f"the engine core process exited with status {self.process.returncode} while loading "
+                raise TrtcError(f"the engine core process exited{self._exit_status()} while loading "
                                 "the engine; see its lines above")
         self._stop_process(0)
         self._close_sockets()
@@ -209,7 +218,7 @@ class EngineClient:
             while True:
                 if not await socket.poll(500):
                     if self._core_exited() and not self._closed:
-                        self._die(f"the engine core process exited with status {self.process.returncode}")
+                        self._die(f"the engine core process exited{self._exit_status()}")
                         return
                     continue
                 msg = core_decoder.decode(await socket.recv(copy=False))

@@ -60,10 +60,11 @@ class RequestStream:
                 items = [await events.get()]
                 while not events.empty():  # steps that came while the consumer was busy: one delta for all
                     items.append(events.get_nowait())
-                n_tokens, n_text = len(c.token_ids), len(c.text)
+                n_tokens, n_text, error = len(c.token_ids), len(c.text), None
                 for item in items:
                     if isinstance(item, BaseException):
-                        raise item
+                        error = item  # raised after the delta of the steps before it
+                        break
                     for event, step_start in item:
                         self._add(event, step_start)
                         if self.output.finished:
@@ -76,6 +77,8 @@ class RequestStream:
                 self.output.request_id = self.handle.request_id if self.handle.request_id is not None else -1
                 if new.text or new.token_ids or self.output.finished:
                     yield replace(self.output, outputs=[new])
+                if error is not None:
+                    raise error
         finally:
             if not self.output.finished:  # the consumer left early: free the request's blocks
                 self.abort()

@@ -161,9 +161,10 @@ class OutputItems:
 
     def finish(self, calls: list[ToolCall], incomplete: bool = False) -> list[dict]:
         """The open item closes ("incomplete": cut at max_output_tokens); then the calls' items."""
-        events = self._close("incomplete" if incomplete else "completed")
+        status = "incomplete" if incomplete else "completed"
+        events = self._close(status)
         if not calls and not any(i["type"] == "message" for i in self.items):
-            events += self._write("message", "") + self._close()  # an empty reply is an empty message
+            events += self._write("message", "") + self._close(status)  # an empty reply is an empty message
         for call in calls:
             item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
                     "arguments": "", "status": "in_progress"}

@@ -160,7 +160,7 @@ def serve(cfg: ServeConfig) -> None:
             ready, go = [spawn.Event() for _ in range(1, n)], spawn.Event()
             for k in range(1, n):
                 fronts.append(spawn.Process(target=_front_main, args=(cfg, llm.async_engine.addresses[k], k, sock,
-                                                                      ready[k - 1], go),
+                                                                      llm.async_engine.process.pid, ready[k - 1], go),
                                             name=f"trtc-api-server-{k}", daemon=True))
                 fronts[-1].start()
             for k, (p, event) in enumerate(zip(fronts, ready), 1):  # all serve before this one says it does
@@ -170,6 +170,8 @@ def serve(cfg: ServeConfig) -> None:
                                         "lines above")
             run_front(cfg, llm, api_key, template, sock, fronts, on_started=go.set if fronts else None)
         finally:
+            for p in fronts:  # already told on a signal; not when this one failed or its engine died
+                p.terminate() if p.is_alive() else None
             for p in fronts:
                 p.join(CORE_EXIT_S)
                 p.kill() if p.is_alive() else None
@@ -225,12 +227,14 @@ def run_front(cfg: ServeConfig, llm: AsyncLLM, api_key: str | None, template: st
         raise TrtcError(f"the engine stopped on an error ({dead[0]}); restart the server")
 
 
-def _front_main(cfg: ServeConfig, addresses: tuple[str, str], index: int, sock: socket.socket, ready, go) -> None:
+def _front_main(cfg: ServeConfig, addresses: tuple[str, str], index: int, sock: socket.socket, core_pid: int,
+                ready, go) -> None:
     """API server process `index` (of cfg.api_server_count): HTTP over the engine core front 0 started."""
     child_process_setup(f"trtc-api-server-{index}")
     llm = None
     try:
-        llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, num_fronts=cfg.api_server_count, front=(addresses, index))
+        llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, num_fronts=cfg.api_server_count,
+                       front=(addresses, index, core_pid))
         run_front(cfg, llm, cfg.api_key or os.environ.get("TRTC_API_KEY") or None,
                   load_chat_template(cfg.chat_template), sock, ready=ready, go=go)
     except TrtcError as e:

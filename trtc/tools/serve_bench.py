@@ -97,6 +97,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     return result
 
 
+START_S = 120.0  # client processes not all started by then: the run fails
 STREAMS_PER_CLIENT = 64  # streams one client process reads at full speed (a Python SSE reader is ~60 us a chunk)
 
 
@@ -130,7 +131,7 @@ async def _client(url: str, model: str, prompts: list[list[int]], osl: int, conc
 
 
 def _client_process(start: Barrier, results: Queue, *args) -> None:
-    start.wait()  # every process is loaded: they begin together
+    start.wait(START_S)  # every process is loaded: they begin together (BrokenBarrierError: one never came)
     t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of the machine
     out = asyncio.run(_client(*args))
     results.put((out, t0, time.perf_counter()))
@@ -168,8 +169,13 @@ def run_serve_bench(url: str, model: str | None, isl: int, osl: int, num_request
             try:
                 parts.append(queue.get(timeout=1.0))
             except Empty:
-                if all(not p.is_alive() for p in procs) and queue.empty():
-                    raise RuntimeError(f"{k - len(parts)} of {k} client processes died; see their errors above") from None
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if (dead or not any(p.is_alive() for p in procs)) and queue.empty():
+                    barrier.abort()
+                    for p in procs:
+                        p.terminate()
+                    raise RuntimeError(f"a client process exited with status {dead[0].exitcode if dead else 0} before "
+                                       "giving its results; see its error above") from None
         for p in procs:
             p.join()
         results = [r for part in parts for r in part[0]]
