@@ -7,8 +7,8 @@ One input and one output address per front (`trtc serve --api_server_count N` ru
 over one core). Front k numbers its requests k, k + N, k + 2N, ..., so a request's outputs go back
 to the output of front `request_id % N`. Between steps the core takes every message waiting on its
 input (a PULL socket connected to every front), adds and cancels, then steps; after the step it sends
-each front its requests' events of the step and the scheduler's statistics in one EngineCoreOutputs. While nothing runs it waits on its input. A broken device (EngineDeadError)
-sends EngineCoreDead and exits 1; "shutdown" closes the executor and exits 0; the core ends when its
+each front its requests' events of the step and the scheduler's statistics in one EngineCoreOutputs.
+While nothing runs it waits on its input. A broken device (EngineDeadError) sends EngineCoreDead and exits 1; "shutdown" closes the executor and exits 0; the core ends when its
 parent (the front) is gone, so no core outlives its server.
 """
 
@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+import msgspec
 import zmq
 
 from trtc.errors import TrtcError
@@ -130,20 +131,25 @@ class EngineCore:
             self.prompt_pending.add(r.request_id)
             self.queries += len(r.prompt_ids)
 
-    def stats(self, front: int) -> EngineCoreStats:
+    def stats(self) -> EngineCoreStats:
+        """The scheduler's statistics after the step; num_taken is front 0's (_send gives each its own)."""
         s = self.executor.scheduler
         st = s.stats()
         return EngineCoreStats(s.num_running(), s.num_waiting(), st["num_blocks"], st["used_blocks"],
-                               st["num_preemptions"], self.queries, st["reused_tokens"], self.taken[front],
+                               st["num_preemptions"], self.queries, st["reused_tokens"], self.taken[0],
                                *self.executor.step_counts())
 
     def _send(self, start: float) -> None:
         """Each front its requests' outputs and the statistics (every front, every step: its gauges stay current)."""
         outputs, self.pending_outputs = self.pending_outputs, []
-        n = len(self.outputs)
-        by_front = [outputs] if n == 1 else [[o for o in outputs if o.request_id % n == k] for k in range(n)]
+        n, stats = len(self.outputs), self.stats()
+        by_front = [outputs] if n == 1 else [[] for _ in range(n)]
+        if n > 1:
+            for o in outputs:
+                by_front[o.request_id % n].append(o)
         for k, socket in enumerate(self.outputs):
-            socket.send(encoder.encode(EngineCoreOutputs(start, by_front[k], self.stats(k))))
+            front_stats = stats if k == 0 else msgspec.structs.replace(stats, num_taken=self.taken[k])
+            socket.send(encoder.encode(EngineCoreOutputs(start, by_front[k], front_stats)))
 
 
 def child_process_setup(name: str) -> None:

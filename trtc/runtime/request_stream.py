@@ -5,8 +5,8 @@
 outputs holding only what is new (the server's SSE chunks; the steps that arrived while its consumer
 was busy come as one delta, so a loaded server sends fewer, larger chunks rather than fall behind).
 Detokenization happens here, on the asyncio side, with the incremental Detokenizer; a stop string
-found in the text aborts the request in the engine (finish reason "stop"). Leaving an iteration early (break, a cancelled task) aborts
-the request too, so its KV blocks go back to the pool.
+found in the text aborts the request in the engine (finish reason "stop"). Leaving an iteration
+early (break, a cancelled task) aborts the request too, so its KV blocks go back to the pool.
 """
 
 from __future__ import annotations
