@@ -182,6 +182,23 @@ NB_MODULE(_core, m) {
            "Tokens generated so far; kept after the request finishes until pop(request_id).")
       .def("pop", &Scheduler::pop, "request_id"_a)
       .def("block_table", &Scheduler::block_table, "request_id"_a, "The request's block ids; empty unless running.")
+      .def("record_kv_events", [](Scheduler& s, bool on) { s.block_manager().record_kv_events(on); }, "on"_a = true,
+           "Keep an event for every block registered for prefix reuse and every registered block evicted, until "
+           "take_kv_events(); off drops those kept.")
+      .def("take_kv_events", [](Scheduler& s) {
+             nb::list out;
+             for (const trtc::KvEvent& e : s.block_manager().take_kv_events()) {
+               // Signed 64-bit hashes, as routers that keep them in an i64 take them.
+               const int64_t hash = static_cast<int64_t>(e.hash), parent = static_cast<int64_t>(e.parent_hash);
+               if (e.stored)
+                 out.append(nb::make_tuple(true, hash, e.parent_hash ? nb::cast(parent) : nb::none(), e.tokens));
+               else
+                 out.append(nb::make_tuple(false, hash, nb::none(), nb::list()));
+             }
+             return out;
+           }, nb::sig("def take_kv_events(self) -> list[tuple[bool, int, int | None, list[int]]]"),
+           "The events since the last call, in order: (True, hash, parent hash or None for a first block, its "
+           "tokens) for a block registered, (False, hash, None, []) for one evicted. Hashes are signed 64-bit.")
       .def("stats", [](const Scheduler& s) {
         const BlockManager& bm = s.block_manager();
         nb::dict d;

@@ -70,6 +70,7 @@ int BlockManager::allocate_block() {
     lru_remove(b);
     hash_to_block_.erase(hash_[b]);
     has_hash_[b] = 0;
+    if (record_events_) events_.push_back({false, hash_[b], 0, {}});
   }
   ref_count_[b] = 1;
   return b;
@@ -132,7 +133,21 @@ void BlockManager::cache_full_blocks(int64_t seq_id, const std::vector<Token>& t
     parent_[b] = parent;
     parent_stamp_[b] = parent < 0 ? 0 : stamp_[parent];
     std::copy_n(tokens.begin() + i * tpb, tpb, block_tokens_.begin() + size_t(b) * tpb);
+    if (record_events_)
+      events_.push_back({true, h, i == 0 ? 0 : seq.hashes[i - 1],
+                         std::vector<Token>(tokens.begin() + i * tpb, tokens.begin() + (i + 1) * tpb)});
   }
+}
+
+void BlockManager::record_kv_events(bool on) {
+  record_events_ = on;
+  if (!on) events_.clear();
+}
+
+std::vector<KvEvent> BlockManager::take_kv_events() {
+  std::vector<KvEvent> out;
+  out.swap(events_);
+  return out;
 }
 
 void BlockManager::release(int64_t seq_id) {

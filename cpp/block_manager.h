@@ -10,6 +10,16 @@ namespace trtc {
 
 using Token = int32_t;  // token ids (the model's vocabulary fits int32)
 
+// A change to the set of blocks prefix reuse can find, for a KV-aware router outside the engine (NVIDIA
+// Dynamo's): a block registered under `hash` (chained from `parent_hash`, 0 for a first block) holding
+// `tokens`, or a registered block evicted.
+struct KvEvent {
+  bool stored;               // false: removed (its K/V is about to be overwritten)
+  uint64_t hash;
+  uint64_t parent_hash;      // stored only
+  std::vector<Token> tokens; // stored only: the block's tokens_per_block tokens
+};
+
 // A pool of `num_blocks` blocks, each holding the K/V of `tokens_per_block` consecutive tokens.
 // Every block is in exactly one state:
 //   free    ref_count == 0, no hash              queue `free_`, taken first-in first-out
@@ -48,6 +58,9 @@ class BlockManager {
   int num_cached_blocks() const { return num_cached_; }
   int num_used_blocks() const { return num_blocks_ - num_free_blocks() - num_cached_; }
   uint64_t hash_block(uint64_t parent_hash, const Token* tokens) const;  // over tokens_per_block tokens
+  // Events of blocks registered and evicted are kept from the first call with true, until taken.
+  void record_kv_events(bool on);
+  std::vector<KvEvent> take_kv_events();
 
  private:
   struct SeqBlocks {
@@ -77,6 +90,8 @@ class BlockManager {
   int num_cached_ = 0;
   std::unordered_map<uint64_t, int> hash_to_block_;
   std::unordered_map<int64_t, SeqBlocks> seqs_;
+  bool record_events_ = false;
+  std::vector<KvEvent> events_;
 };
 
 }  // namespace trtc

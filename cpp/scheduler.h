@@ -76,6 +76,7 @@ class Scheduler {
   std::vector<Token> pop(int64_t request_id);
   std::vector<int> block_table(int64_t request_id) const;  // empty unless running
   const BlockManager& block_manager() const { return blocks_; }
+  BlockManager& block_manager() { return blocks_; }
   int64_t reused_tokens() const { return reused_tokens_; }
   int64_t num_preemptions() const { return num_preemptions_; }
 

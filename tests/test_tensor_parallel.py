@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -144,6 +145,30 @@ def test_trtc_run_under_torchrun(tp_engines, tp1_run, tmp_path):
     result, records = cli_json(args, tmp_path / "out.json")
     assert [r["output_ids"] for r in records] == [r["output_ids"] for r in tp1_run]
     assert result.stdout.count("Output [Text 0 Beam 0]") == 1
+
+
+def test_tp2_across_two_nodes_under_torchrun(tp_engines, tp1_run, tmp_path):
+    """Two torchrun launch groups, as on two nodes (`--nnodes 2 --node_rank k`, one rank each, rank 0's
+    host as MASTER_ADDR: loopback here), each reading its own copy of the engine directory, give tp 1's
+    tokens; the second node's rank serves inside LLM(...) and prints nothing."""
+    copy = tmp_path / "node1" / "engine"
+    shutil.copytree(tp_engines[1][2], copy)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+    def node(k: int, engine) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(k), "--nproc_per_node",
+               "1", "--master_addr", "127.0.0.1", "--master_port", str(port), *map(str, run_args(engine)),
+               "--output_json", str(tmp_path / f"node{k}.json")]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    nodes = [node(0, tp_engines[1][2]), node(1, copy)]
+    outs = [p.communicate(timeout=180) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs
+    records = json.loads((tmp_path / "node0.json").read_text())
+    assert [r["output_ids"] for r in records] == [r["output_ids"] for r in tp1_run]
+    assert outs[0][0].count("Output [Text 0 Beam 0]") == 1
+    assert "Output [" not in outs[1][0] and not (tmp_path / "node1.json").exists()
 
 
 def mpirun_env(rank: int, port: int) -> dict:

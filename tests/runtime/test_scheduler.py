@@ -542,3 +542,38 @@ def test_twins_agree_under_pressure():
 SchedulerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None,
                                               suppress_health_check=[HealthCheck.too_slow])
 test_scheduler_twins_agree = SchedulerMachine.TestCase
+
+
+def signed(h: int) -> int:
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def test_kv_events_report_registered_and_evicted_blocks():
+    """Each block registered for prefix reuse is reported once (its chain hash, the previous block's, its
+    tokens), each registered block evicted once; nothing is kept before record_kv_events or after off."""
+    s = _core.Scheduler(num_blocks=6, tokens_per_block=4, max_batch_size=2, max_num_tokens=64, max_seq_len=32)
+    bm = _core.BlockManager(6, 4)  # for hash_block only
+    s.add_request(0, list(range(10, 19)), max_new_tokens=1)  # 9 tokens: two full blocks
+    s.schedule(), s.update([5])
+    assert s.take_kv_events() == []  # not recording yet
+    s.record_kv_events(True)
+    prompt = list(range(20, 29))
+    s.add_request(1, prompt, max_new_tokens=1)
+    s.schedule(), s.update([5])
+    h0 = bm.hash_block(0, prompt[:4])
+    h1 = bm.hash_block(h0, prompt[4:8])
+    assert s.take_kv_events() == [(True, signed(h0), None, prompt[:4]), (True, signed(h1), signed(h0), prompt[4:8])]
+    assert s.take_kv_events() == []  # taken
+    # A prompt needing the whole pool evicts the four cached blocks.
+    s.add_request(2, list(range(40, 61)), max_new_tokens=1)
+    s.schedule(), s.update([5])
+    events = s.take_kv_events()
+    removed = [h for stored, h, _, _ in events if not stored]
+    first = bm.hash_block(0, list(range(10, 14)))
+    assert sorted(removed) == sorted([signed(first), signed(bm.hash_block(first, list(range(14, 18)))),
+                                      signed(h0), signed(h1)])
+    assert [t for stored, _, _, t in events if stored] == [list(range(a, a + 4)) for a in range(40, 60, 4)]
+    s.record_kv_events(False)
+    s.add_request(3, list(range(60, 69)), max_new_tokens=1)
+    s.schedule(), s.update([5])
+    assert s.take_kv_events() == []

@@ -56,7 +56,8 @@ class EngineClient:
     TrtcError with the core's reason if it cannot). attach() on the asyncio loop before submit()."""
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, kv_cache_free_gpu_memory_fraction: float = 0.9,
-                 kv_cache_max_tokens: int | None = None, startup_s: float = 3600.0, num_fronts: int = 1) -> None:
+                 kv_cache_max_tokens: int | None = None, startup_s: float = 3600.0, num_fronts: int = 1,
+                 kv_events: bool = False) -> None:
         self._dir = tempfile.mkdtemp(prefix="trtc-core-")
         self.addresses = [(f"ipc://{self._dir}/input-{k}", f"ipc://{self._dir}/output-{k}") for k in range(num_fronts)]
         self._bind(self.addresses[0], 0, num_fronts)
@@ -65,6 +66,7 @@ class EngineClient:
                "--kv_cache_free_gpu_memory_fraction", str(kv_cache_free_gpu_memory_fraction)]
         cmd += ["--device", str(device)] if device is not None else []
         cmd += ["--kv_cache_max_tokens", str(kv_cache_max_tokens)] if kv_cache_max_tokens is not None else []
+        cmd += ["--kv_events"] if kv_events else []
         env = {**os.environ, "PYTHONPATH": _python_path()}
         if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the core's idle threads must not spin on the front's cores
@@ -93,6 +95,7 @@ class EngineClient:
         self._output.bind(addresses[1])
         self.error: BaseException | None = None
         self.on_dead = None  # called on the asyncio loop once the engine core has stopped on an error
+        self.on_kv_events = None  # with kv_events: called on the loop with each step's list of KvBlockEvent
         self.stats = EngineStats()
         self._live: dict[int, RequestHandle] = {}  # front id -> handle, until its last event
         self._next_id, self._id_step = index, num_fronts  # this front's ids: index, index + N, ...
@@ -237,6 +240,8 @@ class EngineClient:
                              used_blocks=s.used_blocks, num_preemptions=s.num_preemptions,
                              prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
                              num_steps=s.num_steps, num_graph_steps=s.num_graph_steps)
+        if msg.kv_events and self.on_kv_events is not None:
+            self.on_kv_events(msg.kv_events)
         start = msg.step_start
         for o in msg.outputs:
             h = self._live.get(o.request_id)

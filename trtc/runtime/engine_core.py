@@ -7,7 +7,8 @@ One input and one output address per front (`trtc serve --api_server_count N` ru
 over one core). Front k numbers its requests k, k + N, k + 2N, ..., so a request's outputs go back
 to the output of front `request_id % N`. Between steps the core takes every message waiting on its
 input (a PULL socket connected to every front), adds and cancels, then steps; after the step it sends
-each front its requests' events of the step and the scheduler's statistics in one EngineCoreOutputs.
+each front its requests' events of the step and the scheduler's statistics in one EngineCoreOutputs
+(with --kv_events, front 0's also carries the blocks registered and evicted since the last one).
 While nothing runs it waits on its input. A broken device (EngineDeadError) sends EngineCoreDead and exits 1; "shutdown" closes the executor and exits 0; the core ends when its
 parent (the front) is gone, so no core outlives its server.
 """
@@ -44,8 +45,12 @@ IDLE_POLL_MS = 500  # an idle core looks at its input at least this often
 
 
 class EngineCore:
-    def __init__(self, executor: Executor, input_socket: zmq.Socket, output_sockets: list[zmq.Socket]) -> None:
+    def __init__(self, executor: Executor, input_socket: zmq.Socket, output_sockets: list[zmq.Socket],
+                 kv_events: bool = False) -> None:
         self.executor, self.input, self.outputs = executor, input_socket, output_sockets
+        self.kv_events = kv_events
+        if kv_events:
+            executor.scheduler.record_kv_events(True)
         self.live: dict[int, int] = {}  # executor id -> front id
         self.by_front: dict[int, int] = {}  # front id -> executor id
         self.held: list[EngineCoreRequest] = []  # waiting for their `after` request's prompt
@@ -147,9 +152,10 @@ class EngineCore:
         if n > 1:
             for o in outputs:
                 by_front[o.request_id % n].append(o)
+        kv_events = self.executor.scheduler.take_kv_events() if self.kv_events else []  # tuples: KvBlockEvent's fields
         for k, socket in enumerate(self.outputs):
             front_stats = stats if k == 0 else msgspec.structs.replace(stats, num_taken=self.taken[k])
-            socket.send(encoder.encode(EngineCoreOutputs(start, by_front[k], front_stats)))
+            socket.send(encoder.encode(EngineCoreOutputs(start, by_front[k], front_stats, kv_events if k == 0 else [])))
 
 
 def child_process_setup(name: str) -> None:
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     ap.add_argument("--kv_cache_max_tokens", type=int, default=None)
+    ap.add_argument("--kv_events", action="store_true", help="send front 0 the blocks registered and evicted")
     args = ap.parse_args(argv)
     child_process_setup("trtc-core")
     ctx = zmq.Context()
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         tell_all(EngineCoreReady(0, str(e)))
         return 1
     tell_all(EngineCoreReady(executor.num_blocks))
-    core = EngineCore(executor, input_socket, output_sockets)
+    core = EngineCore(executor, input_socket, output_sockets, args.kv_events)
     try:
         core.run()
     except BaseException as e:  # noqa: BLE001 - the fronts hear why, then this process ends

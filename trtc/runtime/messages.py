@@ -61,10 +61,21 @@ class EngineCoreStats(msgspec.Struct, array_like=True):
     num_graph_steps: int = 0  # of them, replayed from a decode CUDA graph (the rest ran eagerly)
 
 
+class KvBlockEvent(msgspec.Struct, array_like=True):
+    """A block registered for prefix reuse (stored) or a registered block evicted, as the scheduler
+    reports them (Scheduler.take_kv_events): for a KV-aware router outside the engine."""
+
+    stored: bool
+    block_hash: int  # signed 64-bit
+    parent_hash: int | None  # stored: the previous block's hash (None for a sequence's first block)
+    token_ids: list[int]  # stored: the block's tokens
+
+
 class EngineCoreOutputs(msgspec.Struct, tag="outputs", array_like=True):
     step_start: float  # time.monotonic() of the core when the step began (same clock as the front's)
     outputs: list[EngineCoreOutput]
     stats: EngineCoreStats
+    kv_events: list[KvBlockEvent] = []  # front 0's, when the core records them (--kv_events)
 
 
 class EngineCoreReady(msgspec.Struct, tag="ready", array_like=True):
