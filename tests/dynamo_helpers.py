@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from serve_helpers import CHAT_TEMPLATE, REPO, free_port
+from serve_helpers import CHAT_TEMPLATE, REPO, free_port, stop_process
 
 pytest.importorskip("dynamo.common.backend", reason="NVIDIA Dynamo is not installed (scripts/install_dynamo.sh)")
 
@@ -48,14 +48,7 @@ class Process:
         return self.log.read()[-6000:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
 
 class Cluster:

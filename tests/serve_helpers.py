@@ -35,6 +35,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Send `sig`, wait up to `timeout` s, then kill; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class Server:
     def __init__(self, model: Path, *flags: str, env: dict | None = None, startup_s: float = 120) -> None:
         self.port = free_port()
@@ -63,14 +75,7 @@ class Server:
         return self.log.read()
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, signal.SIGTERM, timeout)
 
     def metrics(self) -> dict[str, float]:
         """The /metrics samples by name with labels, e.g. 'trtc:num_requests_running{model_name="x"}'."""
