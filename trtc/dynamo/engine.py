@@ -152,8 +152,8 @@ class TrtcEngine(LLMEngine):
             raise InvalidArgument(str(e)) from e  # refused: a 400 from the frontend
         finally:
             del self.streams[key]
-            if reason is not None:
-                self.metrics.record(stream, "abort" if reason in ("cancelled", "error") else finish_reason(reason))
+            # reason None: Dynamo closed the stream (its client left); the request was aborted
+            self.metrics.record(stream, "abort" if reason in (None, "cancelled", "error") else finish_reason(reason))
             self._publish_snapshot()
 
     async def abort(self, context) -> None:
