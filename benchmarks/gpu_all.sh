@@ -15,7 +15,7 @@
 #     against HF (fewer layers to fit the disk: per-layer work is the model's);
 #   pytest: the GPU tests named by $PYTEST_ARGS;
 #   serve: `trtc serve` against the offline engine (8B, bf16) at concurrency $SERVE_CONCURRENCY, once per
-#     --api_server_count in $SERVE_API_SERVERS (default 1,4)
+#     --api_server_count in $SERVE_API_SERVERS (default 1,4), $SERVE_WAVES x concurrency requests (default 2)
 #   maxtput: max-throughput mode (trtllm-bench's method) of 8B-shaped bf16 and FP8 (+FP8 KV) engines at
 #     --max_batch_size ${MAXTPUT_BATCH:-2048}, ISL/OSL ${MAXTPUT_PAIRS:-128/128} (e.g. MAXTPUT_PAIRS=128/128,128/2048,
 #     2048/128,1000/1000,500/2000), ${MAXTPUT_SECONDS:-60} s at most per pair, beside TensorRT-LLM's published figures
@@ -73,7 +73,7 @@ for part in "${PARTS[@]}"; do case $part in
          python3 -m trtc.cli build --model_dir $S/hf --output_dir $S/engine ${BUILD_FLAGS:---max_seq_len 4096 --max_batch_size 512 --max_num_tokens 8192} \
            --overwrite 2>&1 | tail -2
          python3 benchmarks/serve_vs_offline.py $S/engine --concurrency "${SERVE_CONCURRENCY:-1,25,100,250,500}" \
-           --api_server_count "${SERVE_API_SERVERS:-1,4}" \
+           --api_server_count "${SERVE_API_SERVERS:-1,4}" --waves "${SERVE_WAVES:-2}" \
            --output_json "$OUT/serve_vs_offline.json" 2>&1 | tee "$OUT/serve.log" | grep -v -E "$SHOW" | tail -20
          rm -rf $S ;;
   maxtput) rm -rf /tmp/trtc-maxtput /tmp/trtc-gpu-bench-* /tmp/trtc-serve-8b

@@ -3,7 +3,7 @@
     python benchmarks/serve_vs_offline.py ENGINE [--concurrency 1,25,100,250,500] [--api_server_count 1,4]
         [--isl 128] [--osl 128]
 
-For each concurrency c, max(8, 2c) requests of ISL/OSL tokens: first `trtc bench` offline (the
+For each concurrency c, max(8, waves * c) requests of ISL/OSL tokens: first `trtc bench` offline (the
 Executor in a process of its own, c requests in flight; the process ends before the server starts,
 so the server's pool gets the whole device), then `trtc serve ENGINE` on a loopback port loaded by
 `trtc bench --url`'s streaming clients at the same c (once per --api_server_count), with the CPU
@@ -96,12 +96,14 @@ def main() -> None:
     ap.add_argument("--api_server_count", default="1", help="one server run per count, e.g. 1,4")
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--osl", type=int, default=128)
+    ap.add_argument("--waves", type=int, default=2,
+                    help="requests per level = waves x concurrency; more waves measure the steady state, fewer the ramp")
     ap.add_argument("--kv_fraction", type=float, default=0.7, help="free GPU memory fraction of the KV pool, both runs")
     ap.add_argument("--output_json", type=Path, default=None)
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     counts = [int(c) for c in args.api_server_count.split(",")]
-    n = {c: max(8, 2 * c) for c in levels}
+    n = {c: max(8, args.waves * c) for c in levels}
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # CUDA: spawn, not fork
         offline = pool.submit(offline_bench, args.engine, args.kv_fraction, args.isl, args.osl, n).result()
@@ -111,11 +113,15 @@ def main() -> None:
         if args.output_json:  # after each run: a later one that is cut short keeps these
             args.output_json.write_text(json.dumps({"offline": offline, "served": served}, indent=2))
     print(f"\nISL/OSL {args.isl}/{args.osl}; output tok/s; server TTFT / ITL / E2E in ms (mean, p99); "
-          "CPU: cores busy in the API servers / the engine core; graphs: steps replayed from CUDA graphs, offline / server")
+          "CPU: cores busy in the API servers / the engine core; graphs: steps replayed from CUDA graphs, offline / server; "
+          "batch: output tokens per engine step, offline / server")
     print(f"{'api':>3} {'conc':>5} {'reqs':>5} {'offline':>9} {'server':>9} {'overhead':>8} {'errors':>6} "
           f"{'TTFT mean':>9} {'p99':>8} {'ITL mean':>8} {'p99':>7} {'E2E mean':>9} {'offl TTFT':>9} {'CPU':>9} {'graphs':>9}")
     def share(r: dict) -> str:
         return f"{100 * r['graph_steps'] / r['steps']:.0f}%" if r.get("steps") else "-"
+
+    def batch(r: dict, c: int) -> str:
+        return f"{n[c] * args.osl / r['steps']:.0f}" if r.get("steps") else "-"
 
     for k in counts:
         for c in levels:
@@ -124,7 +130,7 @@ def main() -> None:
                   f"{1 - s['output_tokens_per_s'] / o['output_tokens_per_s']:>8.1%} {s['errors']:>6} "
                   f"{s['ttft_ms']['mean']:>9.1f} {s['ttft_ms']['p99']:>8.1f} {s['itl_ms']['mean']:>8.2f} "
                   f"{s['itl_ms']['p99']:>7.2f} {s['e2e_ms']['mean']:>9.0f} {o['ttft_ms']['mean']:>9.1f} "
-                  f"{s['front_cpu']:>4.2f}/{s['core_cpu']:.2f} {share(o):>4}/{share(s)}")
+                  f"{s['front_cpu']:>4.2f}/{s['core_cpu']:.2f} {share(o):>4}/{share(s)} {batch(o, c):>4}/{batch(s, c)}")
 
 
 if __name__ == "__main__":
