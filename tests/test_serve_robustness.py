@@ -167,3 +167,20 @@ def test_config_file_options_and_flags_win(tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text("port: 8123\ntp: 2\napi_key: k\nmax_queued_requests: 4\n")
     assert read_config(path) == {"port": 8123, "tp_size": 2, "api_key": "k", "max_queued_requests": 4}
+
+
+def test_kv_cache_max_tokens_sizes_the_engine_cores_pool(tmp_path):
+    from cli_helpers import assert_one_line_error, cli
+
+    from trtc.compiler.build import build_from_hf
+    from trtc.formats.build_config import BuildConfig
+
+    engine = build_from_hf(stories260k(), tmp_path / "engine", build_config=BuildConfig(max_batch_size=2, max_seq_len=256),
+                           progress=False)
+    s = Server(engine, "--kv_cache_max_tokens", "100")
+    try:
+        assert "KV cache 4 blocks x 32 tokens = 128 tokens" in s.output()
+    finally:
+        s.stop()
+    assert_one_line_error(cli("serve", engine, "--device", "cpu", "--kv_cache_max_tokens", "16"),
+                          "--kv_cache_max_tokens 16", "one block")

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tp_size", type=int, default=1)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is a GPU)")
     ap.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
+    ap.add_argument("--kv-cache-max-tokens", "--max_tokens_in_paged_kv_cache", dest="kv_cache_max_tokens", type=int,
+                    default=None, help="tokens the paged KV cache holds (default: as `trtc run`)")
     ap.add_argument("--namespace", default="dynamo")
     ap.add_argument("--component", default="trtc")
     ap.add_argument("--endpoint", default="generate")
@@ -100,7 +102,7 @@ class TrtcEngine(LLMEngine):
         try:  # loads the engine in the core process: off the loop, which serves Dynamo meanwhile
             self.llm = await asyncio.to_thread(
                 AsyncLLM, a.engine_dir, tp_size=a.tp_size, kv_cache_free_gpu_memory_fraction=a.kv_cache_free_gpu_memory_fraction,
-                device=a.device, kv_events=not a.disable_kv_routing)
+                kv_cache_max_tokens=a.kv_cache_max_tokens, device=a.device, kv_events=not a.disable_kv_routing)
         except TrtcError as e:
             raise EngineShutdown(str(e)) from e
         client = self.llm.start_async_engine()

@@ -59,6 +59,7 @@ class ServeConfig:
     chat_template: str | None = None
     max_queued_requests: int | None = None
     kv_cache_free_gpu_memory_fraction: float = 0.9
+    kv_cache_max_tokens: int | None = None
     device: str | None = None
     log_level: str = "info"
     tool_call_parser: str | None = None
@@ -153,8 +154,9 @@ def serve(cfg: ServeConfig) -> None:
     fronts: list[multiprocessing.Process] = []
     try:
         sock = bind_socket(cfg.host, cfg.port) if n > 1 else None  # a port in use fails before the engine loads
-        llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, device=cfg.device, num_fronts=n,
-                       kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction)  # the engine core process
+        llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, device=cfg.device, num_fronts=n,  # the engine core process
+                       kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction,
+                       kv_cache_max_tokens=cfg.kv_cache_max_tokens)
         try:
             spawn = multiprocessing.get_context("spawn")
             ready, go = [spawn.Event() for _ in range(1, n)], spawn.Event()
