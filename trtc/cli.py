@@ -36,6 +36,25 @@ def user_errors(fn):
     return wrapper
 
 
+class ConcurrencyList(click.ParamType):
+    """`--concurrency 64` or a sweep, `--concurrency 1,8,32`: a list of ints >= 1."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            levels = [int(v) for v in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a number or a comma-separated list of numbers (e.g. 1,8,32)", param, ctx)
+        if any(v < 1 for v in levels):
+            self.fail(f"{value!r}: every value must be at least 1", param, ctx)
+        return levels
+
+
+CONCURRENCY_LIST = ConcurrencyList()
+
 KV_CACHE_OPTIONS = [
     click.option("--kv_cache_max_tokens", "--max_tokens_in_paged_kv_cache", "kv_cache_max_tokens", default=None,
                  type=click.IntRange(min=1),
@@ -359,8 +378,9 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
 @click.option("--osl", default=128, show_default=True, type=click.IntRange(min=1), help="Output tokens per request.")
 @click.option("--num_requests", default=None, type=click.IntRange(min=1),
               help="Requests to run. [default: 1000; in latency mode, one batch of --batch_size]")
-@click.option("--concurrency", default=None, type=click.IntRange(min=1),
-              help="Requests in flight at most. [default: the engine's max_batch_size, at most --num_requests]")
+@click.option("--concurrency", default=None, type=CONCURRENCY_LIST,
+              help="Requests in flight at most; a list (1,8,32) sweeps, one run per value, and --output_json "
+                   "writes a list. [default: the engine's max_batch_size, at most --num_requests]")
 @click.option("--latency", is_flag=True,
               help="Latency mode: batches of --batch_size requests, one after another; reports MBU.")
 @click.option("--batch_size", default=1, show_default=True, type=click.IntRange(min=1),
@@ -382,12 +402,11 @@ def bench(engine_dir, url, request_rate, range_ratio, api_key, client_processes,
     """Measure throughput (default), max throughput (--max_throughput, trtllm-bench's method) or batch
     latency of an engine on synthetic prompts, or with --url the serving metrics of a running server
     (TTFT / TPOT / ITL / E2E)."""
-    import json
-
     if (engine_dir is None) == (url is None):
         raise TrtcError("pass one of --engine_dir (an engine, offline) or --url (a running server)")
+    levels = concurrency or [None]
     if url is not None:
-        _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests or 1000, concurrency, client_processes,
+        _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests or 1000, levels, client_processes,
                    output_json)
         return
 
@@ -419,16 +438,18 @@ def bench(engine_dir, url, request_rate, range_ratio, api_key, client_processes,
         if isl + osl > bc.max_seq_len:
             raise TrtcError(f"--isl {isl} + --osl {osl} exceeds the engine's max_seq_len {bc.max_seq_len}; "
                             "use shorter requests or rebuild with a larger --max_seq_len")
-        if max_throughput:
-            result = run_max_throughput(ex, isl, osl, num_requests, max_seconds, progress=progress_of(quiet))
-        else:
-            result = run_bench(ex, isl, osl, num_requests, concurrency, latency, batch_size, progress=progress_of(quiet))
+        results = []
+        for level in levels:
+            if max_throughput:
+                results.append(run_max_throughput(ex, isl, osl, num_requests, max_seconds, progress=progress_of(quiet)))
+            else:
+                results.append(run_bench(ex, isl, osl, num_requests, level, latency, batch_size,
+                                         progress=progress_of(quiet)))
+            results[-1].load_seconds = ex.load_seconds
+            click.echo(format_result(results[-1]))
     finally:
         ex.close()
-    result.load_seconds = ex.load_seconds
-    click.echo(format_result(result))
-    if output_json:
-        Path(output_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    _write_bench_json(output_json, results, len(levels) > 1)
 
 
 @main.command(name="inspect")
@@ -467,6 +488,8 @@ def tune(engine_dir: str, force: bool) -> None:
 @click.option("--max_queued_requests", default=None, type=click.IntRange(min=0),
               help="Waiting requests at most; past it the server answers 503. [default: no bound]")
 @click.option("--kv_cache_free_gpu_memory_fraction", type=float, default=None, help="[default: 0.9]")
+@click.option("--kv_cache_max_tokens", "--max_tokens_in_paged_kv_cache", "kv_cache_max_tokens", default=None,
+              type=click.IntRange(min=1), help="Tokens the paged KV cache holds. [default: as `trtc run`]")
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="[default: cuda if there is a GPU]")
 @click.option("--tool_call_parser", default=None, type=click.Choice(list(TOOL_PARSERS)),
               help="Parse tool calls out of replies to requests with tools and tool_choice 'auto': hermes "
@@ -490,20 +513,30 @@ def serve(model, config_file, **flags) -> None:
     run_serve(ServeConfig(model=model, **options))
 
 
-def _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests, concurrency, client_processes,
+def _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests, levels, client_processes,
                output_json) -> None:
-    import json
     import os
 
     from trtc.tools.serve_bench import format_serve_result, run_serve_bench
 
-    result = run_serve_bench(url.rstrip("/"), None, isl, osl, num_requests, concurrency, request_rate, range_ratio,
-                             api_key=api_key or os.environ.get("TRTC_API_KEY"), processes=client_processes)
-    click.echo(format_serve_result(result))
-    if output_json:
-        Path(output_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    if result.errors:
+    results = []
+    for concurrency in levels:
+        results.append(run_serve_bench(url.rstrip("/"), None, isl, osl, num_requests, concurrency, request_rate,
+                                       range_ratio, api_key=api_key or os.environ.get("TRTC_API_KEY"),
+                                       processes=client_processes))
+        click.echo(format_serve_result(results[-1]))
+    _write_bench_json(output_json, results, len(levels) > 1)
+    if any(r.errors for r in results):
         sys.exit(1)
+
+
+def _write_bench_json(output_json, results: list, sweep: bool) -> None:
+    """One run's figures as an object; a sweep's as a list, one object per --concurrency value."""
+    import json
+
+    if output_json:
+        data = [r.to_dict() for r in results] if sweep else results[0].to_dict()
+        Path(output_json).write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,8 @@ class SamplingParams:
         top_p: nucleus sampling, in (0, 1]; 1 is off.
         min_p: drop tokens less likely than min_p times the most likely one, in [0, 1]; 0 is off.
         repetition_penalty: > 0, HF's, over prompt and output tokens; 1 is off.
-        presence_penalty, frequency_penalty: in [-2, 2], OpenAI's, over output tokens; 0 is off.
+        presence_penalty: in [-2, 2], OpenAI's, over output tokens; 0 is off.
+        frequency_penalty: in [-2, 2], OpenAI's, over output tokens; 0 is off.
         seed: seeds this request's own generator (`trtc run --random_seed`); None uses the device's.
         end_id: the token that ends generation; None is the model's EOS (any of them), -1 none.
         stop_token_ids: token sequences that end generation ([1, 2] means [[1], [2]]).
