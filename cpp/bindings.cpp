@@ -26,7 +26,7 @@ nb::object to_numpy(std::vector<T>&& v, std::initializer_list<size_t> shape) {
 
 // The Python face of trtc::ScheduledBatch: numpy arrays built once per schedule().
 struct PyScheduledBatch {
-  nb::object request_ids, query_lens, context_lens, input_ids, positions, slot_mapping, block_tables, sample;
+  nb::object request_ids, query_lens, context_lens, input_ids, positions, slot_mapping, block_tables, sample, draft_lens;
   int64_t num_prefill_tokens, num_decode_tokens;
   std::vector<int64_t> preempted;
 
@@ -40,6 +40,7 @@ struct PyScheduledBatch {
     slot_mapping = to_numpy(std::move(b.slot_mapping), {T});
     block_tables = to_numpy(std::move(b.block_tables), {B, static_cast<size_t>(b.max_blocks)});
     sample = to_numpy<uint8_t, bool>(std::move(b.sample), {B});
+    draft_lens = to_numpy(std::move(b.draft_lens), {B});
     num_prefill_tokens = b.num_prefill_tokens;
     num_decode_tokens = b.num_decode_tokens;
     preempted = std::move(b.preempted);
@@ -121,6 +122,8 @@ NB_MODULE(_core, m) {
                         "[T] block_id * tokens_per_block + offset: where each fed token's K/V is written")
       .TRTC_ARRAY_FIELD(block_tables, "int32", "[B, max_blocks_in_batch] block ids per request, padded with -1")
       .TRTC_ARRAY_FIELD(sample, "bool", "[B] this chunk reaches the last known token: the request yields a token")
+      .TRTC_ARRAY_FIELD(draft_lens, "int32", "[B] draft tokens fed after the last known token (0: none); each "
+                        "fed token from the last known one on wants its logits (1 + draft_len rows)")
       .def_ro("num_prefill_tokens", &PyScheduledBatch::num_prefill_tokens)
       .def_ro("num_decode_tokens", &PyScheduledBatch::num_decode_tokens,
               "the first num_decode_tokens requests are the decodes")
@@ -160,17 +163,24 @@ NB_MODULE(_core, m) {
            "later recomputes prompt + generated); (2) running chunked prefills continue; (3) waiting requests are "
            "admitted first come first served while batch slots, token budget and blocks allow. A new request "
            "reuses cached full blocks of a matching prefix.")
-      .def("update", [](Scheduler& s, nb::ndarray<const int64_t, nb::ndim<1>, nb::device::cpu> t) {
-             return outputs_to_list(s.update(to_vector(t)));
-           }, "tokens"_a)
-      .def("update", [](Scheduler& s, nb::ndarray<const int32_t, nb::ndim<1>, nb::device::cpu> t) {
-             return outputs_to_list(s.update(to_vector(t)));
-           }, "tokens"_a)
-      .def("update", [](Scheduler& s, const std::vector<int64_t>& t) { return outputs_to_list(s.update(t)); },
-           "tokens"_a,
-           nb::sig("def update(self, tokens: collections.abc.Sequence[int]) -> list[tuple[int, int, str | None]]"),
+      .def("set_draft", &Scheduler::set_draft, "request_id"_a, "draft"_a,
+           "Speculation: the next schedule() feeds `draft` after the request's last known token if it is decoding "
+           "then (clipped to its max_new_tokens, max_seq_len and the step's token budget; dropped when its blocks "
+           "do not fit). False, and nothing kept, unless the request is running.")
+      .def("update", [](Scheduler& s, nb::ndarray<const int64_t, nb::ndim<1>, nb::device::cpu> t,
+                        const std::vector<int32_t>& counts) { return outputs_to_list(s.update(to_vector(t), counts)); },
+           "tokens"_a, "counts"_a = std::vector<int32_t>{})
+      .def("update", [](Scheduler& s, nb::ndarray<const int32_t, nb::ndim<1>, nb::device::cpu> t,
+                        const std::vector<int32_t>& counts) { return outputs_to_list(s.update(to_vector(t), counts)); },
+           "tokens"_a, "counts"_a = std::vector<int32_t>{})
+      .def("update", [](Scheduler& s, const std::vector<int64_t>& t, const std::vector<int32_t>& counts) {
+             return outputs_to_list(s.update(t, counts));
+           }, "tokens"_a, "counts"_a = std::vector<int32_t>{},
+           nb::sig("def update(self, tokens: collections.abc.Sequence[int], counts: collections.abc.Sequence[int] = []) "
+                   "-> list[tuple[int, int, str | None]]"),
            "Call exactly once after every schedule(). tokens: one per request with sample set, in batch order "
-           "(a list, or a numpy / CPU torch int array). Returns one tuple per sampled request in batch order, then "
+           "(a list, or a numpy / CPU torch int array); with counts, counts[k] tokens for the k-th such request: 1 "
+           "+ the draft tokens it accepted (its K/V past them is dropped). Returns one tuple per token in batch order, then "
            "one (request_id, -1, \"cancelled\") per request cancelled since the last update(). finish_reason is "
            "\"end_id\" (token == end_id, included), \"stop_words\" (the generated tokens end with a stop word, "
            "included) or \"length\". Finished requests free their blocks (full hashed blocks stay cached).")

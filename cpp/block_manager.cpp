@@ -164,6 +164,20 @@ void BlockManager::release(int64_t seq_id) {
   seqs_.erase(it);
 }
 
+void BlockManager::trim(int64_t seq_id, int num_tokens) {
+  std::vector<int>& table = seqs_.at(seq_id).table;
+  const size_t keep = (num_tokens + tokens_per_block_ - 1) / tokens_per_block_;
+  while (table.size() > keep) {  // tail blocks past the computed tokens: never full, never hashed
+    const int b = table.back();
+    table.pop_back();
+    if (--ref_count_[b] > 0) continue;
+    if (has_hash_[b])
+      lru_push_back(b);
+    else
+      free_.push_back(b);
+  }
+}
+
 const std::vector<int>& BlockManager::block_table(int64_t seq_id) const {
   auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) throw std::out_of_range("sequence " + std::to_string(seq_id) + " holds no blocks");

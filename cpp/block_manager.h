@@ -46,6 +46,8 @@ class BlockManager {
   // Drops the sequence. Its blocks lose one reference each (last block first); a block nobody references
   // goes to the cached LRU if it is hashed, else to the free queue.
   void release(int64_t seq_id);
+  // Frees the blocks past the first num_tokens tokens (speculated tokens that were rejected).
+  void trim(int64_t seq_id, int num_tokens);
 
   bool has_sequence(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
   const std::vector<int>& block_table(int64_t seq_id) const;  // [num_blocks_of_seq] block ids

@@ -94,29 +94,39 @@ void Scheduler::preempt_last_running(ScheduledBatch& batch) {
   blocks_.release(victim->id);
   victim->status = Status::kWaiting;
   victim->num_computed = 0;
+  victim->draft.clear();
   waiting_.push_front(victim);
   batch.preempted.push_back(victim->id);
   ++num_preemptions_;
 }
 
-void Scheduler::add_chunk(ScheduledBatch& batch, Request* r, int num_tokens) {
+void Scheduler::add_chunk(ScheduledBatch& batch, Request* r, int num_tokens, int draft_len) {
   const std::vector<int>& table = blocks_.block_table(r->id);
-  const int start = r->num_computed, end = start + num_tokens;
+  const int start = r->num_computed, end = start + num_tokens, known = static_cast<int>(r->tokens.size());
   batch.request_ids.push_back(r->id);
   batch.query_lens.push_back(num_tokens);
   batch.context_lens.push_back(end);
   int block = start / tokens_per_block_, offset = start % tokens_per_block_;  // of position p
   for (int p = start; p < end; ++p) {
-    batch.input_ids.push_back(r->tokens[p]);
+    batch.input_ids.push_back(p < known ? r->tokens[p] : r->draft[p - known]);
     batch.positions.push_back(p);
     batch.slot_mapping.push_back(table[block] * tokens_per_block_ + offset);
     if (++offset == tokens_per_block_) offset = 0, ++block;
   }
-  batch.sample.push_back(end == static_cast<int>(r->tokens.size()));
+  batch.sample.push_back(end - draft_len == known);
+  batch.draft_lens.push_back(draft_len);
   batch.max_blocks = std::max(batch.max_blocks, static_cast<int32_t>(table.size()));
   in_flight_ids_.push_back(r->id);
   in_flight_query_lens_.push_back(num_tokens);
   in_flight_sample_.push_back(batch.sample.back());
+  in_flight_draft_lens_.push_back(draft_len);
+}
+
+bool Scheduler::set_draft(int64_t id, std::vector<Token> draft) {
+  auto it = requests_.find(id);
+  if (it == requests_.end() || it->second->status != Status::kRunning) return false;
+  it->second->draft = std::move(draft);
+  return true;
 }
 
 ScheduledBatch Scheduler::schedule() {
@@ -125,21 +135,37 @@ ScheduledBatch Scheduler::schedule() {
   in_flight_ids_.clear();
   in_flight_query_lens_.clear();
   in_flight_sample_.clear();
+  in_flight_draft_lens_.clear();
   ScheduledBatch batch;
   const size_t max_rows = std::min<size_t>(running_.size() + waiting_.size(), max_batch_size_);
   batch.request_ids.reserve(max_rows);
   batch.query_lens.reserve(max_rows);
   batch.context_lens.reserve(max_rows);
   batch.sample.reserve(max_rows);
+  batch.draft_lens.reserve(max_rows);
   batch.input_ids.reserve(max_num_tokens_);
   batch.positions.reserve(max_num_tokens_);
   batch.slot_mapping.reserve(max_num_tokens_);
   int budget = max_num_tokens_;
 
-  // 1. Decodes (one known token not yet computed), in admission order. Preempt from the back when blocks run out.
+  // 1. Decodes (one known token not yet computed), in admission order, each with its draft where the budget
+  // and the blocks allow. Preempt from the back when blocks run out. A decode with a draft is a chunk of
+  // 1 + k tokens over its cached prefix: it goes after the plain decodes (query_len 1), as prefill chunks do.
+  std::vector<Request*> speculating;
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Request* r = running_[i];
     if (r->tokens.size() - r->num_computed != 1) continue;
+    std::vector<Token> draft = std::move(r->draft);
+    r->draft.clear();
+    // The last generated token is never fed: drafts stop one short of max_new_tokens and of max_seq_len.
+    const int room = std::min(r->max_new_tokens - r->num_generated(), max_seq_len_ - static_cast<int>(r->tokens.size())) - 1;
+    const int k = std::max(0, std::min({static_cast<int>(draft.size()), room, budget - 1}));
+    if (k > 0 && blocks_.append_slots(r->id, r->num_computed + 1 + k)) {
+      r->draft.assign(draft.begin(), draft.begin() + k);
+      speculating.push_back(r);
+      budget -= 1 + k;
+      continue;
+    }
     bool preempted_itself = false;
     while (!preempted_itself && !blocks_.append_slots(r->id, r->num_computed + 1)) {
       preempted_itself = running_.back() == r;
@@ -149,7 +175,13 @@ ScheduledBatch Scheduler::schedule() {
     add_chunk(batch, r, 1);
     --budget;
   }
-  batch.num_decode_tokens = max_num_tokens_ - budget;
+  batch.num_decode_tokens = static_cast<int64_t>(batch.request_ids.size());
+  for (Request* r : speculating) {
+    // A request preempted after its slots were appended is waiting again, its draft dropped.
+    if (r->status != Status::kRunning) continue;
+    const int k = static_cast<int>(r->draft.size());
+    add_chunk(batch, r, 1 + k, k);
+  }
 
   // 2. Chunked prefills already running continue (their blocks were allocated at admission).
   for (Request* r : running_) {
@@ -198,34 +230,64 @@ FinishReason Scheduler::check_finish(const Request& r, int64_t token) const {
   return FinishReason::kNone;
 }
 
-std::vector<StepOutput> Scheduler::update(const std::vector<int64_t>& sampled) {
+std::vector<StepOutput> Scheduler::update(const std::vector<int64_t>& sampled, const std::vector<int32_t>& counts) {
   if (!in_flight_) throw std::logic_error("update() called without schedule(); call it once after every schedule()");
   const size_t num_sample = std::count(in_flight_sample_.begin(), in_flight_sample_.end(), 1);
-  if (sampled.size() != num_sample)
+  size_t expected = num_sample;
+  if (!counts.empty()) {
+    if (counts.size() != num_sample)
+      throw std::invalid_argument("update() got " + std::to_string(counts.size()) + " counts but the batch has " +
+                                  std::to_string(num_sample) + " requests with sample=True; pass one count per such "
+                                  "request, in batch order");
+    expected = 0;
+    for (size_t i = 0, k = 0; i < in_flight_ids_.size(); ++i) {
+      if (!in_flight_sample_[i]) continue;
+      if (counts[k] < 1 || counts[k] > 1 + in_flight_draft_lens_[i])
+        throw std::invalid_argument("update(): request " + std::to_string(in_flight_ids_[i]) + " got " +
+                                    std::to_string(counts[k]) + " tokens; it takes 1 to 1 + its " +
+                                    std::to_string(in_flight_draft_lens_[i]) + " draft tokens");
+      expected += counts[k++];
+    }
+  }
+  if (sampled.size() != expected)
     throw std::invalid_argument("update() got " + std::to_string(sampled.size()) + " tokens but the batch has " +
-                                std::to_string(num_sample) +
-                                " requests with sample=True; pass one token per such request, in batch order");
+                                std::to_string(num_sample) + " requests with sample=True" +
+                                (counts.empty() ? "" : " taking " + std::to_string(expected)) +
+                                "; pass their tokens in batch order");
   in_flight_ = false;
   std::vector<StepOutput> outputs;
-  outputs.reserve(num_sample + cancelled_.size());
+  outputs.reserve(expected + cancelled_.size());
   bool any_finished = false;
-  for (size_t i = 0, k = 0; i < in_flight_ids_.size(); ++i) {
+  for (size_t i = 0, k = 0, t = 0; i < in_flight_ids_.size(); ++i) {
     const bool sample = in_flight_sample_[i];
-    const int64_t token = sample ? sampled[k++] : -1;
+    const int n = sample ? (counts.empty() ? 1 : counts[k]) : 0;
+    const size_t first = t;
+    t += n;
+    k += sample;
     auto it = requests_.find(in_flight_ids_[i]);
     if (it == requests_.end() || it->second->status != Status::kRunning) continue;  // cancelled meanwhile
     Request& r = *it->second;
-    r.num_computed += in_flight_query_lens_[i];
+    const int draft_len = in_flight_draft_lens_[i];
+    // The fed tokens' K/V is kept up to the last accepted draft token; the rejected ones' is dropped.
+    r.num_computed += in_flight_query_lens_[i] - draft_len + std::max(n - 1, 0);
+    r.draft.clear();
+    FinishReason reason = FinishReason::kNone;
+    for (int j = 0; j < n && reason == FinishReason::kNone; ++j) {
+      const int64_t token = sampled[first + j];
+      r.tokens.push_back(static_cast<Token>(token));
+      reason = check_finish(r, token);
+      outputs.push_back({r.id, token, reason});
+    }
+    // Tokens after one that finished the request are dropped, and so is their K/V.
+    r.num_computed = std::min(r.num_computed, static_cast<int>(r.tokens.size()) - (sample ? 1 : 0));
     blocks_.cache_full_blocks(r.id, r.tokens, r.num_computed);
-    if (!sample) continue;
-    r.tokens.push_back(static_cast<Token>(token));
-    FinishReason reason = check_finish(r, token);
-    outputs.push_back({r.id, token, reason});
     if (reason != FinishReason::kNone) {
       blocks_.release(r.id);
       r.status = Status::kFinished;
       r.finish_reason = reason;
       any_finished = true;
+    } else if (draft_len > 0) {
+      blocks_.trim(r.id, r.num_computed);
     }
   }
   if (any_finished)

@@ -29,6 +29,7 @@ struct Request {
   std::vector<std::vector<Token>> stop_words;
   int num_computed = 0;        // leading tokens whose K/V is in the cache
   bool reuse_prefix = true;    // false: every token is computed (its logits are wanted), none taken from the cache
+  std::vector<Token> draft;    // speculated tokens after the last known one, fed with it by the next decode
   Status status = Status::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
   int num_generated() const { return static_cast<int>(tokens.size()) - num_prompt_tokens; }
@@ -45,6 +46,7 @@ struct ScheduledBatch {
   std::vector<int32_t> block_tables; // [B, max_blocks] row-major, padded with -1
   int32_t max_blocks = 0;
   std::vector<uint8_t> sample;       // [B] 1 when this chunk ends at the last known token
+  std::vector<int32_t> draft_lens;   // [B] draft tokens fed after the last known one (0: none); their logits are wanted
   int64_t num_prefill_tokens = 0, num_decode_tokens = 0;
   std::vector<int64_t> preempted;    // ids preempted by this schedule()
 };
@@ -66,8 +68,14 @@ class Scheduler {
                    std::vector<std::vector<Token>> stop_words = {}, bool reuse_prefix = true);
   bool cancel(int64_t request_id);
   ScheduledBatch schedule();
-  // sampled: one token per request with sample=1 in the last batch, in batch order.
-  std::vector<StepOutput> update(const std::vector<int64_t>& sampled);
+  // Speculation: `draft` is fed after the request's last known token by the next schedule() if the request
+  // is decoding then (clipped to its max_new_tokens and max_seq_len; dropped when its blocks do not fit).
+  // False (and nothing kept) unless the request is running.
+  bool set_draft(int64_t request_id, std::vector<Token> draft);
+  // sampled: the tokens of each request with sample=1 in the last batch, in batch order; counts[k] of them
+  // for the k-th such request, 1 + its accepted draft tokens (counts empty: one each). A request's K/V
+  // past its accepted tokens is dropped (tail blocks freed).
+  std::vector<StepOutput> update(const std::vector<int64_t>& sampled, const std::vector<int32_t>& counts = {});
 
   bool has_unfinished() const { return !waiting_.empty() || !running_.empty() || !cancelled_.empty(); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
@@ -82,7 +90,7 @@ class Scheduler {
 
  private:
   void preempt_last_running(ScheduledBatch& batch);
-  void add_chunk(ScheduledBatch& batch, Request* r, int num_tokens);
+  void add_chunk(ScheduledBatch& batch, Request* r, int num_tokens, int draft_len = 0);
   FinishReason check_finish(const Request& r, int64_t token) const;
   const Request& find(int64_t request_id) const;
 
@@ -97,6 +105,7 @@ class Scheduler {
   std::vector<int64_t> in_flight_ids_;  // ids, not pointers: a request may be cancelled and popped meanwhile
   std::vector<int32_t> in_flight_query_lens_;
   std::vector<uint8_t> in_flight_sample_;
+  std::vector<int32_t> in_flight_draft_lens_;
   int64_t reused_tokens_ = 0, num_preemptions_ = 0;
 };
 

@@ -60,6 +60,17 @@ def test_tp2_gives_the_tokens_of_tp1(tp_engines, tp1):
     assert rel(logits, tp1[3]) < 1e-5
 
 
+def test_tp2_with_speculation_gives_the_greedy_tokens_of_tp1(tp_engines, tp1):
+    """n-gram drafts verified on two ranks, through a pool small enough to preempt: tp 1's greedy tokens."""
+    from trtc.runtime.speculative import SpeculativeConfig
+
+    with LLM(tp_engines[1][2], kv_cache_max_tokens=160, speculative_config=SpeculativeConfig(max_draft_len=3)) as llm:
+        greedy = [o.token_ids for o in llm.generate(prompts(), GREEDY)]
+        assert llm.executor.spec_stats.num_draft_tokens > 0
+        assert llm.executor.scheduler.stats()["used_blocks"] == 0
+    assert greedy == tp1[0]
+
+
 def test_tp4_gives_the_tokens_of_tp1(tp_engines, tp1):
     """Four ranks, each with one of the two KV heads (replicated) and 33 of the 132 padded vocabulary rows."""
     with LLM(tp_engines[1][4], kv_cache_max_tokens=512) as llm:

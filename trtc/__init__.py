@@ -3,7 +3,7 @@
 from trtc.errors import TrtcError
 from trtc.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "TrtcError", "__version__"]
+__all__ = ["LLM", "SamplingParams", "SpeculativeConfig", "TrtcError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from trtc.runtime.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "SpeculativeConfig":
+        from trtc.runtime.speculative import SpeculativeConfig
+
+        return SpeculativeConfig
     raise AttributeError(f"module 'trtc' has no attribute {name!r}")

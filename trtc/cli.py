@@ -84,6 +84,22 @@ def quiet_option(fn):
                         help="No progress bars or informational lines (warnings and errors still show).")(fn)
 
 
+def speculative_options(fn):
+    """--speculative_decoding_mode / --max_draft_len (TensorRT-LLM's names): draft tokens verified in one step."""
+    fn = click.option("--max_draft_len", default=None, type=click.IntRange(1, 16),
+                      help="Speculation: draft tokens per request per step at most. [default: 4]")(fn)
+    return click.option("--speculative_decoding_mode", default=None, type=click.Choice(["ngram"]),
+                        help="Speculative decoding: ngram proposes the tokens that followed the latest earlier "
+                             "occurrence of the last tokens (prompt lookup, no draft model); the target verifies "
+                             "them in one step (greedy output unchanged, sampling equally distributed).")(fn)
+
+
+def speculative_config_of(mode: str | None, max_draft_len: int | None):
+    from trtc.runtime.speculative import speculative_config
+
+    return speculative_config(mode, max_draft_len)
+
+
 def progress_of(quiet: bool) -> bool | None:
     """The `progress` argument of long steps: off with --quiet, else on a terminal only."""
     return False if quiet else None
@@ -347,10 +363,12 @@ def eval_(engine_dir, datasets, max_tokens, window_len, output_json, kv_cache_ma
 @click.option("--streaming", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--output_json", type=click.Path(), help="Write the results as JSON for machines.")
 @kv_cache_options
+@speculative_options
 @quiet_option
 @user_errors
 def run(engine_dir, input_text, more_input_text, input_file, max_output_len, random_seed, stop_words, streaming,
-        output_json, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, quiet, **sampling) -> None:
+        output_json, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, speculative_decoding_mode, max_draft_len,
+        quiet, **sampling) -> None:
     """Generate text with an engine (greedy unless sampling flags are given)."""
     from trtc.cli_run import run_engine
 
@@ -358,7 +376,7 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
         raise TrtcError(f"unexpected argument {more_input_text[0]!r}; prompts go after --input_text")
     ok = run_engine(engine_dir, [*input_text, *more_input_text], input_file, max_output_len, random_seed,
                     list(stop_words), streaming, output_json, kv_cache_free_gpu_memory_fraction, sampling,
-                    kv_cache_max_tokens)
+                    kv_cache_max_tokens, speculative_config_of(speculative_decoding_mode, max_draft_len))
     if not ok:
         sys.exit(1)
 
@@ -393,19 +411,23 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
               help="Max-throughput mode: a time budget; requests still running then are cancelled and the "
                    "tokens generated until then counted.")
 @kv_cache_options
+@speculative_options
 @click.option("--output_json", type=click.Path(), help="Write the figures as JSON.")
 @quiet_option
 @user_errors
 def bench(engine_dir, url, request_rate, range_ratio, api_key, client_processes, isl, osl, num_requests, concurrency,
           latency, batch_size, max_throughput, max_seconds, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction,
-          output_json, quiet) -> None:
+          speculative_decoding_mode, max_draft_len, output_json, quiet) -> None:
     """Measure throughput (default), max throughput (--max_throughput, trtllm-bench's method) or batch
     latency of an engine on synthetic prompts, or with --url the serving metrics of a running server
     (TTFT / TPOT / ITL / E2E)."""
     if (engine_dir is None) == (url is None):
         raise TrtcError("pass one of --engine_dir (an engine, offline) or --url (a running server)")
     levels = concurrency or [None]
+    speculative = speculative_config_of(speculative_decoding_mode, max_draft_len)
     if url is not None:
+        if speculative is not None:
+            raise TrtcError("--speculative_decoding_mode is the engine's; with --url, start the server with it")
         _bench_url(url, request_rate, range_ratio, api_key, isl, osl, num_requests or 1000, levels, client_processes,
                    output_json)
         return
@@ -432,7 +454,7 @@ def bench(engine_dir, url, request_rate, range_ratio, api_key, client_processes,
         check_latency_batches(num_requests, batch_size)
     check_output_file(output_json, "--output_json")
     ex = Executor(engine_dir, kv_cache_max_tokens=kv_cache_max_tokens,
-                  free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+                  free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction, speculative_config=speculative)
     try:
         bc = ex.engine.build_config
         if isl + osl > bc.max_seq_len:
@@ -491,6 +513,7 @@ def tune(engine_dir: str, force: bool) -> None:
 @click.option("--kv_cache_max_tokens", "--max_tokens_in_paged_kv_cache", "kv_cache_max_tokens", default=None,
               type=click.IntRange(min=1), help="Tokens the paged KV cache holds. [default: as `trtc run`]")
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="[default: cuda if there is a GPU]")
+@speculative_options
 @click.option("--tool_call_parser", default=None, type=click.Choice(list(TOOL_PARSERS)),
               help="Parse tool calls out of replies to requests with tools and tool_choice 'auto': hermes "
                    "(Hermes, Qwen 2.5/3 <tool_call> blocks) or llama3_json (Llama 3.x JSON calls).")

@@ -51,7 +51,8 @@ def sampling_params(max_output_len, random_seed, stop_words, sampling: dict):
 
 
 def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, stop_words, streaming, output_json,
-               free_gpu_memory_fraction, sampling: dict, kv_cache_max_tokens: int | None = None) -> bool:
+               free_gpu_memory_fraction, sampling: dict, kv_cache_max_tokens: int | None = None,
+               speculative_config=None) -> bool:
     """Run every prompt in flight together; returns False if any prompt was rejected."""
     from trtc.formats.engine import Engine
     from trtc.llm import LLM
@@ -64,7 +65,7 @@ def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, sto
         raise TrtcError(f"--end_id {params.end_id} is not a token of the model (vocabulary of {vocab}); "
                         f"pass an id below {vocab}, or -1 for none")
     with LLM(engine_dir, kv_cache_max_tokens=kv_cache_max_tokens,
-             kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction) as llm:
+             kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction, speculative_config=speculative_config) as llm:
         if streaming:
             outputs = _stream(llm, prompts, params)
         else:

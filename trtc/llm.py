@@ -20,6 +20,7 @@ from trtc.runtime.executor import Executor, check_logit_bias
 from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent, new_completion
 from trtc.runtime.request_stream import RequestStream, snapshot
 from trtc.runtime.sampling_params import SamplingParams
+from trtc.runtime.speculative import SpeculativeConfig
 from trtc.runtime.tokenizer import has_tokenizer, load_tokenizer
 
 Prompt = str | Sequence[int]
@@ -44,6 +45,9 @@ class LLM:
     `revision`, fetched into the HF cache: trtc/converters/hub.py) that is built (with `tp_size`,
     `dtype`, `build_config`) into a cache directory keyed by its content and the flags, and reused.
 
+    `speculative_config` (trtc/runtime/speculative.py): decoding requests take draft tokens, verified
+    in their step (greedy output unchanged, sampled output equally distributed).
+
     A tensor-parallel engine starts its other ranks as processes (one GPU each); `close()`, the
     end of a `with LLM(...) as llm:` block, or the end of the program stops them. Under torchrun
     or mpirun, ranks other than 0 serve rank 0 inside `LLM(...)` and end there.
@@ -63,11 +67,12 @@ class LLM:
         enable_cuda_graphs: bool = True,
         device: str | torch.device | None = None,
         revision: str | None = None,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         self.engine_dir = resolve_engine_dir(model, tp_size, dtype, build_config, backend, revision)
         self.executor = Executor(
             self.engine_dir, device, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, enable_prefix_reuse,
-            enable_cuda_graphs,
+            enable_cuda_graphs, speculative_config,
         )
         self._tokenizer = None
         self._has_tokenizer = has_tokenizer(self.engine_dir)

@@ -439,3 +439,16 @@ def test_cuda_seeded_row_is_unchanged_by_the_batch_around_it():
         return out
 
     assert run(False) == run(True) == run(False)
+
+
+def test_logit_bias_in_a_batch_past_one_chunk():
+    """300 greedy rows, sampled in chunks of 256: a bias on row 299 steers row 299 (and no other row), as
+    a bias on row 3 steers row 3."""
+    logits = _logits(300)
+    params = [SamplingParams()] * 300
+    params[3] = SamplingParams(logit_bias={7: 100.0})
+    params[299] = SamplingParams(logit_bias={11: 100.0})
+    tokens, _ = sample(logits, _batch(params))
+    want = logits.argmax(dim=-1)
+    want[3], want[299] = 7, 11
+    assert tokens.tolist() == want.tolist()

@@ -577,3 +577,36 @@ def test_kv_events_report_registered_and_evicted_blocks():
     s.add_request(3, list(range(60, 69)), max_new_tokens=1)
     s.schedule(), s.update([5])
     assert s.take_kv_events() == []
+
+
+def test_draft_tokens_are_fed_after_the_decodes_and_rejected_ones_roll_back():
+    """A decode with a draft feeds its last token + the draft as one chunk after the plain decodes; update()
+    with counts keeps the accepted tokens' K/V, frees the tail blocks of the rejected ones, and a request
+    finishing inside its accepted tokens stops there."""
+    s = _core.Scheduler(num_blocks=16, tokens_per_block=4, max_batch_size=4, max_num_tokens=64, max_seq_len=64)
+    s.add_request(0, [1, 2, 3], max_new_tokens=20, end_id=8)
+    s.add_request(1, [5, 6, 7], max_new_tokens=20)
+    s.schedule(), s.update([10, 20])  # prefills: each has one known token to feed
+    assert s.set_draft(0, [11, 12, 13, 14, 15, 16])
+    assert not s.set_draft(99, [1])
+    b = s.schedule()
+    assert b.request_ids.tolist() == [1, 0] and b.query_lens.tolist() == [1, 7]  # plain decode first
+    assert b.num_decode_tokens == 1 and b.draft_lens.tolist() == [0, 6] and b.sample.tolist() == [True, True]
+    assert b.input_ids.tolist() == [20, 10, 11, 12, 13, 14, 15, 16] and b.positions.tolist()[1:] == list(range(3, 10))
+    assert len(s.block_table(0)) == 3  # positions 0..9
+    out = s.update([21, 11, 12, 99], counts=[1, 3])  # request 0 keeps 11, 12; the target says 99 after them
+    assert out == [(1, 21, None), (0, 11, None), (0, 12, None), (0, 99, None)]
+    assert s.output_tokens(0) == [10, 11, 12, 99]
+    assert len(s.block_table(0)) == 2  # 6 tokens computed (1, 2, 3, 10, 11, 12): the third block is freed
+    b = s.schedule()  # no draft set: plain decodes in admission order; request 0 feeds 99 at position 6
+    assert b.input_ids.tolist() == [99, 21] and b.positions.tolist() == [6, 4] and b.draft_lens.tolist() == [0, 0]
+    s.update([100, 22])
+    s.set_draft(0, [7, 8])
+    s.add_request(2, [9, 9], max_new_tokens=3)
+    b = s.schedule()
+    assert b.request_ids.tolist() == [1, 0, 2]
+    out = s.update([23, 7, 8, 5, 30], counts=[1, 3, 1])  # request 0's 8 is its end_id: the 5 after it is dropped
+    assert out == [(1, 23, None), (0, 7, None), (0, 8, "end_id"), (2, 30, None)]
+    assert s.block_table(0) == [] and s.stats()["used_blocks"] == len(s.block_table(1)) + len(s.block_table(2))
+    with pytest.raises(ValueError, match="counts"):
+        s.schedule(), s.update([1, 2], counts=[1])

@@ -43,6 +43,9 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of those, tokens served from cached KV blocks
     num_steps: int = 0  # steps that ran a batch
     num_graph_steps: int = 0  # of them, replayed from a decode CUDA graph (the rest ran eagerly)
+    spec_num_drafts: int = 0  # speculation: request-steps that fed a draft, its tokens, of them accepted
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
     engine_dead: bool = False  # the device (or a rank) broke: nothing runs any more
 
     @property
@@ -218,10 +221,13 @@ class AsyncEngine:
         s = self.executor.scheduler
         st = s.stats()
         steps, graph_steps = self.executor.step_counts()
+        spec = self.executor.spec_stats
         self.stats = replace(
             self.stats, num_running=s.num_running(), num_waiting=s.num_waiting(), num_blocks=st["num_blocks"],
             used_blocks=st["used_blocks"], num_preemptions=st["num_preemptions"],
             prefix_cache_hits=st["reused_tokens"], num_steps=steps, num_graph_steps=graph_steps,
+            spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
         )
 
 

@@ -46,6 +46,7 @@ from trtc.runtime.messages import (
 )
 from trtc.runtime.outputs import TokenEvent
 from trtc.runtime.sampling_params import SamplingParams
+from trtc.runtime.speculative import SpeculativeConfig
 
 log = logging.getLogger("trtc")
 CORE_EXIT_S = 60.0  # close(): how long the core may take to cancel, free the device and stop its ranks
@@ -57,7 +58,7 @@ class EngineClient:
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, kv_cache_free_gpu_memory_fraction: float = 0.9,
                  kv_cache_max_tokens: int | None = None, startup_s: float = 3600.0, num_fronts: int = 1,
-                 kv_events: bool = False) -> None:
+                 kv_events: bool = False, speculative_config: SpeculativeConfig | None = None) -> None:
         self._dir = tempfile.mkdtemp(prefix="trtc-core-")
         self.addresses = [(f"ipc://{self._dir}/input-{k}", f"ipc://{self._dir}/output-{k}") for k in range(num_fronts)]
         self._bind(self.addresses[0], 0, num_fronts)
@@ -67,6 +68,9 @@ class EngineClient:
         cmd += ["--device", str(device)] if device is not None else []
         cmd += ["--kv_cache_max_tokens", str(kv_cache_max_tokens)] if kv_cache_max_tokens is not None else []
         cmd += ["--kv_events"] if kv_events else []
+        if speculative_config is not None:
+            cmd += ["--speculative_decoding_mode", speculative_config.mode,
+                    "--max_draft_len", str(speculative_config.max_draft_len)]
         env = {**os.environ, "PYTHONPATH": _python_path()}
         if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the core's idle threads must not spin on the front's cores
@@ -239,7 +243,9 @@ class EngineClient:
         self.stats = replace(self.stats, num_running=s.num_running, num_waiting=s.num_waiting, num_blocks=s.num_blocks,
                              used_blocks=s.used_blocks, num_preemptions=s.num_preemptions,
                              prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
-                             num_steps=s.num_steps, num_graph_steps=s.num_graph_steps)
+                             num_steps=s.num_steps, num_graph_steps=s.num_graph_steps,
+                             spec_num_drafts=s.spec_num_drafts, spec_num_draft_tokens=s.spec_num_draft_tokens,
+                             spec_num_accepted_tokens=s.spec_num_accepted_tokens)
         if msg.kv_events and self.on_kv_events is not None:
             self.on_kv_events(msg.kv_events)
         start = msg.step_start

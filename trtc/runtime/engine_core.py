@@ -39,6 +39,7 @@ from trtc.runtime.messages import (
     encoder,
     front_decoder,
 )
+from trtc.runtime.speculative import SpeculativeConfig
 
 log = logging.getLogger("trtc")
 IDLE_POLL_MS = 500  # an idle core looks at its input at least this often
@@ -140,9 +141,11 @@ class EngineCore:
         """The scheduler's statistics after the step; num_taken is front 0's (_send gives each its own)."""
         s = self.executor.scheduler
         st = s.stats()
+        spec = self.executor.spec_stats
         return EngineCoreStats(s.num_running(), s.num_waiting(), st["num_blocks"], st["used_blocks"],
                                st["num_preemptions"], self.queries, st["reused_tokens"], self.taken[0],
-                               *self.executor.step_counts())
+                               *self.executor.step_counts(), spec.num_drafts, spec.num_draft_tokens,
+                               spec.num_accepted_tokens)
 
     def _send(self, start: float) -> None:
         """Each front its requests' outputs and the statistics (every front, every step: its gauges stay current)."""
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     ap.add_argument("--kv_cache_max_tokens", type=int, default=None)
     ap.add_argument("--kv_events", action="store_true", help="send front 0 the blocks registered and evicted")
+    ap.add_argument("--speculative_decoding_mode", default=None)
+    ap.add_argument("--max_draft_len", type=int, default=4)
     args = ap.parse_args(argv)
     child_process_setup("trtc-core")
     ctx = zmq.Context()
@@ -202,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             socket.send(encoder.encode(msg))
 
     try:
+        spec = (SpeculativeConfig(args.speculative_decoding_mode, args.max_draft_len)
+                if args.speculative_decoding_mode else None)
         executor = Executor(args.engine_dir, args.device, args.kv_cache_max_tokens,
-                            args.kv_cache_free_gpu_memory_fraction)
+                            args.kv_cache_free_gpu_memory_fraction, speculative_config=spec)
     except TrtcError as e:
         tell_all(EngineCoreReady(0, str(e)))
         return 1

@@ -36,6 +36,7 @@ from trtc.runtime.prompt_logprobs import PromptScoring, plan_scoring, position_l
 from trtc.runtime.ranks import start_ranks
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.scheduler import Scheduler
+from trtc.runtime.speculative import SpecStats, SpeculativeConfig, ngram_draft, verify
 from trtc.runtime.tokenizer import load_tokenizer
 from trtc.runtime.worker import RankOptions, Worker
 
@@ -175,7 +176,10 @@ class Executor:
         free_gpu_memory_fraction: float = 0.9,
         enable_prefix_reuse: bool = True,
         enable_cuda_graphs: bool = True,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
+        """speculative_config: draft tokens proposed for decoding requests and verified in their step
+        (trtc/runtime/speculative.py); None: one token per request per step."""
         start = time.perf_counter()
         self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
         options = RankOptions(kv_cache_max_tokens, free_gpu_memory_fraction, enable_cuda_graphs)
@@ -207,6 +211,8 @@ class Executor:
         self._guided: GuidedDecoder | None = None  # built with the first guided request (it needs the tokenizer)
         self._fault = _fault_injection()
         self._num_steps = 0  # steps that ran a batch
+        self.speculative = speculative_config
+        self.spec_stats = SpecStats()
 
     # Requests -------------------------------------------------------------------------------------
     def add_request(
@@ -299,12 +305,14 @@ class Executor:
         reason "error" (the event's `error` says why) and frees their blocks; the executor goes on.
         A broken device or tensor-parallel rank raises EngineDeadError: nothing can run any more."""
         with self._guard():
+            if self.speculative is not None:
+                self._propose()
             batch = self.scheduler.schedule()
             try:
                 if len(batch.request_ids):
                     self._num_steps += 1
                     self._inject_fault()
-                tokens, logprobs, tops = self._run(batch)
+                tokens, logprobs, tops, counts = self._run(batch)
             except Exception as e:  # noqa: BLE001 - the step's requests hear why; the engine decides if it lives
                 if self.ranks is not None:  # the ranks' collectives are out of step: the guard names the rank
                     raise
@@ -312,8 +320,19 @@ class Executor:
                     raise EngineDeadError(f"the engine's device failed in a step ({type(e).__name__}: "
                                           f"{str(e).splitlines()[0] if str(e) else ''}); restart the process") from e
                 return self._fail_step(batch, e)
-            updates = self.scheduler.update(tokens)
+            updates = self.scheduler.update(tokens, counts)
         return self._postprocess(updates, logprobs, tops)
+
+    def _propose(self) -> None:
+        """Drafts for the decoding requests that speculate: those without logprobs or a grammar (their
+        per-token outputs are one token's)."""
+        cfg = self.speculative
+        for rid, r in self.requests.items():
+            if r.output_ids and not r.params.logprobs and r.params.guided_decoding is None:
+                draft = ngram_draft(np.asarray(r.prompt_ids + r.output_ids), cfg.max_draft_len, cfg.prompt_lookup_min,
+                                    cfg.prompt_lookup_max)
+                if draft:
+                    self.scheduler.set_draft(rid, draft)
 
     def _inject_fault(self) -> None:
         if self._fault is not None and self._num_steps == self._fault[0]:
@@ -335,25 +354,31 @@ class Executor:
         return self._postprocess([(rid, tok, "error" if rid in failed else r) for rid, tok, r in updates], {}, {},
                                  f"the step running this request failed ({line}); retry it")
 
-    def _run(self, batch) -> tuple[list[int], dict[int, float], dict[int, dict[int, float]]]:
-        """Plan the step, run it, and sample a token for every request whose chunk reached its end.
-        Returns the tokens in batch order, each sampled request's logprob by request id, and the
-        top logprobs of those that asked for them. Prompt rows of requests asking for prompt logprobs
-        are scored as the runner computes their logits (trtc/runtime/prompt_logprobs.py)."""
+    def _run(self, batch) -> tuple[list[int], dict[int, float], dict[int, dict[int, float]], list[int]]:
+        """Plan the step, run it, and sample a token for every request whose chunk reached its end (a
+        speculating request: its kept draft tokens and one more). Returns the tokens in batch order,
+        how many each sampled request got (empty: one each), each sampled request's logprob by request
+        id, and the top logprobs of those that asked for them. Prompt rows of requests asking for prompt
+        logprobs are scored as the runner computes their logits (trtc/runtime/prompt_logprobs.py)."""
         if len(batch.request_ids) == 0:
-            return [], {}, {}
+            return [], {}, {}, []
         rids = np.asarray(batch.request_ids)
         query_lens = np.asarray(batch.query_lens)
         ends = np.cumsum(query_lens) - 1  # each sequence's last fed token
         sample_rows = np.flatnonzero(np.asarray(batch.sample))
+        draft_lens = np.asarray(batch.draft_lens)
+        spec_rows = sample_rows[draft_lens[sample_rows] > 0]  # their last known token and draft: 1 + d logits rows
+        sample_rows = sample_rows[draft_lens[sample_rows] == 0]
         reqs = [self.requests[int(rid)] for rid in rids]
         for i, r in enumerate(reqs):
             if r.num_cached_tokens is None:  # admitted in this step: its chunk starts after the cached prefix
                 r.num_cached_tokens = int(batch.positions[ends[i] - query_lens[i] + 1])
         scoring = plan_scoring(batch, ends, query_lens, reqs)
         keep = [i for i, r in enumerate(reqs) if r.prompt_logits is not None]
-        # logits rows: the sampled sequences' last tokens, the prompt rows scored, every token of those keeping logits
-        index = np.concatenate([ends[sample_rows]] + ([scoring.token_rows] if scoring else [])
+        # logits rows: the sampled sequences' last tokens, the speculating ones' verified tokens, the prompt rows
+        # scored, every token of those keeping logits
+        index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - draft_lens[i], ends[i] + 1) for i in spec_rows]
+                               + ([scoring.token_rows] if scoring else [])
                                + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
         step = Step.from_batch(batch, index, np.asarray([len(r.prompt_ids) + len(r.output_ids) for r in reqs]))
         if self.long_rope_context is not None:  # a sequence growing past LongRoPE's context: its keys recomputed
@@ -361,26 +386,61 @@ class Executor:
             for recompute in crossing_recompute_steps(step, lambda i: reqs[i].prompt_ids + reqs[i].output_ids,
                                                       self.long_rope_context, bc.max_num_tokens, bc.tokens_per_block):
                 self._execute(recompute)
-        rows = _LogitsRows(len(sample_rows), scoring, self.device)
+        num_verified = int((draft_lens[spec_rows] + 1).sum())
+        rows = _LogitsRows(len(sample_rows) + num_verified, scoring, self.device)
         if scoring is None:  # every row wanted as is: [len(index), vocab] in one piece
             rows(0, self._execute(step))
         else:  # scored rows reduced chunk by chunk as the runner computes them
             self._execute(step, rows)
-        logits = rows.sampled()  # [len(sample_rows), vocab]
+        logits = rows.sampled()  # [len(sample_rows) + num_verified, vocab]
         bitmask = None  # grammars' masks, filled on the host while a GPU runs the step
         if self._guided is not None and self._guided.matchers:
             bitmask = self._guided.fill([int(rid) for rid in rids[sample_rows]])
         if scoring is not None:
             self._add_prompt_logprobs(reqs, scoring, rows.scored())
-        offset = len(sample_rows) + (len(scoring.targets) if scoring else 0)
+        offset = len(sample_rows) + num_verified + (len(scoring.targets) if scoring else 0)
         for i in keep:  # rows written by position: a recompute after preemption writes the same rows again
             n = int(query_lens[i])
             positions = torch.from_numpy(np.asarray(batch.positions[ends[i] - n + 1 : ends[i] + 1], dtype=np.int64))
             self.requests[int(rids[i])].prompt_logits[positions.to(self.device)] = rows.kept(offset, n)
             offset += n
-        if len(sample_rows) == 0:
-            return [], {}, {}
-        return self._sample(rids[sample_rows], logits, bitmask)
+        if len(spec_rows) == 0:
+            if len(sample_rows) == 0:
+                return [], {}, {}, []
+            return (*self._sample(rids[sample_rows], logits, bitmask), [])
+        tokens, logprobs, tops = self._sample(rids[sample_rows], logits[: len(sample_rows)], bitmask) \
+            if len(sample_rows) else ([], {}, {})
+        emitted = self._verify(rids[spec_rows], batch, spec_rows, logits[len(sample_rows) :])
+        plain, spec = iter(tokens), iter(emitted)
+        out, counts = [], []
+        for i in np.flatnonzero(np.asarray(batch.sample)):  # batch order, as update() takes them
+            got = next(spec) if draft_lens[i] > 0 else [next(plain)]
+            out += got
+            counts.append(len(got))
+        logprobs.update({int(rid): float("nan") for rid in rids[spec_rows]})
+        return out, logprobs, tops, counts
+
+    def _verify(self, request_ids: np.ndarray, batch, rows: np.ndarray, logits: torch.Tensor) -> list[list[int]]:
+        """The emitted tokens of each speculating request from its 1 + d logits rows (trtc/runtime/speculative.py)."""
+        positions = np.cumsum(np.asarray(batch.query_lens)) - 1
+        drafts = [np.asarray(batch.input_ids[positions[i] - batch.draft_lens[i] + 1 : positions[i] + 1]).tolist()
+                  for i in rows]
+        reqs = [self.requests[int(rid)] for rid in request_ids]
+        params, prompts, outputs, generators = [], [], [], []
+        for r, draft in zip(reqs, drafts):
+            for j in range(len(draft) + 1):  # row j: the penalties see the draft tokens before it
+                params.append(r.params)
+                prompts.append(r.prompt_ids)
+                outputs.append(r.output_ids + draft[:j])
+                generators.append(r.generator)
+        sampling = SamplingBatch.from_requests(params, prompts, outputs, generators, self.engine.graph.vocab_size,
+                                               self.device)
+        emitted = verify(logits, drafts, sampling)
+        stats = self.spec_stats
+        stats.num_drafts += len(drafts)
+        stats.num_draft_tokens += sum(len(d) for d in drafts)
+        stats.num_accepted_tokens += sum(len(e) - 1 for e in emitted)
+        return emitted
 
     def _add_prompt_logprobs(self, reqs: list[RequestState], scoring: PromptScoring, scored: list) -> None:
         """Append this step's scored rows to each scoring request's prompt_logprobs (one transfer)."""

@@ -59,6 +59,9 @@ class EngineCoreStats(msgspec.Struct, array_like=True):
     num_taken: int
     num_steps: int = 0  # steps that ran a batch so far
     num_graph_steps: int = 0  # of them, replayed from a decode CUDA graph (the rest ran eagerly)
+    spec_num_drafts: int = 0  # speculation (trtc/runtime/speculative.py SpecStats)
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 class KvBlockEvent(msgspec.Struct, array_like=True):

@@ -17,13 +17,14 @@ from trtc.llm import check_prompt, open_stream, resolve_engine_dir
 from trtc.runtime.engine_client import EngineClient
 from trtc.runtime.request_stream import RequestStream
 from trtc.runtime.sampling_params import SamplingParams
+from trtc.runtime.speculative import SpeculativeConfig
 from trtc.runtime.tokenizer import has_tokenizer, load_tokenizer
 
 
 class AsyncLLM:
     def __init__(self, model: str | Path, *, tp_size: int = 1, kv_cache_free_gpu_memory_fraction: float = 0.9,
                  kv_cache_max_tokens: int | None = None, device: str | None = None, num_fronts: int = 1, front: tuple[tuple[str, str], int, int] | None = None,
-                 kv_events: bool = False) -> None:
+                 kv_events: bool = False, speculative_config: SpeculativeConfig | None = None) -> None:
         """Starts the engine core (for `num_fronts` fronts, this one front 0); or, with front=(addresses,
         index, core pid), is front `index` of `num_fronts` over a core another front started. kv_events:
         the core reports the KV blocks it registers and evicts (EngineClient.on_kv_events)."""
@@ -35,7 +36,8 @@ class AsyncLLM:
         self._guided = None
         if front is None:
             self.async_engine = EngineClient(self.engine_dir, device, kv_cache_free_gpu_memory_fraction,
-                                             kv_cache_max_tokens, num_fronts=num_fronts, kv_events=kv_events)
+                                             kv_cache_max_tokens, num_fronts=num_fronts, kv_events=kv_events,
+                                             speculative_config=speculative_config)
         else:
             self.async_engine = EngineClient.attach_front(*front, num_fronts)
         self.num_blocks = self.async_engine.num_blocks

@@ -51,6 +51,12 @@ class EngineCollector:
             ("engine_steps", "Engine steps that ran a batch.", s.num_steps, CounterMetricFamily),
             ("engine_graph_steps", "Of them, decode-only steps replayed from a CUDA graph (the rest ran eagerly).",
              s.num_graph_steps, CounterMetricFamily),
+            ("spec_decode_num_drafts", "Speculative decoding: request-steps that fed draft tokens.", s.spec_num_drafts,
+             CounterMetricFamily),
+            ("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens fed.", s.spec_num_draft_tokens,
+             CounterMetricFamily),
+            ("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens the target kept.",
+             s.spec_num_accepted_tokens, CounterMetricFamily),
         ]:
             metric = kind(f"trtc:{name}", doc, labels=list(self.labels))
             metric.add_metric(list(self.labels.values()), value)

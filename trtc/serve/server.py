@@ -39,6 +39,7 @@ import yaml
 from trtc.errors import TrtcError
 from trtc.runtime.engine_client import CORE_EXIT_S
 from trtc.runtime.engine_core import child_process_setup
+from trtc.runtime.speculative import SpeculativeConfig, speculative_config
 from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.chat import load_chat_template
 
@@ -60,11 +61,16 @@ class ServeConfig:
     max_queued_requests: int | None = None
     kv_cache_free_gpu_memory_fraction: float = 0.9
     kv_cache_max_tokens: int | None = None
+    speculative_decoding_mode: str | None = None
+    max_draft_len: int | None = None
     device: str | None = None
     log_level: str = "info"
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     api_server_count: int = 1
+
+    def speculative_config(self) -> SpeculativeConfig | None:
+        return speculative_config(self.speculative_decoding_mode, self.max_draft_len)
 
 
 def read_config(path: str | Path) -> dict:
@@ -156,7 +162,7 @@ def serve(cfg: ServeConfig) -> None:
         sock = bind_socket(cfg.host, cfg.port) if n > 1 else None  # a port in use fails before the engine loads
         llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, device=cfg.device, num_fronts=n,  # the engine core process
                        kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction,
-                       kv_cache_max_tokens=cfg.kv_cache_max_tokens)
+                       kv_cache_max_tokens=cfg.kv_cache_max_tokens, speculative_config=cfg.speculative_config())
         try:
             spawn = multiprocessing.get_context("spawn")
             ready, go = [spawn.Event() for _ in range(1, n)], spawn.Event()

@@ -15,7 +15,7 @@ sets TensorRT-LLM's published figure for the card it runs on beside trtc's.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class BenchResult:
     published: dict | None = None  # max-throughput mode: TensorRT-LLM's figure for this card, where there is one
     steps: int | None = None  # engine steps of the run
     graph_steps: int | None = None  # of them, replayed from a decode CUDA graph
+    acceptance_length: float | None = None  # speculation: tokens per speculating request-step (1 + accepted / drafts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,14 +145,19 @@ def bench(
     concurrency = min(concurrency or ex.engine.build_config.max_batch_size, num_requests)
     run_requests(ex, synthetic_prompts(min(warmup, num_requests), isl, vocab, seed=1), min(osl, 8), concurrency)
     steps0, graphs0 = ex.step_counts()
+    spec0 = replace(ex.spec_stats)
     seconds, ttft, tpot = run_requests(ex, synthetic_prompts(num_requests, isl, vocab), osl, concurrency, progress)
     steps1, graphs1 = ex.step_counts()
+    spec = ex.spec_stats
     result = BenchResult(
         mode="latency" if latency else "throughput", isl=isl, osl=osl, num_requests=num_requests,
         concurrency=concurrency, seconds=seconds, output_tokens_per_s=num_requests * osl / seconds,
         requests_per_s=num_requests / seconds, ttft_ms=percentiles(ttft), tpot_ms=percentiles(tpot),
         steps=steps1 - steps0, graph_steps=graphs1 - graphs0,
     )
+    if ex.speculative is not None:
+        drafts = spec.num_drafts - spec0.num_drafts
+        result.acceptance_length = 1 + (spec.num_accepted_tokens - spec0.num_accepted_tokens) / drafts if drafts else 1.0
     if latency and tpot:
         unread = {"embedding.weight", *decode_unread(ex.runner.w)}  # one row of the table; INT4 layers' packed copy alone
         weights = sum(t.numel() * t.element_size() * read_fraction(ex.engine.graph, name, batch_size)
@@ -266,6 +272,8 @@ def format_result(r: BenchResult) -> str:
                          f"{p['card']}; trtc {r.output_tokens_per_s / p['best']:.2f}x the higher")
     if r.steps:
         lines.append(f"  steps            {r.steps:,}, {100 * r.graph_steps / r.steps:.0f}% replayed from CUDA graphs")
+    if r.acceptance_length is not None:
+        lines.append(f"  speculation      mean acceptance length {r.acceptance_length:.2f} tokens per drafted step")
     if r.mbu is not None:
         lines.append(f"  MBU              {100 * r.mbu:.1f}% ({r.bytes_per_step / 1e9:.3f} GB per step, "
                      f"bandwidth {r.bandwidth_gbps:,.0f} GB/s measured)")

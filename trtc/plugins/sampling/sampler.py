@@ -126,11 +126,26 @@ class SamplingBatch:
         return batch
 
     def rows(self, start: int, stop: int) -> SamplingBatch:
-        """The batch of rows start..stop-1 (views of the per-row tensors)."""
+        """The batch of rows start..stop-1."""
+        return self.rows_at(range(start, min(stop, len(self.greedy))))
+
+    def rows_at(self, index: Sequence[int]) -> SamplingBatch:
+        """The batch of rows `index`, in that order (copies of the per-row tensors)."""
         sub = {name: getattr(self, name) for name in self.__slots__}
+        pick = None
         for name, value in sub.items():
-            if value is not None:
-                sub[name] = value[start:stop]
+            if isinstance(value, Tensor):
+                pick = pick if pick is not None else torch.tensor(list(index), dtype=torch.int64, device=value.device)
+                sub[name] = value[pick]
+        sub["greedy"] = [self.greedy[i] for i in index]
+        sub["generators"] = [self.generators[i] for i in index]
+        if self.logit_bias is not None:
+            where = {row: j for j, row in enumerate(index)}
+            rows, toks, values = self.logit_bias
+            keep = [k for k, r in enumerate(rows.tolist()) if r in where]
+            sub["logit_bias"] = None if not keep else (
+                torch.tensor([where[r] for r in rows[keep].tolist()], dtype=torch.int64, device=rows.device),
+                toks[keep], values[keep])
         return SamplingBatch(**sub)
 
     def append_tokens(self, tokens: Tensor) -> None:
