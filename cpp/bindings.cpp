@@ -84,7 +84,7 @@ NB_MODULE(_core, m) {
   nb::class_<BlockManager>(m, "BlockManager", "Paged KV-cache block pool with prefix reuse (see cpp/block_manager.h).")
       .def(nb::init<int, int, bool, int>(), "num_blocks"_a, "tokens_per_block"_a, "enable_prefix_reuse"_a = true,
            "hash_bits"_a = 64)
-      .def("admit", &BlockManager::admit, "seq_id"_a, "tokens"_a, "reuse_prefix"_a = true)
+      .def("admit", &BlockManager::admit, "seq_id"_a, "tokens"_a, "reuse_prefix"_a = true, "salt"_a = uint64_t{0})
       .def("append_slots", &BlockManager::append_slots, "seq_id"_a, "num_tokens"_a)
       .def("cache_full_blocks", &BlockManager::cache_full_blocks, "seq_id"_a, "tokens"_a, "num_computed"_a)
       .def("release", &BlockManager::release, "seq_id"_a)
@@ -147,9 +147,11 @@ NB_MODULE(_core, m) {
       .def(nb::init<int, int, int, int, int, bool, int>(), "num_blocks"_a, "tokens_per_block"_a, "max_batch_size"_a,
            "max_num_tokens"_a, "max_seq_len"_a, "enable_prefix_reuse"_a = true, nb::kw_only(), "hash_bits"_a = 64)
       .def("add_request", &Scheduler::add_request, "request_id"_a, "prompt"_a, "max_new_tokens"_a, "end_id"_a = -1,
-           "stop_words"_a = std::vector<std::vector<trtc::Token>>{}, "reuse_prefix"_a = true,
+           "stop_words"_a = std::vector<std::vector<trtc::Token>>{}, "reuse_prefix"_a = true, "salt"_a = uint64_t{0},
            "Queue a request (first come, first served); reuse_prefix=False computes every prompt token (none "
-           "taken from cached blocks; its own full blocks are still cached for others). ValueError for an empty prompt, a duplicate id, "
+           "taken from cached blocks; its own full blocks are still cached for others). salt keys its blocks in the "
+           "prefix cache besides their tokens (a LoRA adapter: only requests of the same salt share blocks; 0 for "
+           "none). ValueError for an empty prompt, a duplicate id, "
            "max_new_tokens < 1, a prompt of max_seq_len tokens or more, a prompt that could never fit the pool, an "
            "empty stop word. max_new_tokens is clipped so that prompt + generated <= max_seq_len and the request "
            "alone always fits the pool (it then finishes with \"length\").")

@@ -39,9 +39,10 @@ uint64_t BlockManager::hash_block(uint64_t parent_hash, const Token* tokens) con
   return h & hash_mask_;
 }
 
-// True when cached block b holds the K/V of `tokens` following `parent` (-1: b is a sequence's first block).
-bool BlockManager::holds(int b, int parent, const Token* tokens) const {
-  if (parent_[b] != parent || parent_stamp_[b] != (parent < 0 ? 0 : stamp_[parent])) return false;
+// True when cached block b holds the K/V of `tokens` following `parent` (-1: b is a sequence's first block, of a
+// chain seeded with `salt`).
+bool BlockManager::holds(int b, int parent, uint64_t salt, const Token* tokens) const {
+  if (parent_[b] != parent || parent_stamp_[b] != (parent < 0 ? salt : stamp_[parent])) return false;
   return std::equal(tokens, tokens + tokens_per_block_, block_tokens_.begin() + size_t(b) * tokens_per_block_);
 }
 
@@ -76,18 +77,18 @@ int BlockManager::allocate_block() {
   return b;
 }
 
-int BlockManager::admit(int64_t seq_id, const std::vector<Token>& tokens, bool reuse_prefix) {
+int BlockManager::admit(int64_t seq_id, const std::vector<Token>& tokens, bool reuse_prefix, uint64_t salt) {
   if (has_sequence(seq_id)) throw std::invalid_argument("sequence " + std::to_string(seq_id) + " already holds blocks");
   const int tpb = tokens_per_block_, n = static_cast<int>(tokens.size());
   std::vector<int> matched;
   std::vector<uint64_t> hashes;
   int num_reclaimed = 0;  // matched blocks now sitting in the cached LRU
   if (enable_prefix_reuse_ && reuse_prefix) {
-    uint64_t parent = 0;
+    uint64_t parent = salt;
     for (int i = 0; i < (n - 1) / tpb; ++i) {  // only full blocks strictly before the last token
       uint64_t h = hash_block(parent, &tokens[i * tpb]);
       auto it = hash_to_block_.find(h);
-      if (it == hash_to_block_.end() || !holds(it->second, i ? matched.back() : -1, &tokens[i * tpb])) break;
+      if (it == hash_to_block_.end() || !holds(it->second, i ? matched.back() : -1, salt, &tokens[i * tpb])) break;
       matched.push_back(it->second);
       hashes.push_back(h);
       num_reclaimed += ref_count_[it->second] == 0;
@@ -104,6 +105,7 @@ int BlockManager::admit(int64_t seq_id, const std::vector<Token>& tokens, bool r
   }
   for (int i = 0; i < num_new; ++i) seq.table.push_back(allocate_block());
   seq.hashes = std::move(hashes);
+  seq.salt = salt;
   return static_cast<int>(matched.size()) * tpb;
 }
 
@@ -120,7 +122,7 @@ void BlockManager::cache_full_blocks(int64_t seq_id, const std::vector<Token>& t
   SeqBlocks& seq = seqs_.at(seq_id);
   const int tpb = tokens_per_block_;
   for (int i = static_cast<int>(seq.hashes.size()); i < num_computed / tpb; ++i) {
-    uint64_t h = hash_block(i == 0 ? 0 : seq.hashes.back(), &tokens[i * tpb]);
+    uint64_t h = hash_block(i == 0 ? seq.salt : seq.hashes.back(), &tokens[i * tpb]);
     seq.hashes.push_back(h);
     // Skip when another block already holds this hash (same tokens computed twice, or a collision), or when
     // the parent block is not registered (then this block could never be matched).
@@ -131,7 +133,7 @@ void BlockManager::cache_full_blocks(int64_t seq_id, const std::vector<Token>& t
     hash_[b] = h;
     stamp_[b] = next_stamp_++;
     parent_[b] = parent;
-    parent_stamp_[b] = parent < 0 ? 0 : stamp_[parent];
+    parent_stamp_[b] = parent < 0 ? seq.salt : stamp_[parent];
     std::copy_n(tokens.begin() + i * tpb, tpb, block_tokens_.begin() + size_t(b) * tpb);
     if (record_events_)
       events_.push_back({true, h, i == 0 ? 0 : seq.hashes[i - 1],

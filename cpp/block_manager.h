@@ -38,7 +38,9 @@ class BlockManager {
   // Gives sequence `seq_id` blocks for all of `tokens` (which it will compute): cached full blocks strictly
   // before its last token are shared (unless reuse_prefix is false), the rest are allocated. Returns the number
   // of tokens served from the cache, or -1 (changing nothing) when the pool cannot hold the sequence now.
-  int admit(int64_t seq_id, const std::vector<Token>& tokens, bool reuse_prefix = true);
+  // salt: seeds the sequence's hash chain, so that only sequences of the same salt (the same LoRA adapter,
+  // 0 for none) share blocks.
+  int admit(int64_t seq_id, const std::vector<Token>& tokens, bool reuse_prefix = true, uint64_t salt = 0);
   // Grows the sequence's block table to hold `num_tokens` tokens. False (changing nothing) if blocks run out.
   bool append_slots(int64_t seq_id, int num_tokens);
   // Registers the blocks that are full within the first `num_computed` of `tokens` for prefix reuse.
@@ -68,12 +70,13 @@ class BlockManager {
   struct SeqBlocks {
     std::vector<int> table;         // block ids, in token order
     std::vector<uint64_t> hashes;   // chain hashes of the first hashes.size() (full) blocks
+    uint64_t salt = 0;              // the chain's seed
   };
 
   int allocate_block();  // caller checks availability: takes a free block, else evicts the LRU cached one
   void lru_push_back(int b);
   void lru_remove(int b);
-  bool holds(int b, int parent, const Token* tokens) const;
+  bool holds(int b, int parent, uint64_t salt, const Token* tokens) const;
 
   int num_blocks_, tokens_per_block_;
   bool enable_prefix_reuse_;

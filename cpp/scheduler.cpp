@@ -35,7 +35,7 @@ Scheduler::Scheduler(int num_blocks, int tokens_per_block, int max_batch_size, i
 }
 
 void Scheduler::add_request(int64_t id, std::vector<Token> prompt, int max_new_tokens, int64_t end_id,
-                            std::vector<std::vector<Token>> stop_words, bool reuse_prefix) {
+                            std::vector<std::vector<Token>> stop_words, bool reuse_prefix, uint64_t salt) {
   const std::string rid = "request " + std::to_string(id) + ": ";
   const int n = static_cast<int>(prompt.size());
   const int64_t pool_tokens = int64_t(blocks_.num_blocks()) * tokens_per_block_;
@@ -66,6 +66,7 @@ void Scheduler::add_request(int64_t id, std::vector<Token> prompt, int max_new_t
   r->end_id = end_id;
   r->stop_words = std::move(stop_words);
   r->reuse_prefix = reuse_prefix;
+  r->salt = salt;
   waiting_.push_back(r.get());
   requests_.emplace(id, std::move(r));
 }
@@ -196,7 +197,7 @@ ScheduledBatch Scheduler::schedule() {
   // 3. Waiting requests, first come first served; stop at the first that does not fit.
   while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < max_batch_size_) {
     Request* r = waiting_.front();
-    int reused = blocks_.admit(r->id, r->tokens, r->reuse_prefix);
+    int reused = blocks_.admit(r->id, r->tokens, r->reuse_prefix, r->salt);
     if (reused < 0) break;
     waiting_.pop_front();
     running_.push_back(r);

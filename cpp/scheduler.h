@@ -30,6 +30,7 @@ struct Request {
   int num_computed = 0;        // leading tokens whose K/V is in the cache
   bool reuse_prefix = true;    // false: every token is computed (its logits are wanted), none taken from the cache
   std::vector<Token> draft;    // speculated tokens after the last known one, fed with it by the next decode
+  uint64_t salt = 0;           // prefix-cache key besides the tokens: the LoRA adapter (0: none)
   Status status = Status::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
   int num_generated() const { return static_cast<int>(tokens.size()) - num_prompt_tokens; }
@@ -65,7 +66,7 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
 
   void add_request(int64_t request_id, std::vector<Token> prompt, int max_new_tokens, int64_t end_id = -1,
-                   std::vector<std::vector<Token>> stop_words = {}, bool reuse_prefix = true);
+                   std::vector<std::vector<Token>> stop_words = {}, bool reuse_prefix = true, uint64_t salt = 0);
   bool cancel(int64_t request_id);
   ScheduledBatch schedule();
   // Speculation: `draft` is fed after the request's last known token by the next schedule() if the request

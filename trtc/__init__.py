@@ -3,7 +3,7 @@
 from trtc.errors import TrtcError
 from trtc.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "SpeculativeConfig", "TrtcError", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "SpeculativeConfig", "TrtcError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from trtc.runtime.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "LoRARequest":
+        from trtc.runtime.lora import LoRARequest
+
+        return LoRARequest
     if name == "SpeculativeConfig":
         from trtc.runtime.speculative import SpeculativeConfig
 

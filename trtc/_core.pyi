@@ -9,13 +9,12 @@ import numpy
 import numpy.typing
 from numpy.typing import NDArray
 
-
 class BlockManager:
     """Paged KV-cache block pool with prefix reuse (see cpp/block_manager.h)."""
 
     def __init__(self, num_blocks: int, tokens_per_block: int, enable_prefix_reuse: bool = True, hash_bits: int = 64) -> None: ...
 
-    def admit(self, seq_id: int, tokens: Sequence[int], reuse_prefix: bool = True) -> int: ...
+    def admit(self, seq_id: int, tokens: Sequence[int], reuse_prefix: bool = True, salt: int = 0) -> int: ...
 
     def append_slots(self, seq_id: int, num_tokens: int) -> bool: ...
 
@@ -119,9 +118,9 @@ class Scheduler:
 
     def __init__(self, num_blocks: int, tokens_per_block: int, max_batch_size: int, max_num_tokens: int, max_seq_len: int, enable_prefix_reuse: bool = True, *, hash_bits: int = 64) -> None: ...
 
-    def add_request(self, request_id: int, prompt: Sequence[int], max_new_tokens: int, end_id: int = -1, stop_words: Sequence[Sequence[int]] = [], reuse_prefix: bool = True) -> None:
+    def add_request(self, request_id: int, prompt: Sequence[int], max_new_tokens: int, end_id: int = -1, stop_words: Sequence[Sequence[int]] = [], reuse_prefix: bool = True, salt: int = 0) -> None:
         """
-        Queue a request (first come, first served); reuse_prefix=False computes every prompt token (none taken from cached blocks; its own full blocks are still cached for others). ValueError for an empty prompt, a duplicate id, max_new_tokens < 1, a prompt of max_seq_len tokens or more, a prompt that could never fit the pool, an empty stop word. max_new_tokens is clipped so that prompt + generated <= max_seq_len and the request alone always fits the pool (it then finishes with "length").
+        Queue a request (first come, first served); reuse_prefix=False computes every prompt token (none taken from cached blocks; its own full blocks are still cached for others). salt keys its blocks in the prefix cache besides their tokens (a LoRA adapter: only requests of the same salt share blocks; 0 for none). ValueError for an empty prompt, a duplicate id, max_new_tokens < 1, a prompt of max_seq_len tokens or more, a prompt that could never fit the pool, an empty stop word. max_new_tokens is clipped so that prompt + generated <= max_seq_len and the request alone always fits the pool (it then finishes with "length").
         """
 
     def cancel(self, request_id: int) -> bool:

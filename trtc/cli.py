@@ -364,11 +364,12 @@ def eval_(engine_dir, datasets, max_tokens, window_len, output_json, kv_cache_ma
 @click.option("--output_json", type=click.Path(), help="Write the results as JSON for machines.")
 @kv_cache_options
 @speculative_options
+@click.option("--lora_dir", default=None, type=click.Path(), help="A PEFT LoRA adapter directory applied to every prompt.")
 @quiet_option
 @user_errors
 def run(engine_dir, input_text, more_input_text, input_file, max_output_len, random_seed, stop_words, streaming,
         output_json, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, speculative_decoding_mode, max_draft_len,
-        quiet, **sampling) -> None:
+        lora_dir, quiet, **sampling) -> None:
     """Generate text with an engine (greedy unless sampling flags are given)."""
     from trtc.cli_run import run_engine
 
@@ -376,7 +377,7 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
         raise TrtcError(f"unexpected argument {more_input_text[0]!r}; prompts go after --input_text")
     ok = run_engine(engine_dir, [*input_text, *more_input_text], input_file, max_output_len, random_seed,
                     list(stop_words), streaming, output_json, kv_cache_free_gpu_memory_fraction, sampling,
-                    kv_cache_max_tokens, speculative_config_of(speculative_decoding_mode, max_draft_len))
+                    kv_cache_max_tokens, speculative_config_of(speculative_decoding_mode, max_draft_len), lora_dir)
     if not ok:
         sys.exit(1)
 
@@ -514,6 +515,13 @@ def tune(engine_dir: str, force: bool) -> None:
               type=click.IntRange(min=1), help="Tokens the paged KV cache holds. [default: as `trtc run`]")
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="[default: cuda if there is a GPU]")
 @speculative_options
+@click.option("--enable_lora", is_flag=True, default=None,
+              help="Serve LoRA adapters: --lora_modules, or loaded at run time (POST /v1/load_lora_adapter).")
+@click.option("--lora_modules", multiple=True, default=None,
+              help="NAME=PATH: a PEFT LoRA adapter served as model NAME (repeat the flag for more); implies --enable_lora.")
+@click.option("--max_loras", default=None, type=click.IntRange(min=1),
+              help="Adapters held on the device at once (LRU over the rest). [default: 4]")
+@click.option("--max_lora_rank", default=None, type=click.IntRange(min=1), help="The largest adapter rank. [default: 16]")
 @click.option("--tool_call_parser", default=None, type=click.Choice(list(TOOL_PARSERS)),
               help="Parse tool calls out of replies to requests with tools and tool_choice 'auto': hermes "
                    "(Hermes, Qwen 2.5/3 <tool_call> blocks) or llama3_json (Llama 3.x JSON calls).")
@@ -532,7 +540,7 @@ def serve(model, config_file, **flags) -> None:
     from trtc.serve.server import serve as run_serve
 
     options = read_config(config_file) if config_file else {}
-    options.update({k: v for k, v in flags.items() if v is not None})
+    options.update({k: v for k, v in flags.items() if v is not None and v != ()})  # () : a multiple flag not given
     run_serve(ServeConfig(model=model, **options))
 
 

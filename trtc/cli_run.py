@@ -52,10 +52,11 @@ def sampling_params(max_output_len, random_seed, stop_words, sampling: dict):
 
 def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, stop_words, streaming, output_json,
                free_gpu_memory_fraction, sampling: dict, kv_cache_max_tokens: int | None = None,
-               speculative_config=None) -> bool:
+               speculative_config=None, lora_dir: str | None = None) -> bool:
     """Run every prompt in flight together; returns False if any prompt was rejected."""
     from trtc.formats.engine import Engine
     from trtc.llm import LLM
+    from trtc.runtime.lora import LoRARequest
 
     prompts = read_prompts(prompts, input_file)
     params = sampling_params(max_output_len, random_seed, stop_words, sampling)
@@ -64,12 +65,14 @@ def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, sto
     if params.end_id is not None and params.end_id >= vocab:
         raise TrtcError(f"--end_id {params.end_id} is not a token of the model (vocabulary of {vocab}); "
                         f"pass an id below {vocab}, or -1 for none")
+    lora = None if lora_dir is None else LoRARequest("lora", 1, lora_dir)
     with LLM(engine_dir, kv_cache_max_tokens=kv_cache_max_tokens,
-             kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction, speculative_config=speculative_config) as llm:
+             kv_cache_free_gpu_memory_fraction=free_gpu_memory_fraction, speculative_config=speculative_config,
+             enable_lora=lora is not None, max_loras=1, max_lora_rank=adapter_rank(lora_dir) if lora else 16) as llm:
         if streaming:
-            outputs = _stream(llm, prompts, params)
+            outputs = _stream(llm, prompts, params, lora)
         else:
-            outputs = llm.generate(prompts, params)
+            outputs = llm.generate(prompts, params, lora_request=lora)
     ok = True
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         if out.error is not None:
@@ -88,12 +91,22 @@ def run_engine(engine_dir, prompts, input_file, max_output_len, random_seed, sto
     return ok
 
 
-def _stream(llm, prompts: list[str], params) -> list:
+def adapter_rank(lora_dir: str) -> int:
+    """The rank of a PEFT adapter (its adapter_config.json's r), to size the one slot `trtc run` needs."""
+    path = Path(lora_dir) / "adapter_config.json"
+    try:
+        return int(json.loads(path.read_text())["r"])
+    except (OSError, ValueError, KeyError) as e:
+        raise TrtcError(f"--lora_dir {lora_dir}: no readable adapter_config.json with its rank r ({e}); pass a PEFT "
+                        "LoRA adapter directory") from None
+
+
+def _stream(llm, prompts: list[str], params, lora=None) -> list:
     """Run every prompt in flight together and stream their text to stdout in prompt order: the
     first unfinished prompt's text is shown as it grows; the later ones (generated meanwhile) follow."""
     outputs: list = [None] * len(prompts)
     current, shown = 0, None  # shown: characters of prompt `current` on screen (None: header not yet)
-    for i, out in llm.generate_stream_batch(prompts, params):
+    for i, out in llm.generate_stream_batch(prompts, params, lora):
         outputs[i] = out
         while current < len(prompts) and outputs[current] is not None:
             out = outputs[current]

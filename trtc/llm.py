@@ -17,6 +17,7 @@ from trtc.formats.engine import ENGINE_FORMAT, Engine
 from trtc.runtime.async_engine import AsyncEngine
 from trtc.runtime.detokenizer import Detokenizer
 from trtc.runtime.executor import Executor, check_logit_bias
+from trtc.runtime.lora import LoRARequest
 from trtc.runtime.outputs import CompletionOutput, RequestOutput, TokenEvent, new_completion
 from trtc.runtime.request_stream import RequestStream, snapshot
 from trtc.runtime.sampling_params import SamplingParams
@@ -48,6 +49,9 @@ class LLM:
     `speculative_config` (trtc/runtime/speculative.py): decoding requests take draft tokens, verified
     in their step (greedy output unchanged, sampled output equally distributed).
 
+    `enable_lora`: requests may name a PEFT LoRA adapter (`generate(..., lora_request=LoRARequest(...))`),
+    held in `max_loras` device slots of rank `max_lora_rank` at most (trtc/runtime/lora.py).
+
     A tensor-parallel engine starts its other ranks as processes (one GPU each); `close()`, the
     end of a `with LLM(...) as llm:` block, or the end of the program stops them. Under torchrun
     or mpirun, ranks other than 0 serve rank 0 inside `LLM(...)` and end there.
@@ -68,11 +72,14 @@ class LLM:
         device: str | torch.device | None = None,
         revision: str | None = None,
         speculative_config: SpeculativeConfig | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> None:
         self.engine_dir = resolve_engine_dir(model, tp_size, dtype, build_config, backend, revision)
         self.executor = Executor(
             self.engine_dir, device, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, enable_prefix_reuse,
-            enable_cuda_graphs, speculative_config,
+            enable_cuda_graphs, speculative_config, max_loras if enable_lora else 0, max_lora_rank,
         )
         self._tokenizer = None
         self._has_tokenizer = has_tokenizer(self.engine_dir)
@@ -102,35 +109,38 @@ class LLM:
 
     # Generation -----------------------------------------------------------------------------------
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> RequestOutput | list[RequestOutput]:
         """Generate for one prompt (returns one RequestOutput) or a list (returns a list), all
         batched in flight together. A prompt is text or a list of token ids. A prompt the engine
         cannot take (longer than max_seq_len, say) comes back with `error` set and finish_reason
         "error"; the others run."""
         single = _is_single(prompts)
-        outputs = self._submit_all([prompts] if single else list(prompts), sampling_params)
+        outputs = self._submit_all([prompts] if single else list(prompts), sampling_params, lora_request)
         for _ in self._run(outputs):
             pass
         return outputs[0] if single else outputs
 
-    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                        lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after each new token (`.outputs[0].text` grows), the last
         with `finished` set. Other queued requests keep running in the same steps. Each yielded
         output is a snapshot: later tokens do not change it."""
         self._check_open()
-        out = self._submit(prompt, sampling_params)
+        out = self._submit(prompt, sampling_params, lora_request=lora_request)
         for changed in self._run([out]):
             if changed:
                 yield snapshot(out)
 
     def generate_stream_batch(
-        self, prompts: Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+        self, prompts: Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> Iterator[tuple[int, RequestOutput]]:
         """Stream many prompts in flight together: yield (index of the prompt, snapshot of its
         output) each time a request gains text or ends. A rejected prompt is yielded once, first,
         finished with `error` set."""
-        outputs = self._submit_all(list(prompts), sampling_params)
+        outputs = self._submit_all(list(prompts), sampling_params, lora_request)
         for i, out in enumerate(outputs):
             if out.error is not None:
                 yield i, out
@@ -188,19 +198,23 @@ class LLM:
         if self.async_engine is not None:
             raise TrtcError("this LLM serves requests through generate_async; use generate_async for more")
 
-    def _submit_all(self, prompts: list[Prompt], sampling_params) -> list[RequestOutput]:
+    def _submit_all(self, prompts: list[Prompt], sampling_params, lora_request=None) -> list[RequestOutput]:
         self._check_open()
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise TrtcError(f"{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt")
-        return [self._submit(p, sp, reject_ok=True) for p, sp in zip(prompts, params)]
+        loras = lora_request if isinstance(lora_request, Sequence) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise TrtcError(f"{len(loras)} LoRA requests for {len(prompts)} prompts; pass one, or one per prompt")
+        return [self._submit(p, sp, reject_ok=True, lora_request=lr) for p, sp, lr in zip(prompts, params, loras)]
 
-    def _submit(self, prompt: Prompt, params: SamplingParams | None, reject_ok: bool = False) -> RequestOutput:
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, reject_ok: bool = False,
+                lora_request: LoRARequest | None = None) -> RequestOutput:
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
         try:
-            rid = self.executor.add_request(ids, params)
+            rid = self.executor.add_request(ids, params, lora_request=lora_request)
         except TrtcError as e:
             if not reject_ok:
                 raise
@@ -255,14 +269,16 @@ class LLM:
         return True
 
 
-def open_stream(llm, engine, prompt, params: SamplingParams, after: RequestStream | None) -> RequestStream:
+def open_stream(llm, engine, prompt, params: SamplingParams, after: RequestStream | None,
+                lora_request: LoRARequest | None = None) -> RequestStream:
     """Tokenize and check `prompt` with `llm`'s tokenizer and limits (LLM or the server's AsyncLLM), submit it
-    to `engine` (the engine thread, or the engine core's client) and return its stream."""
+    (with its LoRA adapter) to `engine` (the engine thread, or the engine core's client) and return its stream."""
     text = prompt if isinstance(prompt, str) else None
     ids = llm.tokenizer(prompt).input_ids if text is not None else [int(t) for t in prompt]
     llm.check_prompt(ids, params)
     detok = Detokenizer(llm.tokenizer, ids, params.stop) if llm._has_tokenizer else None
-    return RequestStream(engine, engine.submit(ids, params, None if after is None else after.handle), text, detok)
+    return RequestStream(engine, engine.submit(ids, params, None if after is None else after.handle, lora_request),
+                         text, detok)
 
 
 def check_prompt(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from trtc.errors import TrtcError
 from trtc.runtime.executor import Executor
+from trtc.runtime.lora import LoRARequest
 from trtc.runtime.outputs import TokenEvent
 from trtc.runtime.sampling_params import SamplingParams
 
@@ -61,9 +62,11 @@ class RequestHandle:
     """The asyncio side of one request: its events arrive on `events` as lists (one per step) of
     (TokenEvent, step start time); an exception instead means the request failed."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, after: RequestHandle | None = None) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, after: RequestHandle | None = None,
+                 lora_request: LoRARequest | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
+        self.lora_request = lora_request
         self.events: asyncio.Queue = asyncio.Queue()
         self.request_id: int | None = None  # the executor's id, set by the engine thread
         self.arrival = time.monotonic()
@@ -102,13 +105,14 @@ class AsyncEngine:
         """Requests not yet running: queued in the scheduler or not yet taken from the submit queue."""
         return self.stats.num_waiting + max(0, self._pending - self._taken)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, after: RequestHandle | None = None) -> RequestHandle:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, after: RequestHandle | None = None,
+               lora_request: LoRARequest | None = None) -> RequestHandle:
         """after: a request on the same prompt (another sample of it): this one waits until that one's
         prompt is computed, then finds every full prompt block in the prefix cache instead of
-        computing it again."""
+        computing it again. lora_request: its LoRA adapter."""
         if not self.alive:
             raise EngineDead(f"the engine stopped on an error ({self.error}); restart the server")
-        handle = RequestHandle(prompt_ids, params, after)
+        handle = RequestHandle(prompt_ids, params, after, lora_request)
         self._pending += 1
         self._submits.put(handle)
         self._wake.set()
@@ -180,7 +184,7 @@ class AsyncEngine:
                 self._post(h.events.put_nowait, [(TokenEvent(-1, None, None, "cancelled"), 0.0)])
                 continue
             try:
-                h.request_id = ex.add_request(h.prompt_ids, h.params)
+                h.request_id = ex.add_request(h.prompt_ids, h.params, lora_request=h.lora_request)
             except TrtcError as e:
                 h.prompt_done = True
                 self._post(h.events.put_nowait, e)

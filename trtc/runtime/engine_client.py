@@ -34,6 +34,7 @@ import zmq.asyncio
 
 from trtc.errors import TrtcError
 from trtc.runtime.async_engine import EngineDead, EngineStats, RequestHandle
+from trtc.runtime.lora import LoRARequest
 from trtc.runtime.messages import (
     EngineCoreAbort,
     EngineCoreControl,
@@ -58,7 +59,8 @@ class EngineClient:
 
     def __init__(self, engine_dir: str | Path, device: str | None = None, kv_cache_free_gpu_memory_fraction: float = 0.9,
                  kv_cache_max_tokens: int | None = None, startup_s: float = 3600.0, num_fronts: int = 1,
-                 kv_events: bool = False, speculative_config: SpeculativeConfig | None = None) -> None:
+                 kv_events: bool = False, speculative_config: SpeculativeConfig | None = None, max_loras: int = 0,
+                 max_lora_rank: int = 16) -> None:
         self._dir = tempfile.mkdtemp(prefix="trtc-core-")
         self.addresses = [(f"ipc://{self._dir}/input-{k}", f"ipc://{self._dir}/output-{k}") for k in range(num_fronts)]
         self._bind(self.addresses[0], 0, num_fronts)
@@ -68,6 +70,8 @@ class EngineClient:
         cmd += ["--device", str(device)] if device is not None else []
         cmd += ["--kv_cache_max_tokens", str(kv_cache_max_tokens)] if kv_cache_max_tokens is not None else []
         cmd += ["--kv_events"] if kv_events else []
+        if max_loras:
+            cmd += ["--max_loras", str(max_loras), "--max_lora_rank", str(max_lora_rank)]
         if speculative_config is not None:
             cmd += ["--speculative_decoding_mode", speculative_config.mode,
                     "--max_draft_len", str(speculative_config.max_draft_len)]
@@ -160,17 +164,19 @@ class EngineClient:
         """Requests not yet running: queued in the core's scheduler or not yet taken by the core."""
         return self.stats.num_waiting + max(0, self._submitted - self._taken)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, after: RequestHandle | None = None) -> RequestHandle:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, after: RequestHandle | None = None,
+               lora_request: LoRARequest | None = None) -> RequestHandle:
         if not self.alive:
             raise EngineDead(f"the engine stopped on an error ({self.error}); restart the server")
         self.attach()
-        handle = RequestHandle(prompt_ids, params, after)
+        handle = RequestHandle(prompt_ids, params, after, lora_request)
         handle.request_id = self._next_id
         self._next_id += self._id_step
         self._live[handle.request_id] = handle
         self._submitted += 1
         self._input.send(encoder.encode(EngineCoreRequest(handle.request_id, prompt_ids, params,
-                                                          None if after is None else after.request_id)), copy=False)
+                                                          None if after is None else after.request_id, lora_request)),
+                         copy=False)
         return handle
 
     def abort(self, handle: RequestHandle) -> None:

@@ -129,7 +129,7 @@ class EngineCore:
                 self.pending_outputs.append(EngineCoreOutput(r.request_id, None, None, "cancelled"))
                 continue
             try:
-                rid = self.executor.add_request(r.prompt_ids, r.params)
+                rid = self.executor.add_request(r.prompt_ids, r.params, lora_request=r.lora_request)
             except TrtcError as e:
                 self.pending_outputs.append(EngineCoreOutput(r.request_id, None, None, "rejected", error=str(e)))
                 continue
@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv_events", action="store_true", help="send front 0 the blocks registered and evicted")
     ap.add_argument("--speculative_decoding_mode", default=None)
     ap.add_argument("--max_draft_len", type=int, default=4)
+    ap.add_argument("--max_loras", type=int, default=0, help="LoRA adapter slots (0: none)")
+    ap.add_argument("--max_lora_rank", type=int, default=16)
     args = ap.parse_args(argv)
     child_process_setup("trtc-core")
     ctx = zmq.Context()
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = (SpeculativeConfig(args.speculative_decoding_mode, args.max_draft_len)
                 if args.speculative_decoding_mode else None)
         executor = Executor(args.engine_dir, args.device, args.kv_cache_max_tokens,
-                            args.kv_cache_free_gpu_memory_fraction, speculative_config=spec)
+                            args.kv_cache_free_gpu_memory_fraction, speculative_config=spec, max_loras=args.max_loras,
+                            max_lora_rank=args.max_lora_rank)
     except TrtcError as e:
         tell_all(EngineCoreReady(0, str(e)))
         return 1

@@ -30,6 +30,7 @@ from trtc.errors import TrtcError
 from trtc.formats.engine import Engine
 from trtc.plugins.sampling.sampler import SamplingBatch, make_generator, sample, token_logprobs, top_logprobs
 from trtc.runtime.longrope import crossing_recompute_steps
+from trtc.runtime.lora import LoRARequest, LoRASlots
 from trtc.runtime.outputs import PromptLogprobs, TokenEvent
 from trtc.runtime.parallel.step import Step
 from trtc.runtime.prompt_logprobs import PromptScoring, plan_scoring, position_logprobs, score_rows
@@ -98,6 +99,7 @@ class RequestState:
     num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache, set when first scheduled
     first_event_sent: bool = False
     prompt_logits: torch.Tensor | None = None  # [prompt_len, vocab] f32: Executor.prompt_logits only (tests)
+    lora_slot: int = -1  # its LoRA adapter's slot while it runs (-1: none)
 
 
 def _top_logprobs(logits: torch.Tensor, reqs: list[RequestState]) -> dict[int, dict[int, float]]:
@@ -177,9 +179,12 @@ class Executor:
         enable_prefix_reuse: bool = True,
         enable_cuda_graphs: bool = True,
         speculative_config: SpeculativeConfig | None = None,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
     ) -> None:
         """speculative_config: draft tokens proposed for decoding requests and verified in their step
-        (trtc/runtime/speculative.py); None: one token per request per step."""
+        (trtc/runtime/speculative.py); None: one token per request per step. max_loras: LoRA adapter
+        slots (trtc/runtime/lora.py), each of rank max_lora_rank at most; 0: no adapters."""
         start = time.perf_counter()
         self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
         options = RankOptions(kv_cache_max_tokens, free_gpu_memory_fraction, enable_cuda_graphs)
@@ -213,13 +218,21 @@ class Executor:
         self._num_steps = 0  # steps that ran a batch
         self.speculative = speculative_config
         self.spec_stats = SpecStats()
+        self.lora: LoRASlots | None = None
+        if max_loras:
+            if self.engine.pretrained.quantization or self.long_rope_context is not None:
+                raise TrtcError("LoRA adapters need an unquantized engine without LongRoPE for now; serve this engine "
+                                "without --max_loras")
+            self.lora = LoRASlots(graph, self.engine.mapping, max_loras, max_lora_rank, self.runner.dtype, self.device)
+            self.runner.lora = self.lora
 
     # Requests -------------------------------------------------------------------------------------
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams | None = None,
-        on_event: Callable[[TokenEvent], None] | None = None,
+        on_event: Callable[[TokenEvent], None] | None = None, lora_request: LoRARequest | None = None,
     ) -> int:
-        """Queue a request; raises TrtcError (and queues nothing) if it can never run."""
+        """Queue a request (with a LoRA adapter: lora_request); raises TrtcError (and queues nothing) if it
+        can never run."""
         params = params or SamplingParams()
         vocab = self.engine.graph.vocab_size
         if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
@@ -234,16 +247,26 @@ class Executor:
             stop_words += [[e] for e in self.eos_ids[1:]]
         if params.guided_decoding is not None:  # compile (or find in the cache) before anything is queued
             self.guided_decoder.compile(params.guided_decoding)
+        slot = -1
+        if lora_request is not None:
+            if self.lora is None:
+                raise TrtcError(f"LoRA adapter {lora_request.lora_name!r} asked for, but this engine was loaded without "
+                                "adapter slots; load it with max_loras (trtc serve --max_loras N)")
+            slot = self.lora.acquire(lora_request)
         rid = next(self._ids)
         try:
             self.scheduler.add_request(rid, list(prompt_ids), params.max_tokens, end_id, stop_words,
-                                       reuse_prefix=params.prompt_logprobs is None)
+                                       reuse_prefix=params.prompt_logprobs is None,
+                                       salt=lora_request.salt if lora_request is not None else 0)
         except ValueError as e:
+            if slot >= 0:
+                self.lora.release(slot)
             raise TrtcError(str(e)) from None
         if params.guided_decoding is not None:
             stop_ids = ([end_id] if end_id >= 0 else []) + [w[0] for w in stop_words if len(w) == 1]
             self._guided.add(rid, params.guided_decoding, stop_ids)
-        state = RequestState(rid, list(prompt_ids), params, make_generator(params.seed, self.device), on_event)
+        state = RequestState(rid, list(prompt_ids), params, make_generator(params.seed, self.device), on_event,
+                             lora_slot=slot)
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]  # the first token has no logprob
         self.requests[rid] = state
@@ -380,7 +403,9 @@ class Executor:
         index = np.concatenate([ends[sample_rows]] + [np.arange(ends[i] - draft_lens[i], ends[i] + 1) for i in spec_rows]
                                + ([scoring.token_rows] if scoring else [])
                                + [np.arange(ends[i] - query_lens[i] + 1, ends[i] + 1) for i in keep])
-        step = Step.from_batch(batch, index, np.asarray([len(r.prompt_ids) + len(r.output_ids) for r in reqs]))
+        lora = [r.lora_slot for r in reqs] if self.lora is not None else []
+        step = Step.from_batch(batch, index, np.asarray([len(r.prompt_ids) + len(r.output_ids) for r in reqs]),
+                               np.asarray(lora, np.int32) if any(s >= 0 for s in lora) else None)
         if self.long_rope_context is not None:  # a sequence growing past LongRoPE's context: its keys recomputed
             bc = self.engine.build_config
             for recompute in crossing_recompute_steps(step, lambda i: reqs[i].prompt_ids + reqs[i].output_ids,
@@ -511,6 +536,8 @@ class Executor:
             if reason is not None:  # ended: the caller has had its last event
                 self.scheduler.pop(rid)
                 del self.requests[rid]
+                if r.lora_slot >= 0:
+                    self.lora.release(r.lora_slot)
                 if self._guided is not None:
                     self._guided.remove(rid)
         return events

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
+from trtc.runtime.lora import LoRARequest
 from trtc.runtime.outputs import PromptLogprobs
 from trtc.runtime.sampling_params import SamplingParams
 
@@ -21,6 +22,7 @@ class EngineCoreRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_ids: list[int]
     params: SamplingParams
     after: int | None = None
+    lora_request: LoRARequest | None = None
 
 
 class EngineCoreAbort(msgspec.Struct, tag="abort", array_like=True):

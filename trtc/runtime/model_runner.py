@@ -82,6 +82,8 @@ class ModelRunner:
             self._split_k_locks = split_k_locks(device)  # before any CUDA graph capture; held while this runner lives
             prepare_weights(self.w, self.dtype, device)  # INT4 layers: the CUDA kernel's layout beside the engine's
         self.gemm_tactics = TacticTable(engine.tactics.get("gemm"))  # tuned at build, this engine's own
+        self.lora = None  # LoRASlots, with adapters enabled (trtc/runtime/lora.py)
+        self.lora_step: list | None = None  # this step's (slot, token rows) of each adapter; None: no adapter
         self.decode_tactics = decode_tactics(engine.tactics.get("decode_attention"))
         fp8_kv = self.build_config.kv_cache_dtype == "fp8"  # per-layer (k, v) scales of an FP8 pool
         self._kv_scales = [
@@ -298,7 +300,10 @@ class ModelRunner:
         return self._linear(out.reshape(t, -1), p + "o", bias=False, out_dtype=self.dtype)
 
     def _linear(self, x: torch.Tensor, name: str, **kwargs) -> torch.Tensor:
-        return linear(x, self.w, name, tactics=self.gemm_tactics, **kwargs)
+        out = linear(x, self.w, name, tactics=self.gemm_tactics, **kwargs)
+        if self.lora_step is not None:  # the step's LoRA adapters (trtc/runtime/lora.py)
+            out = self.lora.add_deltas(name, x, out, self.lora_step)
+        return out
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         m, w, p = self.graph.layers[i].mlp, self.w, f"layers.{i}.mlp."

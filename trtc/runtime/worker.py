@@ -35,6 +35,7 @@ from trtc.formats.quant_layout import QuantConfig
 from trtc.plugins.attention.metadata import AttentionMetadata
 from trtc.runtime.cuda_graphs import DecodeCudaGraphs
 from trtc.runtime.kv_cache import num_kv_blocks
+from trtc.runtime.lora import token_groups
 from trtc.runtime.parallel.distributed import START_TIMEOUT_S, RankGroup, error_line
 from trtc.runtime.parallel.step import Step, receive_step
 from trtc.runtime.profile_run import ProfiledPeaks, profile_run
@@ -131,6 +132,12 @@ class Worker:
         """Logits [S, vocab] f32 of the step's logits rows: replayed from a decode CUDA graph where
         one fits the step, else run eagerly. With `on_logits`, the rows go to it in chunks as they
         are computed instead (ModelRunner.forward) and None is returned."""
+        if step.lora_slots is not None:  # adapters run eagerly (the graphs hold none)
+            self.runner.lora_step = token_groups(step.lora_slots, step.query_lens, self.device)
+            try:
+                return self._eager(step, on_logits)
+            finally:
+                self.runner.lora_step = None
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(step):
             logits = self.cuda_graphs.run(step)
             self.graph_steps += 1
@@ -138,6 +145,9 @@ class Worker:
                 return logits
             on_logits(0, logits)
             return None
+        return self._eager(step, on_logits)
+
+    def _eager(self, step: Step, on_logits: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor | None:
         input_ids = torch.from_numpy(np.asarray(step.input_ids, dtype=np.int64)).to(self.device)
         meta = AttentionMetadata.from_step(step, self.device)
         index = torch.from_numpy(np.asarray(step.logits_indices, dtype=np.int64)).to(self.device)

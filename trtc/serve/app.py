@@ -23,6 +23,7 @@ from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.completions import ServeContext, serve_completion
 from trtc.serve.errors import APIError, error_response, parse_body
 from trtc.serve.fields import check_fields
+from trtc.serve.lora import LoRATable, add_lora_routes
 from trtc.serve.metrics import ServerMetrics
 from trtc.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from trtc.serve.responses import add_responses_routes
@@ -67,14 +68,17 @@ class GuardMiddleware:
 
 def create_app(llm: LLM | AsyncLLM, model_name: str, chat_template: str | None = None, api_key: str | None = None,
                max_queued_requests: int | None = None, tool_call_parser: str | None = None,
-               reasoning_parser: str | None = None, on_engine_dead=None) -> FastAPI:
-    """on_engine_dead: called (on the event loop) once the engine stops on a broken device."""
+               reasoning_parser: str | None = None, on_engine_dead=None, loras: LoRATable | None = None,
+               single_front: bool = True) -> FastAPI:
+    """on_engine_dead: called (on the event loop) once the engine stops on a broken device. loras: the
+    LoRA adapters served by name (trtc/serve/lora.py); single_front: adapters may be loaded at run time."""
     def stats() -> EngineStats:
         engine = llm.async_engine
         return engine.stats if engine is not None else EngineStats(num_blocks=llm.num_blocks)
 
     ctx = ServeContext(llm, model_name, ServerMetrics(stats, model_name), chat_template, max_queued_requests,
-                       tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
+                       tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                       loras=loras.by_name if loras is not None else {})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -100,8 +104,9 @@ def create_app(llm: LLM | AsyncLLM, model_name: str, chat_template: str | None =
         return error_response(400, str(exc.errors()[0].get("msg", exc)))
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model")
+        if name is not None and name != model_name and name not in ctx.loras:
+            served = ", ".join(repr(n) for n in [model_name, *ctx.loras])
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {served}", "model")
 
     @app.get("/health")
     async def health():
@@ -118,17 +123,17 @@ def create_app(llm: LLM | AsyncLLM, model_name: str, chat_template: str | None =
     async def metrics():
         return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def model_card() -> ModelCard:
-        return ModelCard(id=model_name, max_model_len=llm.max_seq_len)
+    def model_card(name: str = model_name) -> ModelCard:
+        return ModelCard(id=name, max_model_len=llm.max_seq_len, parent=None if name == model_name else model_name)
 
     @app.get("/v1/models")
     async def models():
-        return JSONResponse(ModelList(data=[model_card()]).model_dump())
+        return JSONResponse(ModelList(data=[model_card(), *(model_card(n) for n in ctx.loras)]).model_dump())
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         check_model(model_id)
-        return JSONResponse(model_card().model_dump())
+        return JSONResponse(model_card(model_id).model_dump())
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -146,4 +151,6 @@ def create_app(llm: LLM | AsyncLLM, model_name: str, chat_template: str | None =
 
     add_tokenizer_routes(app, ctx, check_model)
     add_responses_routes(app, ctx, check_model)
+    if loras is not None and loras.enabled:
+        add_lora_routes(app, loras, single_front)
     return app

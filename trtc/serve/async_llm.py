@@ -15,6 +15,7 @@ from pathlib import Path
 from trtc.formats.engine import Engine
 from trtc.llm import check_prompt, open_stream, resolve_engine_dir
 from trtc.runtime.engine_client import EngineClient
+from trtc.runtime.lora import LoRARequest
 from trtc.runtime.request_stream import RequestStream
 from trtc.runtime.sampling_params import SamplingParams
 from trtc.runtime.speculative import SpeculativeConfig
@@ -24,7 +25,8 @@ from trtc.runtime.tokenizer import has_tokenizer, load_tokenizer
 class AsyncLLM:
     def __init__(self, model: str | Path, *, tp_size: int = 1, kv_cache_free_gpu_memory_fraction: float = 0.9,
                  kv_cache_max_tokens: int | None = None, device: str | None = None, num_fronts: int = 1, front: tuple[tuple[str, str], int, int] | None = None,
-                 kv_events: bool = False, speculative_config: SpeculativeConfig | None = None) -> None:
+                 kv_events: bool = False, speculative_config: SpeculativeConfig | None = None, max_loras: int = 0,
+                 max_lora_rank: int = 16) -> None:
         """Starts the engine core (for `num_fronts` fronts, this one front 0); or, with front=(addresses,
         index, core pid), is front `index` of `num_fronts` over a core another front started. kv_events:
         the core reports the KV blocks it registers and evicts (EngineClient.on_kv_events)."""
@@ -37,7 +39,8 @@ class AsyncLLM:
         if front is None:
             self.async_engine = EngineClient(self.engine_dir, device, kv_cache_free_gpu_memory_fraction,
                                              kv_cache_max_tokens, num_fronts=num_fronts, kv_events=kv_events,
-                                             speculative_config=speculative_config)
+                                             speculative_config=speculative_config, max_loras=max_loras,
+                                             max_lora_rank=max_lora_rank)
         else:
             self.async_engine = EngineClient.attach_front(*front, num_fronts)
         self.num_blocks = self.async_engine.num_blocks
@@ -65,9 +68,10 @@ class AsyncLLM:
         return self.async_engine
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None,
-                       after: RequestStream | None = None) -> RequestStream:
-        """LLM.generate_async through the engine core process."""
-        return open_stream(self, self.start_async_engine(), prompt, sampling_params or SamplingParams(), after)
+                       after: RequestStream | None = None, lora_request: LoRARequest | None = None) -> RequestStream:
+        """LLM.generate_async through the engine core process (with a LoRA adapter: lora_request)."""
+        return open_stream(self, self.start_async_engine(), prompt, sampling_params or SamplingParams(), after,
+                           lora_request)
 
     def close(self) -> None:
         self.async_engine.close()

@@ -13,13 +13,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from trtc.errors import TrtcError
 from trtc.llm import LLM
+from trtc.runtime.lora import LoRARequest
 from trtc.runtime.request_stream import RequestStream
 from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.chat import render_chat
@@ -42,6 +43,7 @@ class ServeContext:
     shutting_down: bool = False
     tool_call_parser: str | None = None  # --tool_call_parser: tool calls of tool_choice "auto"
     reasoning_parser: str | None = None  # --reasoning_parser: <think>...</think> -> reasoning_content
+    loras: dict[str, LoRARequest] = field(default_factory=dict)  # served adapter name -> its request
 
 
 @dataclass
@@ -116,7 +118,8 @@ async def _submit(ctx: ServeContext, req, prompts: list[str | list[int]], max_to
                             f"{ctx.max_queued_requests}); retry later")
     choices, first = [], None
     for i, (text, prompt_ids, params, j) in enumerate(plans):  # samples 1..n-1 share sample 0's prompt blocks
-        stream = llm.generate_async(prompt_ids, params, after=first.stream if j > 0 else None)
+        stream = llm.generate_async(prompt_ids, params, after=first.stream if j > 0 else None,
+                                    lora_request=ctx.loras.get(getattr(req, "model", None) or ""))
         choices.append(Choice(i, stream, text, first=first if j > 0 else None, drop_output=max_tokens == 0))
         first = choices[-1] if j == 0 else first
     for c in choices:

@@ -30,7 +30,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import uvicorn
@@ -42,6 +42,7 @@ from trtc.runtime.engine_core import child_process_setup
 from trtc.runtime.speculative import SpeculativeConfig, speculative_config
 from trtc.serve.async_llm import AsyncLLM
 from trtc.serve.chat import load_chat_template
+from trtc.serve.lora import LoRATable
 
 log = logging.getLogger("trtc")
 DEAD_EXIT_DELAY_S = 2.0  # a dead engine's server answers /health 503 this long before it exits
@@ -63,6 +64,10 @@ class ServeConfig:
     kv_cache_max_tokens: int | None = None
     speculative_decoding_mode: str | None = None
     max_draft_len: int | None = None
+    enable_lora: bool = False
+    lora_modules: list[str] = field(default_factory=list)  # NAME=PATH of each PEFT adapter served
+    max_loras: int = 4
+    max_lora_rank: int = 16
     device: str | None = None
     log_level: str = "info"
     tool_call_parser: str | None = None
@@ -162,7 +167,9 @@ def serve(cfg: ServeConfig) -> None:
         sock = bind_socket(cfg.host, cfg.port) if n > 1 else None  # a port in use fails before the engine loads
         llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, device=cfg.device, num_fronts=n,  # the engine core process
                        kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction,
-                       kv_cache_max_tokens=cfg.kv_cache_max_tokens, speculative_config=cfg.speculative_config())
+                       kv_cache_max_tokens=cfg.kv_cache_max_tokens, speculative_config=cfg.speculative_config(),
+                       max_loras=cfg.max_loras if cfg.enable_lora or cfg.lora_modules else 0,
+                       max_lora_rank=cfg.max_lora_rank)
         try:
             spawn = multiprocessing.get_context("spawn")
             ready, go = [spawn.Event() for _ in range(1, n)], spawn.Event()
@@ -207,8 +214,9 @@ def run_front(cfg: ServeConfig, llm: AsyncLLM, api_key: str | None, template: st
         asyncio.get_running_loop().call_later(DEAD_EXIT_DELAY_S, setattr, server, "should_exit", True)
 
     name = cfg.served_model_name or Path(cfg.model).name
+    loras = LoRATable.from_modules(llm.engine, list(cfg.lora_modules), cfg.max_lora_rank, cfg.enable_lora)
     app = create_app(llm, name, template, api_key, cfg.max_queued_requests, cfg.tool_call_parser,
-                     cfg.reasoning_parser, on_engine_dead)
+                     cfg.reasoning_parser, on_engine_dead, loras, cfg.api_server_count == 1)
 
     def on_exit() -> None:
         app.state.ctx.shutting_down = True

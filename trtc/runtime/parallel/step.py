@@ -43,15 +43,17 @@ class Step:
     logits_indices: np.ndarray  # [S] rows of the T tokens whose next-token logits are wanted
     num_decode_tokens: int
     num_prefill_tokens: int
+    lora_slots: np.ndarray | None = None  # [B] each sequence's LoRA slot (-1: none), rank 0 only; None: no adapter
 
     @classmethod
-    def from_batch(cls, batch, logits_indices: np.ndarray, seq_lens: np.ndarray) -> Step:
-        """From the C++ scheduler's ScheduledBatch, the logits rows the executor wants and each
-        sequence's known length (prompt + generated tokens)."""
+    def from_batch(cls, batch, logits_indices: np.ndarray, seq_lens: np.ndarray,
+                   lora_slots: np.ndarray | None = None) -> Step:
+        """From the C++ scheduler's ScheduledBatch, the logits rows the executor wants, each
+        sequence's known length (prompt + generated tokens) and LoRA slot."""
         return cls(
             batch.input_ids, batch.positions, batch.slot_mapping, np.asarray(batch.block_tables), batch.query_lens,
             batch.context_lens, np.asarray(seq_lens, np.int32), np.asarray(logits_indices, np.int32),
-            int(batch.num_decode_tokens), int(batch.num_prefill_tokens),
+            int(batch.num_decode_tokens), int(batch.num_prefill_tokens), lora_slots,
         )
 
     @property
