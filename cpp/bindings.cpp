@@ -165,6 +165,9 @@ NB_MODULE(_core, m) {
            "later recomputes prompt + generated); (2) running chunked prefills continue; (3) waiting requests are "
            "admitted first come first served while batch slots, token budget and blocks allow. A new request "
            "reuses cached full blocks of a matching prefix.")
+      .def("rewind", &Scheduler::rewind, "request_id"_a, "num_tokens"_a, "tokens"_a,
+           "A draft model's mirror of a target request: keep its first num_tokens tokens (and their K/V: tail "
+           "blocks freed), then append `tokens` as known tokens to compute. False unless running or waiting.")
       .def("set_draft", &Scheduler::set_draft, "request_id"_a, "draft"_a,
            "Speculation: the next schedule() feeds `draft` after the request's last known token if it is decoding "
            "then (clipped to its max_new_tokens, max_seq_len and the step's token budget; dropped when its blocks "

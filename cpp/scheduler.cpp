@@ -123,6 +123,25 @@ void Scheduler::add_chunk(ScheduledBatch& batch, Request* r, int num_tokens, int
   in_flight_draft_lens_.push_back(draft_len);
 }
 
+bool Scheduler::rewind(int64_t id, int num_tokens, const std::vector<Token>& tokens) {
+  if (in_flight_) throw std::logic_error("rewind() between schedule() and update(); call it after update()");
+  auto it = requests_.find(id);
+  if (it == requests_.end() || it->second->status == Status::kFinished) return false;
+  Request& r = *it->second;
+  if (num_tokens < r.num_prompt_tokens || num_tokens > static_cast<int>(r.tokens.size()))
+    throw std::invalid_argument("rewind(): request " + std::to_string(id) + " keeps " + std::to_string(num_tokens) +
+                                " tokens; it has " + std::to_string(r.tokens.size()) + ", of which " +
+                                std::to_string(r.num_prompt_tokens) + " are its prompt");
+  r.tokens.resize(num_tokens);
+  r.tokens.insert(r.tokens.end(), tokens.begin(), tokens.end());
+  r.draft.clear();
+  if (r.status == Status::kRunning) {
+    r.num_computed = std::min(r.num_computed, num_tokens);
+    blocks_.trim(r.id, r.num_computed);
+  }
+  return true;
+}
+
 bool Scheduler::set_draft(int64_t id, std::vector<Token> draft) {
   auto it = requests_.find(id);
   if (it == requests_.end() || it->second->status != Status::kRunning) return false;
@@ -190,6 +209,8 @@ ScheduledBatch Scheduler::schedule() {
     int remaining = static_cast<int>(r->tokens.size()) - r->num_computed;
     if (remaining <= 1) continue;
     int chunk = std::min(remaining, budget);
+    // A prompt's blocks were allocated at admission; tokens appended since (rewind()) may need more.
+    if (!blocks_.append_slots(r->id, r->num_computed + chunk)) continue;
     add_chunk(batch, r, chunk);
     budget -= chunk;
   }

@@ -73,6 +73,9 @@ class Scheduler {
   // is decoding then (clipped to its max_new_tokens and max_seq_len; dropped when its blocks do not fit).
   // False (and nothing kept) unless the request is running.
   bool set_draft(int64_t request_id, std::vector<Token> draft);
+  // A draft model's mirror of a target request: keep its first num_tokens tokens (their K/V too, tail blocks
+  // freed), then append `tokens` as known, not yet computed. False unless the request is running or waiting.
+  bool rewind(int64_t request_id, int num_tokens, const std::vector<Token>& tokens);
   // sampled: the tokens of each request with sample=1 in the last batch, in batch order; counts[k] of them
   // for the k-th such request, 1 + its accepted draft tokens (counts empty: one each). A request's K/V
   // past its accepted tokens is dropped (tail blocks freed).

@@ -63,13 +63,21 @@ def test_greedy_equals_the_engine_without_speculation(engines, name):
     assert blocks["used_blocks"] == 0  # every block back, rejected drafts' tail blocks included
 
 
-def test_sampling_keeps_the_targets_distribution(tmp_path):
+@pytest.mark.parametrize("mode", ["ngram", "draft_target"])
+def test_sampling_keeps_the_targets_distribution(tmp_path, mode):
     """Tokens 2 and 3 of 4,000 seeded requests (temperature 1, top-k 6, repetition penalty 1.3) with and
-    without speculation: the same distribution (chi-square homogeneity, p > 1e-3). The prompt holds
-    every token, so the first decode always has a draft, and token 2 is always verified."""
+    without speculation: the same distribution (chi-square homogeneity, p > 1e-3). ngram: the prompt holds
+    every token, so the first decode always has a draft, and token 2 is always verified; draft_target: a
+    draft of other random weights, which the target often rejects."""
     hf = make_hf_model(tmp_path / "hf", "llama3_gqa", vocab_size=8, initializer_range=0.6, num_hidden_layers=1)
-    engine = build_from_hf(hf, tmp_path / "engine", build_config=BuildConfig(max_batch_size=256, max_seq_len=64),
-                           progress=False)
+    bc = BuildConfig(max_batch_size=256, max_seq_len=64)
+    engine = build_from_hf(hf, tmp_path / "engine", build_config=bc, progress=False)
+    config = SpeculativeConfig(max_draft_len=2)
+    if mode == "draft_target":
+        other = make_hf_model(tmp_path / "draft", "llama3_gqa", seed=7, vocab_size=8, initializer_range=0.6,
+                              num_hidden_layers=1, hidden_size=32)
+        config = SpeculativeConfig("draft_target", 2, draft_engine_dir=str(
+            build_from_hf(other, tmp_path / "draft_engine", build_config=bc, progress=False)))
     prompt = [3, 1, 4, 1, 5, 0, 2, 6, 7, 3]
     n = 4000
 
@@ -81,7 +89,7 @@ def test_sampling_keeps_the_targets_distribution(tmp_path):
             return out, llm.executor.spec_stats
 
     plain, _ = run(None, 0)
-    spec, stats = run(SpeculativeConfig(max_draft_len=2), 10**6)
+    spec, stats = run(config, 10**6)
     assert stats.num_drafts >= n and 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # some kept, some not
     for position in (1, 2):
         a, b = Counter(t[position] for t in plain), Counter(t[position] for t in spec)
@@ -149,3 +157,36 @@ def test_cli_flags(engines, tmp_path):
     r = cli("bench", "--engine_dir", engine, "--isl", 16, "--osl", 8, "--num_requests", 2,
             "--speculative_decoding_mode", "ngram", "--quiet")
     assert r.exit_code == 0 and "mean acceptance length" in r.output, r.output
+
+
+def test_draft_target_greedy_equals_the_engine_without_speculation(engines, tmp_path):
+    """A random draft of the same vocabulary (exactness needs no good draft) and the target as its own
+    draft (every draft token accepted: k + 1 tokens per step)."""
+    target = engines["stories260K"]
+    other = make_hf_model(tmp_path / "draft", "llama3_gqa", vocab_size=512, num_hidden_layers=1, hidden_size=32)
+    random_draft = build_from_hf(other, tmp_path / "draft_engine", build_config=BuildConfig(max_batch_size=8,
+                                 max_seq_len=512), progress=False)
+    prompts = [REPEATING, "Once upon a time", "She said: yes, yes, yes, yes"]
+    params = SamplingParams(max_tokens=64, end_id=-1)
+    with LLM(target) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+    for draft, min_length in ((random_draft, 1.0), (target, 4.5)):
+        with LLM(target, speculative_config=SpeculativeConfig("draft_target", 4, draft_engine_dir=str(draft))) as llm:
+            assert [o.token_ids for o in llm.generate(prompts, params)] == want
+            assert llm.executor.spec_stats.mean_acceptance_length >= min_length
+            assert llm.executor.scheduler.stats()["used_blocks"] == 0
+            assert llm.executor.draft.ex.scheduler.stats()["used_blocks"] == 0 and not llm.executor.draft.ex.requests
+    wrong = build_from_hf(make_hf_model(tmp_path / "v131", "llama3_gqa"), tmp_path / "v131_engine", progress=False)
+    with pytest.raises(TrtcError, match="vocabulary"):
+        LLM(target, speculative_config=SpeculativeConfig("draft_target", 4, draft_engine_dir=str(wrong)))
+    with pytest.raises(TrtcError, match="draft_engine_dir"):
+        SpeculativeConfig("draft_target", 4)
+
+
+def test_draft_engine_dir_without_the_mode_is_one_line(engines):
+    from cli_helpers import assert_one_line_error, cli
+
+    assert_one_line_error(cli("run", "--engine_dir", engines["stories260K"], "--input_text", "a", "--draft_engine_dir",
+                              engines["stories260K"]), "--speculative_decoding_mode")
+    assert_one_line_error(cli("run", "--engine_dir", engines["stories260K"], "--input_text", "a",
+                              "--speculative_decoding_mode", "draft_target"), "--draft_engine_dir")

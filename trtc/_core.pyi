@@ -133,6 +133,11 @@ class Scheduler:
         One step: (1) running decodes in admission order, preempting the most recently admitted running request when a block is missing (its full computed blocks stay cached; it re-queues at the front and later recomputes prompt + generated); (2) running chunked prefills continue; (3) waiting requests are admitted first come first served while batch slots, token budget and blocks allow. A new request reuses cached full blocks of a matching prefix.
         """
 
+    def rewind(self, request_id: int, num_tokens: int, tokens: Sequence[int]) -> bool:
+        """
+        A draft model's mirror of a target request: keep its first num_tokens tokens (and their K/V: tail blocks freed), then append `tokens` as known tokens to compute. False unless running or waiting.
+        """
+
     def set_draft(self, request_id: int, draft: Sequence[int]) -> bool:
         """
         Speculation: the next schedule() feeds `draft` after the request's last known token if it is decoding then (clipped to its max_new_tokens, max_seq_len and the step's token budget; dropped when its blocks do not fit). False, and nothing kept, unless the request is running.

@@ -88,16 +88,19 @@ def speculative_options(fn):
     """--speculative_decoding_mode / --max_draft_len (TensorRT-LLM's names): draft tokens verified in one step."""
     fn = click.option("--max_draft_len", default=None, type=click.IntRange(1, 16),
                       help="Speculation: draft tokens per request per step at most. [default: 4]")(fn)
-    return click.option("--speculative_decoding_mode", default=None, type=click.Choice(["ngram"]),
+    fn = click.option("--draft_engine_dir", default=None, type=click.Path(),
+                      help="Speculation, draft_target: the draft engine (same vocabulary as the target).")(fn)
+    return click.option("--speculative_decoding_mode", default=None, type=click.Choice(["ngram", "draft_target"]),
                         help="Speculative decoding: ngram proposes the tokens that followed the latest earlier "
-                             "occurrence of the last tokens (prompt lookup, no draft model); the target verifies "
-                             "them in one step (greedy output unchanged, sampling equally distributed).")(fn)
+                             "occurrence of the last tokens (prompt lookup, no draft model); draft_target runs a "
+                             "small draft engine (--draft_engine_dir); the target verifies the draft in one step "
+                             "(greedy output unchanged, sampling equally distributed).")(fn)
 
 
-def speculative_config_of(mode: str | None, max_draft_len: int | None):
+def speculative_config_of(mode: str | None, max_draft_len: int | None, draft_engine_dir: str | None = None):
     from trtc.runtime.speculative import speculative_config
 
-    return speculative_config(mode, max_draft_len)
+    return speculative_config(mode, max_draft_len, draft_engine_dir)
 
 
 def progress_of(quiet: bool) -> bool | None:
@@ -368,8 +371,8 @@ def eval_(engine_dir, datasets, max_tokens, window_len, output_json, kv_cache_ma
 @quiet_option
 @user_errors
 def run(engine_dir, input_text, more_input_text, input_file, max_output_len, random_seed, stop_words, streaming,
-        output_json, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, speculative_decoding_mode, max_draft_len,
-        lora_dir, quiet, **sampling) -> None:
+        output_json, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction, speculative_decoding_mode,
+        draft_engine_dir, max_draft_len, lora_dir, quiet, **sampling) -> None:
     """Generate text with an engine (greedy unless sampling flags are given)."""
     from trtc.cli_run import run_engine
 
@@ -377,7 +380,8 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
         raise TrtcError(f"unexpected argument {more_input_text[0]!r}; prompts go after --input_text")
     ok = run_engine(engine_dir, [*input_text, *more_input_text], input_file, max_output_len, random_seed,
                     list(stop_words), streaming, output_json, kv_cache_free_gpu_memory_fraction, sampling,
-                    kv_cache_max_tokens, speculative_config_of(speculative_decoding_mode, max_draft_len), lora_dir)
+                    kv_cache_max_tokens, speculative_config_of(speculative_decoding_mode, max_draft_len,
+                                                               draft_engine_dir), lora_dir)
     if not ok:
         sys.exit(1)
 
@@ -418,14 +422,14 @@ def run(engine_dir, input_text, more_input_text, input_file, max_output_len, ran
 @user_errors
 def bench(engine_dir, url, request_rate, range_ratio, api_key, client_processes, isl, osl, num_requests, concurrency,
           latency, batch_size, max_throughput, max_seconds, kv_cache_max_tokens, kv_cache_free_gpu_memory_fraction,
-          speculative_decoding_mode, max_draft_len, output_json, quiet) -> None:
+          speculative_decoding_mode, draft_engine_dir, max_draft_len, output_json, quiet) -> None:
     """Measure throughput (default), max throughput (--max_throughput, trtllm-bench's method) or batch
     latency of an engine on synthetic prompts, or with --url the serving metrics of a running server
     (TTFT / TPOT / ITL / E2E)."""
     if (engine_dir is None) == (url is None):
         raise TrtcError("pass one of --engine_dir (an engine, offline) or --url (a running server)")
     levels = concurrency or [None]
-    speculative = speculative_config_of(speculative_decoding_mode, max_draft_len)
+    speculative = speculative_config_of(speculative_decoding_mode, max_draft_len, draft_engine_dir)
     if url is not None:
         if speculative is not None:
             raise TrtcError("--speculative_decoding_mode is the engine's; with --url, start the server with it")

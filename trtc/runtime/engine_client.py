@@ -75,6 +75,8 @@ class EngineClient:
         if speculative_config is not None:
             cmd += ["--speculative_decoding_mode", speculative_config.mode,
                     "--max_draft_len", str(speculative_config.max_draft_len)]
+            if speculative_config.draft_engine_dir is not None:
+                cmd += ["--draft_engine_dir", str(speculative_config.draft_engine_dir)]
         env = {**os.environ, "PYTHONPATH": _python_path()}
         if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the core's idle threads must not spin on the front's cores

@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv_events", action="store_true", help="send front 0 the blocks registered and evicted")
     ap.add_argument("--speculative_decoding_mode", default=None)
     ap.add_argument("--max_draft_len", type=int, default=4)
+    ap.add_argument("--draft_engine_dir", default=None)
     ap.add_argument("--max_loras", type=int, default=0, help="LoRA adapter slots (0: none)")
     ap.add_argument("--max_lora_rank", type=int, default=16)
     args = ap.parse_args(argv)
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             socket.send(encoder.encode(msg))
 
     try:
-        spec = (SpeculativeConfig(args.speculative_decoding_mode, args.max_draft_len)
-                if args.speculative_decoding_mode else None)
+        spec = (SpeculativeConfig(args.speculative_decoding_mode, args.max_draft_len,
+                                  draft_engine_dir=args.draft_engine_dir) if args.speculative_decoding_mode else None)
         executor = Executor(args.engine_dir, args.device, args.kv_cache_max_tokens,
                             args.kv_cache_free_gpu_memory_fraction, speculative_config=spec, max_loras=args.max_loras,
                             max_lora_rank=args.max_lora_rank)

@@ -218,6 +218,17 @@ class Executor:
         self._num_steps = 0  # steps that ran a batch
         self.speculative = speculative_config
         self.spec_stats = SpecStats()
+        self.draft = None  # the draft_target proposer's draft engine
+        if speculative_config is not None and speculative_config.mode == "draft_target":
+            from trtc.runtime.draft_model import DraftModel
+
+            try:
+                draft = Executor(speculative_config.draft_engine_dir, self.device,
+                                 kv_cache_max_tokens=self.num_blocks * bc.tokens_per_block)
+                self.draft = DraftModel(draft, self.engine)
+            except BaseException:
+                self.close()  # the target's device memory and ranks, before the error reaches the caller
+                raise
         self.lora: LoRASlots | None = None
         if max_loras:
             if self.engine.pretrained.quantization or self.long_rope_context is not None:
@@ -301,6 +312,8 @@ class Executor:
         """Give the device memory back now (CUDA graphs, KV cache, weights, workspaces, the grammar
         masks) and stop the other ranks; the executor is unusable after."""
         self.worker.close()
+        if self.draft is not None:
+            self.draft.close()
         if self.ranks is not None:
             self.ranks.close()
         self.requests.clear()
@@ -350,12 +363,16 @@ class Executor:
         """Drafts for the decoding requests that speculate: those without logprobs or a grammar (their
         per-token outputs are one token's)."""
         cfg = self.speculative
-        for rid, r in self.requests.items():
-            if r.output_ids and not r.params.logprobs and r.params.guided_decoding is None:
-                draft = ngram_draft(np.asarray(r.prompt_ids + r.output_ids), cfg.max_draft_len, cfg.prompt_lookup_min,
-                                    cfg.prompt_lookup_max)
-                if draft:
-                    self.scheduler.set_draft(rid, draft)
+        targets = {rid: r.prompt_ids + r.output_ids for rid, r in self.requests.items()
+                   if r.output_ids and not r.params.logprobs and r.params.guided_decoding is None}
+        if self.draft is not None:
+            drafts = self.draft.propose(targets, cfg.max_draft_len) if targets else {}
+        else:
+            drafts = {rid: ngram_draft(np.asarray(t), cfg.max_draft_len, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+                      for rid, t in targets.items()}
+        for rid, draft in drafts.items():
+            if draft:
+                self.scheduler.set_draft(rid, draft)
 
     def _inject_fault(self) -> None:
         if self._fault is not None and self._num_steps == self._fault[0]:
@@ -538,6 +555,8 @@ class Executor:
                 del self.requests[rid]
                 if r.lora_slot >= 0:
                     self.lora.release(r.lora_slot)
+                if self.draft is not None:
+                    self.draft.release(rid)
                 if self._guided is not None:
                     self._guided.remove(rid)
         return events

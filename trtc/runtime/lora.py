@@ -47,12 +47,15 @@ class LoRARequest:
         return int.from_bytes(hashlib.sha256(f"{self.lora_int_id}:{self.lora_name}".encode()).digest()[:8], "little") | 1
 
 
-def token_groups(seq_slots, query_lens, device: torch.device) -> list[tuple[int, torch.Tensor]]:
-    """(slot, token rows [t]) of each adapter in a step, from each sequence's slot (-1: none) [B] and query
-    lengths [B]."""
+def token_groups(seq_slots, query_lens, device: torch.device) -> list[tuple[int, torch.Tensor | None]]:
+    """(slot, token rows [t], or None for all of them) of each adapter in a step, from each sequence's slot
+    (-1: none) [B] and query lengths [B]."""
     slots = torch.repeat_interleave(torch.as_tensor(seq_slots, dtype=torch.int64),
                                     torch.as_tensor(query_lens, dtype=torch.int64))  # [T]
-    return [(int(s), torch.nonzero(slots == s).flatten().to(device)) for s in torch.unique(slots).tolist() if s >= 0]
+    present = torch.unique(slots).tolist()
+    if len(present) == 1 and present[0] >= 0:  # one adapter for every token
+        return [(present[0], None)]
+    return [(int(s), torch.nonzero(slots == s).flatten().to(device)) for s in present if s >= 0]
 
 
 def part_sizes(graph: ModelGraph, mapping: Mapping, layer: int, linear: str) -> list[int]:
@@ -162,7 +165,7 @@ class LoRASlots:
                                            dtype=dtype, device=device)
                 self.b[name] = torch.zeros(max_loras, len(sizes), max(sizes), max_lora_rank, dtype=dtype, device=device)
                 self.offsets[name] = [sum(sizes[:p]) for p in range(len(sizes))] + [sum(sizes)]
-        self.scaling = torch.zeros(max_loras, dtype=torch.float32, device=device)
+        self.scaling = [0.0] * max_loras
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, least recently used first
         self.users = [0] * max_loras  # unfinished requests per slot
         self.host: dict[int, Adapter] = {}
@@ -205,16 +208,21 @@ class LoRASlots:
         self.scaling[slot] = adapter.scaling
 
     def add_deltas(self, name: str, x: torch.Tensor, out: torch.Tensor,
-                   groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """out [T, N] += each adapter's scaling * B (A x) on its tokens' rows. x: [T, in]; groups: (slot, token
-        rows) of the step's adapters."""
+                   groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+        """out [T, N] += each adapter's scaling * B (A x) on its tokens' rows, in place. x: [T, in]; groups:
+        (slot, token rows or None for all) of the step's adapters."""
         if name not in self.a:
             return out
         a, b, offsets = self.a[name], self.b[name], self.offsets[name]
+        parts, rank = a.shape[1], a.shape[2]
         for slot, rows in groups:
-            xs = x[rows].to(self.dtype)  # [t, in]
-            for part in range(a.shape[1]):
+            xs = (x if rows is None else x.index_select(0, rows)).to(self.dtype)  # [t, in]
+            shrink = (xs @ a[slot].reshape(parts * rank, -1).T).view(-1, parts, rank)  # every part's A at once
+            for part in range(parts):
                 lo, hi = offsets[part], offsets[part + 1]
-                delta = (xs @ a[slot, part].T) @ b[slot, part, : hi - lo].T  # [t, r] then [t, out_part]
-                out[rows, lo:hi] += (self.scaling[slot] * delta.float()).to(out.dtype)
+                delta = (shrink[:, part] @ b[slot, part, : hi - lo].T).mul_(self.scaling[slot]).to(out.dtype)
+                if rows is None:
+                    out[:, lo:hi] += delta  # [T, out_part]
+                else:
+                    out[:, lo:hi].index_add_(0, rows, delta)
         return out

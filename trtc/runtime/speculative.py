@@ -26,36 +26,44 @@ import torch
 from trtc.errors import TrtcError
 from trtc.plugins.sampling.sampler import SamplingBatch, apply_penalties, apply_warpers
 
-MODES = ("ngram",)
+MODES = ("ngram", "draft_target")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """mode: the proposer (ngram). max_draft_len: draft tokens per step at most (TensorRT-LLM's
-    --max_draft_len, vLLM's num_speculative_tokens). prompt_lookup_min / _max: n-gram sizes looked up."""
+    """mode: the proposer (ngram, or draft_target: a draft engine of the same vocabulary at
+    draft_engine_dir, trtc/runtime/draft_model.py). max_draft_len: draft tokens per step at most
+    (TensorRT-LLM's --max_draft_len, vLLM's num_speculative_tokens). prompt_lookup_min / _max: n-gram
+    sizes looked up."""
 
     mode: str = "ngram"
     max_draft_len: int = 4
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
+    draft_engine_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise TrtcError(f"speculative decoding mode {self.mode!r} is not one trtc has; use one of {', '.join(MODES)}")
         if not 1 <= self.max_draft_len <= 16:
             raise TrtcError(f"--max_draft_len {self.max_draft_len}: pass 1 to 16 draft tokens per step")
+        if (self.mode == "draft_target") != (self.draft_engine_dir is not None):
+            raise TrtcError("--draft_engine_dir is the draft_target mode's draft engine: pass both or neither")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise TrtcError(f"prompt_lookup_min {self.prompt_lookup_min} / prompt_lookup_max {self.prompt_lookup_max}: "
                             "pass 1 <= min <= max")
 
 
-def speculative_config(mode: str | None, max_draft_len: int | None) -> SpeculativeConfig | None:
-    """The config of --speculative_decoding_mode / --max_draft_len (default 4), or None without a mode."""
+def speculative_config(mode: str | None, max_draft_len: int | None,
+                       draft_engine_dir: str | None = None) -> SpeculativeConfig | None:
+    """The config of --speculative_decoding_mode / --max_draft_len (default 4) / --draft_engine_dir, or
+    None without a mode."""
     if mode is None:
-        if max_draft_len is not None:
-            raise TrtcError("--max_draft_len sets speculative decoding's drafts; add --speculative_decoding_mode ngram")
+        if max_draft_len is not None or draft_engine_dir is not None:
+            raise TrtcError("--max_draft_len and --draft_engine_dir set speculative decoding's drafts; add "
+                            "--speculative_decoding_mode ngram or draft_target")
         return None
-    return SpeculativeConfig(mode, max_draft_len or 4)
+    return SpeculativeConfig(mode, max_draft_len or 4, draft_engine_dir=draft_engine_dir)
 
 
 def ngram_draft(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:

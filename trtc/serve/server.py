@@ -64,6 +64,7 @@ class ServeConfig:
     kv_cache_max_tokens: int | None = None
     speculative_decoding_mode: str | None = None
     max_draft_len: int | None = None
+    draft_engine_dir: str | None = None
     enable_lora: bool = False
     lora_modules: list[str] = field(default_factory=list)  # NAME=PATH of each PEFT adapter served
     max_loras: int = 4
@@ -75,7 +76,7 @@ class ServeConfig:
     api_server_count: int = 1
 
     def speculative_config(self) -> SpeculativeConfig | None:
-        return speculative_config(self.speculative_decoding_mode, self.max_draft_len)
+        return speculative_config(self.speculative_decoding_mode, self.max_draft_len, self.draft_engine_dir)
 
 
 def read_config(path: str | Path) -> dict:
