@@ -187,6 +187,10 @@ class Executor:
         slots (trtc/runtime/lora.py), each of rank max_lora_rank at most; 0: no adapters."""
         start = time.perf_counter()
         self.engine = engine if isinstance(engine, Engine) else Engine.load(engine)
+        if max_loras and (self.engine.pretrained.quantization or self.engine.graph.long_rope_context is not None
+                          or self.engine.mapping.tp_size != 1):
+            raise TrtcError("LoRA adapters need a tp 1, unquantized engine without LongRoPE for now; serve this "
+                            "engine without LoRA")
         options = RankOptions(kv_cache_max_tokens, free_gpu_memory_fraction, enable_cuda_graphs)
         device = torch.device(device) if device is not None else default_device()
         self.engine.check_runtime(device)
@@ -231,9 +235,6 @@ class Executor:
                 raise
         self.lora: LoRASlots | None = None
         if max_loras:
-            if self.engine.pretrained.quantization or self.long_rope_context is not None:
-                raise TrtcError("LoRA adapters need an unquantized engine without LongRoPE for now; serve this engine "
-                                "without --max_loras")
             self.lora = LoRASlots(graph, self.engine.mapping, max_loras, max_lora_rank, self.runner.dtype, self.device)
             self.runner.lora = self.lora
 
