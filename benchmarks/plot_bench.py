@@ -33,10 +33,7 @@ def series_of(data) -> tuple[dict[str, list[dict]], str]:
         out = {"trtc offline": [data["offline"][c] for c in sorted(data["offline"], key=int)]}
         for count, levels in data["served"].items():
             out[f"trtc serve, {count} API server{'s' if int(count) > 1 else ''}"] = [
-                {**levels[c], "per_user_tokens_per_s": 1000 / levels[c]["tpot_ms"]["mean"]}
-                for c in sorted(levels, key=int)]
-        for r in out["trtc offline"]:
-            r["per_user_tokens_per_s"] = 1000 / r["tpot_ms"]["mean"]
+                levels[c] for c in sorted(levels, key=int)]
         return out, "trtc serve against the offline engine"
     raise SystemExit("not a sweep: expected benchmarks/sweep.py's, serve_vs_offline.py's or trtc bench's JSON")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from serve_helpers import CHAT_TEMPLATE, REPO, free_port, stop_process
+from serve_helpers import CHAT_TEMPLATE, REPO, free_port, stop_process, wait_ready
 
 pytest.importorskip("dynamo.common.backend", reason="NVIDIA Dynamo is not installed (scripts/install_dynamo.sh)")
 
@@ -125,15 +125,4 @@ class Cluster:
             p.stop()
 
     def _wait(self, p: Process, ready, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if p.proc.poll() is not None:
-                raise RuntimeError(f"{p.name} exited with {p.proc.returncode}:\n{p.output()}")
-            try:
-                if ready():
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        p.stop()
-        raise RuntimeError(f"{p.name} did not start in {timeout} s:\n{p.output()}")
+        wait_ready(p.proc, ready, timeout, p.name, p.output, pause=0.3)

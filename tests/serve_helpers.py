@@ -47,6 +47,23 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
     return proc.returncode
 
 
+def wait_ready(proc: subprocess.Popen, ready, timeout: float, name: str, output, pause: float = 0.2) -> None:
+    """Until ready() (HTTP errors count as not yet); RuntimeError with the process's output if it exits
+    first or `timeout` s pass (then it is stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{output()}")
+        try:
+            if ready():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(pause)
+    stop_process(proc)
+    raise RuntimeError(f"{name} did not start in {timeout} s:\n{output()}")
+
+
 class Server:
     def __init__(self, model: Path, *flags: str, env: dict | None = None, startup_s: float = 120) -> None:
         self.port = free_port()
@@ -56,18 +73,8 @@ class Server:
                "--served_model_name", "test-model", *flags]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-        deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start in {startup_s} s:\n{self.output()}")
+        wait_ready(self.proc, lambda: httpx.get(self.url + "/health", timeout=1).status_code == 200, startup_s,
+                   "server", self.output)
 
     def output(self) -> str:
         self.log.flush()

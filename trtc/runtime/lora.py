@@ -70,7 +70,7 @@ def part_sizes(graph: ModelGraph, mapping: Mapping, layer: int, linear: str) -> 
 
 def in_features(graph: ModelGraph, mapping: Mapping, layer: int, linear: str) -> int:
     if linear == "attention.o":
-        return sum(local_qkv_sizes(graph, mapping, layer)[:1])
+        return local_qkv_sizes(graph, mapping, layer)[0]  # the attention heads' width
     if linear == "mlp.down":
         return graph.layers[layer].mlp.intermediate_size // mapping.tp_size
     return graph.hidden_size
