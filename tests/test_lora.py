@@ -114,6 +114,15 @@ def test_bad_adapters_are_refused_in_one_line(setup, tmp_path):
             llm.executor.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("w", 10, str(wrong)))
         cfg = json.loads((adapters[0] / "adapter_config.json").read_text())
         assert cfg["r"] == 8
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "adapter_config.json").write_text("{not json")
+        (broken / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+        with pytest.raises(TrtcError, match="adapter_config.json is not a PEFT LoRA config"):
+            llm.executor.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("b", 11, str(broken)))
+        (broken / "adapter_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(TrtcError, match="cannot be read"):
+            llm.executor.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("b2", 12, str(broken)))
         assert llm.generate(PROMPTS[0], GREEDY, lora_request=loras[0]).token_ids  # the engine goes on
     with LLM(engine) as llm, pytest.raises(TrtcError, match="max_loras"):
         llm.executor.add_request(PROMPTS[0], GREEDY, lora_request=loras[0])

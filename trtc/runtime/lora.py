@@ -95,10 +95,14 @@ def load_adapter(path: str | Path, graph: ModelGraph, mapping: Mapping, max_lora
         pickled = (path / "adapter_model.bin").is_file()
         raise TrtcError(f"LoRA adapter {path}: no adapter_model.safetensors"
                         + ("; adapter_model.bin is pickled and not loaded: save it with safetensors" if pickled else ""))
-    cfg = json.loads(config_file.read_text())
+    try:
+        cfg = json.loads(config_file.read_text())
+        rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrtcError(f"LoRA adapter {path}: adapter_config.json is not a PEFT LoRA config with its rank r "
+                        f"({type(e).__name__}: {e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise TrtcError(f"LoRA adapter {path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     if rank > max_lora_rank:
         raise TrtcError(f"LoRA adapter {path} has rank {rank}, above --max_lora_rank {max_lora_rank}; "
                         f"raise --max_lora_rank to {rank} or more")
@@ -108,7 +112,11 @@ def load_adapter(path: str | Path, graph: ModelGraph, mapping: Mapping, max_lora
         raise TrtcError("LoRA adapters run on tp 1 engines for now; rebuild with --tp 1")
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     adapter = Adapter(rank, scaling)
-    tensors = load_file(weights_file)
+    try:
+        tensors = load_file(weights_file)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: a truncated or foreign file
+        raise TrtcError(f"LoRA adapter {path}: adapter_model.safetensors cannot be read ({e}); save the adapter "
+                        "again") from None
     for key, a in tensors.items():
         if ".lora_A." not in key:
             continue
