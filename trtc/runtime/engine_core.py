@@ -39,7 +39,7 @@ from trtc.runtime.messages import (
     encoder,
     front_decoder,
 )
-from trtc.runtime.speculative import SpeculativeConfig
+from trtc.runtime.speculative import speculative_config
 
 log = logging.getLogger("trtc")
 IDLE_POLL_MS = 500  # an idle core looks at its input at least this often
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv_cache_max_tokens", type=int, default=None)
     ap.add_argument("--kv_events", action="store_true", help="send front 0 the blocks registered and evicted")
     ap.add_argument("--speculative_decoding_mode", default=None)
-    ap.add_argument("--max_draft_len", type=int, default=4)
+    ap.add_argument("--max_draft_len", type=int, default=None)
     ap.add_argument("--draft_engine_dir", default=None)
     ap.add_argument("--max_loras", type=int, default=0, help="LoRA adapter slots (0: none)")
     ap.add_argument("--max_lora_rank", type=int, default=16)
@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             socket.send(encoder.encode(msg))
 
     try:
-        spec = (SpeculativeConfig(args.speculative_decoding_mode, args.max_draft_len,
-                                  draft_engine_dir=args.draft_engine_dir) if args.speculative_decoding_mode else None)
+        spec = speculative_config(args.speculative_decoding_mode, args.max_draft_len, args.draft_engine_dir)
         executor = Executor(args.engine_dir, args.device, args.kv_cache_max_tokens,
                             args.kv_cache_free_gpu_memory_fraction, speculative_config=spec, max_loras=args.max_loras,
                             max_lora_rank=args.max_lora_rank)
