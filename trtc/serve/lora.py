@@ -38,7 +38,7 @@ class LoRATable:
     @classmethod
     def from_modules(cls, engine: Engine, modules: list[str], max_lora_rank: int, enabled: bool) -> LoRATable:
         """From --lora_modules name=path ...: TrtcError for a malformed entry or a bad adapter."""
-        table = cls(engine, max_lora_rank, enabled or bool(modules))
+        table = cls(engine, max_lora_rank, enabled)
         for entry in modules:
             name, sep, path = entry.partition("=")
             if not sep or not name or not path:

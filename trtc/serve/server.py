@@ -75,6 +75,11 @@ class ServeConfig:
     reasoning_parser: str | None = None
     api_server_count: int = 1
 
+    @property
+    def lora_enabled(self) -> bool:
+        """Adapter slots in the engine core: --enable_lora, or adapters given with --lora_modules."""
+        return self.enable_lora or bool(self.lora_modules)
+
     def speculative_config(self) -> SpeculativeConfig | None:
         return speculative_config(self.speculative_decoding_mode, self.max_draft_len, self.draft_engine_dir)
 
@@ -169,7 +174,7 @@ def serve(cfg: ServeConfig) -> None:
         llm = AsyncLLM(cfg.model, tp_size=cfg.tp_size, device=cfg.device, num_fronts=n,  # the engine core process
                        kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction,
                        kv_cache_max_tokens=cfg.kv_cache_max_tokens, speculative_config=cfg.speculative_config(),
-                       max_loras=cfg.max_loras if cfg.enable_lora or cfg.lora_modules else 0,
+                       max_loras=cfg.max_loras if cfg.lora_enabled else 0,
                        max_lora_rank=cfg.max_lora_rank)
         try:
             spawn = multiprocessing.get_context("spawn")
@@ -215,7 +220,7 @@ def run_front(cfg: ServeConfig, llm: AsyncLLM, api_key: str | None, template: st
         asyncio.get_running_loop().call_later(DEAD_EXIT_DELAY_S, setattr, server, "should_exit", True)
 
     name = cfg.served_model_name or Path(cfg.model).name
-    loras = LoRATable.from_modules(llm.engine, list(cfg.lora_modules), cfg.max_lora_rank, cfg.enable_lora)
+    loras = LoRATable.from_modules(llm.engine, list(cfg.lora_modules), cfg.max_lora_rank, cfg.lora_enabled)
     app = create_app(llm, name, template, api_key, cfg.max_queued_requests, cfg.tool_call_parser,
                      cfg.reasoning_parser, on_engine_dead, loras, cfg.api_server_count == 1)
 
